@@ -1,0 +1,144 @@
+"""MLP builder whose pass can also return the per-layer DREG terms.
+
+Architecture: ``x -> [Dense_l -> activation_l] for l in hidden -> Dense(num_classes)``.
+Dense layers are optionally spectral-normalized with :class:`flax.linen.SpectralNorm`
+(power iteration, one step per training call, stats in the ``batch_stats`` collection).
+
+The DREG terms cover the hidden layers (the output layer is linear and its Jacobian is the
+classifier itself, so it is left out):
+
+* ``jacobian_scope="activation"``: :math:`s_l = E_x \\sum_i \\sigma'(z_{l,i})^2`, exact, elementwise;
+* ``jacobian_scope="layer"``: :math:`s_l = E_x\\|\\operatorname{diag}(\\sigma'(z_l)) W_l\\|_F^2`,
+  estimated with Rademacher probes by :func:`dreg_jax.layer_jacobian_sq_norms`.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dreg_jax._checks import check_choice, check_float_array
+from dreg_jax.layers.activations import check_activation, get_activation
+from dreg_jax.layers.chainzrule import ChainzRule
+from dreg_jax.penalties.dreg import SCOPES
+from dreg_jax.penalties.layer_jacobian import (
+    elementwise_value_and_derivative,
+    layer_jacobian_sq_norms,
+    row_sq_norm_mean,
+)
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron with a named activation.
+
+    Attributes:
+      hidden: widths of the hidden layers.
+      num_classes: outputs (logits).
+      activation: one of ``dreg_jax.ACTIVATIONS`` (``relu``, ``gelu``, ``tanh``,
+        ``chainzrule``, ...).
+      spectral_norm: wrap every Dense in ``nn.SpectralNorm``.
+      chainzrule_per_feature / chainzrule_init / chainzrule_input_bound: ChainzRule options.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    """
+
+    hidden: Sequence[int] = (64, 64, 64)
+    num_classes: int = 2
+    activation: str = "gelu"
+    spectral_norm: bool = False
+    chainzrule_per_feature: bool = True
+    chainzrule_init: str = "gelu"
+    chainzrule_input_bound: float | None = 4.0
+    dtype: Any = None
+
+    def setup(self):
+        check_activation(self.activation)
+        if not self.hidden or min(self.hidden) < 1 or self.num_classes < 1:
+            raise ValueError(
+                f"hidden must be non-empty positive widths and num_classes >= 1, got "
+                f"hidden={tuple(self.hidden)}, num_classes={self.num_classes}"
+            )
+        self.dense = [self._make_dense(w) for w in self.hidden]
+        self.head = self._make_dense(self.num_classes)
+        if self.activation == "chainzrule":
+            self.cubic = [
+                ChainzRule(
+                    per_feature=self.chainzrule_per_feature,
+                    init=self.chainzrule_init,
+                    input_bound=self.chainzrule_input_bound,
+                )
+                for _ in self.hidden
+            ]
+
+    def _make_dense(self, width):
+        dense = nn.Dense(width, dtype=self.dtype)
+        return nn.SpectralNorm(dense) if self.spectral_norm else dense
+
+    def _affine(self, layer, h, update_stats):
+        return layer(h, update_stats=update_stats) if self.spectral_norm else layer(h)
+
+    def _activate_with_derivative(self, z, i):
+        if self.activation == "chainzrule":
+            return self.cubic[i].value_and_derivative(z)
+        return elementwise_value_and_derivative(get_activation(self.activation), z)
+
+    def _activate(self, z, i):
+        if self.activation == "chainzrule":
+            return self.cubic[i](z)
+        return get_activation(self.activation)(z)
+
+    def _check_input(self, x):
+        check_float_array(x, "x", exact_ndim=2)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        return x
+
+    def hidden_layer(self, h, i: int, update_stats: bool = False):
+        """Hidden layer ``i``: ``activation(Dense_i(h))``."""
+        return self._activate(self._affine(self.dense[i], h, update_stats), i)
+
+    def __call__(self, x, *, update_stats: bool = False):
+        """Logits ``(batch, num_classes)``; ``update_stats`` runs the SN power iteration."""
+        h = self._check_input(x)
+        for i in range(len(self.hidden)):
+            h = self.hidden_layer(h, i, update_stats)
+        return self._affine(self.head, h, update_stats)
+
+    def forward_with_jacobian_terms(
+        self, x, key=None, *, jacobian_scope: str = "activation", num_probes: int = 1,
+        update_stats: bool = False,
+    ):
+        """Logits and the per-hidden-layer DREG terms from the same pass.
+
+        Args:
+          x: ``(batch, features)`` inputs.
+          key: PRNG key for the probes (needed for ``jacobian_scope="layer"`` only).
+          jacobian_scope: ``"activation"`` (exact, default) or ``"layer"`` (probe estimate).
+          num_probes: probes per example and layer for ``jacobian_scope="layer"``.
+          update_stats: run the spectral-norm power iteration (training).
+
+        Returns:
+          ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)``.
+        """
+        check_choice("jacobian_scope", jacobian_scope, SCOPES)
+        h = self._check_input(x)
+        if jacobian_scope == "activation":
+            sq_norms = []
+            for i in range(len(self.hidden)):
+                z = self._affine(self.dense[i], h, update_stats)
+                h, slope = self._activate_with_derivative(z, i)
+                sq_norms.append(row_sq_norm_mean(slope[None]))
+            sq_norms = jnp.stack(sq_norms)
+        else:
+            if key is None:
+                raise ValueError('jacobian_scope="layer" draws Rademacher probes: pass a PRNG key')
+            if self.spectral_norm and update_stats:
+                # The power iteration mutates state, which jax.jvp cannot carry: refresh the
+                # stats in a plain pass first, then differentiate with the refreshed sigma.
+                self(x, update_stats=True)
+            layer_fns = [
+                (lambda inp, i=i: self.hidden_layer(inp, i)) for i in range(len(self.hidden))
+            ]
+            h, sq_norms = layer_jacobian_sq_norms(layer_fns, h, key, num_probes)
+        return self._affine(self.head, h, False if jacobian_scope == "layer" else update_stats), sq_norms
