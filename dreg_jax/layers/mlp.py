@@ -65,7 +65,7 @@ class MLP(nn.Module):
             self.cubic = [
                 ChainzRule(
                     per_feature=self.chainzrule_per_feature,
-                    init=self.chainzrule_init,
+                    coefficient_init=self.chainzrule_init,
                     input_bound=self.chainzrule_input_bound,
                 )
                 for _ in self.hidden

@@ -19,6 +19,7 @@ the Frobenius norm of the full batch Jacobian divided by the batch size.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -127,5 +128,5 @@ def layer_widths(layer_fns: Sequence[LayerFn], x: jax.Array) -> tuple[int, ...]:
     for i, fn in enumerate(layer_fns):
         h = jax.eval_shape(fn, h)
         _check_layer_output(h, x.shape[0], i)
-        widths.append(int(jnp.prod(jnp.array(h.shape[1:]))) if h.ndim > 1 else 1)
+        widths.append(math.prod(h.shape[1:]))
     return tuple(widths)
