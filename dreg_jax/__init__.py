@@ -16,6 +16,7 @@ from dreg_jax.penalties import (
     DEFAULT_JACOBIAN_LAMBDA,
     DEFAULT_LAMBDA,
     DEFAULT_SCOPE,
+    LAYER_ESTIMATORS,
     SCALINGS,
     SCOPES,
     CoherentRegularizationState,

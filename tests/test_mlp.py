@@ -38,19 +38,22 @@ def test_activation_scope_matches_jacfwd_of_each_activation(activation):
         np.testing.assert_allclose(sq[i], jnp.mean(jnp.sum(jac**2, axis=(1, 2))), rtol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["tanh", "chainzrule"])
-def test_layer_scope_is_unbiased_for_dense_plus_activation(activation):
-    model, variables = make(activation)
+@pytest.mark.parametrize(
+    "estimator,num_probes,rtol", [("probe", 3000, 0.04), ("exact", 1, 1e-5)]
+)
+@pytest.mark.parametrize("activation,spectral_norm", [("tanh", False), ("chainzrule", False), ("gelu", True)])
+def test_layer_scope_matches_jacfwd_of_dense_plus_activation(activation, spectral_norm, estimator, num_probes, rtol):
+    model, variables = make(activation, spectral_norm=spectral_norm)
     logits, sq = model.apply(
-        variables, X, jax.random.key(2), jacobian_scope="layer", num_probes=3000,
-        method=MLP.forward_with_jacobian_terms,
+        variables, X, jax.random.key(2), jacobian_scope="layer", num_probes=num_probes,
+        layer_estimator=estimator, method=MLP.forward_with_jacobian_terms,
     )
     chex.assert_trees_all_close(logits, model.apply(variables, X), rtol=1e-5)
     h = X
     for i in range(2):
         layer = lambda inp, i=i: model.apply(variables, inp, i, method=MLP.hidden_layer)
         jac = jax.vmap(lambda row: jax.jacfwd(lambda r: layer(r[None])[0])(row))(h)
-        np.testing.assert_allclose(sq[i], jnp.mean(jnp.sum(jac**2, axis=(1, 2))), rtol=0.04)
+        np.testing.assert_allclose(sq[i], jnp.mean(jnp.sum(jac**2, axis=(1, 2))), rtol=rtol)
         h = layer(h)
 
 
@@ -95,8 +98,11 @@ def test_bad_model_input(kwargs, x, match):
         model.init(jax.random.key(0), x)
 
 
-def test_unknown_scope_and_missing_key():
+def test_unknown_scope_estimator_and_missing_key():
     model, variables = make()
+    with pytest.raises(ValueError, match="probe, exact"):
+        model.apply(variables, X, jacobian_scope="layer", layer_estimator="hutch",
+                    method=MLP.forward_with_jacobian_terms)
     with pytest.raises(ValueError, match="activation, layer"):
         model.apply(variables, X, jacobian_scope="net", method=MLP.forward_with_jacobian_terms)
     with pytest.raises(ValueError, match="PRNG key"):

@@ -33,9 +33,9 @@ def test_every_regularizer_takes_a_finite_step(kind):
     assert ev["jacobian_sq_norms"].shape == (2,)
 
 
-@pytest.mark.parametrize("scope", ["activation", "layer"])
-def test_dreg_penalty_in_step_equals_library_formula(scope):
-    cfg = config("dreg", dreg_scope=scope)
+@pytest.mark.parametrize("scope,estimator", [("activation", "probe"), ("layer", "probe"), ("layer", "exact")])
+def test_dreg_penalty_in_step_equals_library_formula(scope, estimator):
+    cfg = config("dreg", dreg_scope=scope, layer_estimator=estimator)
     state = dreg_jax.create_train_state(cfg, jax.random.key(1), 6, 3)
     _, metrics = dreg_jax.train_step(state, BATCH, jax.random.key(3), cfg)
     expected = dreg_jax.dreg_penalty(metrics["jacobian_sq_norms"], (8, 8))
@@ -83,6 +83,7 @@ def test_epoch_batches_cover_every_example():
         (lambda: config(activation="swish2"), "relu, gelu"),
         (lambda: config(dreg_scope="net"), "activation, layer"),
         (lambda: config(num_probes=0), "num_probes"),
+        (lambda: config(layer_estimator="hutch"), "probe, exact"),
         (lambda: config(strength=-1.0), "strength"),
     ],
 )

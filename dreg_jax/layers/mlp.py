@@ -9,7 +9,9 @@ classifier itself, so it is left out):
 
 * ``jacobian_scope="activation"``: :math:`s_l = E_x \\sum_i \\sigma'(z_{l,i})^2`, exact, elementwise;
 * ``jacobian_scope="layer"``: :math:`s_l = E_x\\|\\operatorname{diag}(\\sigma'(z_l)) W_l\\|_F^2`,
-  estimated with Rademacher probes by :func:`dreg_jax.layer_jacobian_sq_norms`.
+  estimated with Rademacher probes by :func:`dreg_jax.layer_jacobian_sq_norms`
+  (``layer_estimator="probe"``) or exactly from the closed form
+  :math:`\\sum_j \\sigma'(z_j)^2 \\|W_{:,j}\\|^2` (``layer_estimator="exact"``).
 """
 from __future__ import annotations
 
@@ -22,11 +24,10 @@ import jax.numpy as jnp
 from dreg_jax._checks import check_choice, check_float_array
 from dreg_jax.layers.activations import check_activation, get_activation
 from dreg_jax.layers.chainzrule import ChainzRule
-from dreg_jax.penalties.dreg import SCOPES
+from dreg_jax.penalties.dreg import LAYER_ESTIMATORS, SCOPES
 from dreg_jax.penalties.layer_jacobian import (
     elementwise_value_and_derivative,
     layer_jacobian_sq_norms,
-    row_sq_norm_mean,
 )
 
 
@@ -107,7 +108,7 @@ class MLP(nn.Module):
 
     def forward_with_jacobian_terms(
         self, x, key=None, *, jacobian_scope: str = "activation", num_probes: int = 1,
-        update_stats: bool = False,
+        layer_estimator: str = "probe", update_stats: bool = False,
     ):
         """Logits and the per-hidden-layer DREG terms from the same pass.
 
@@ -116,19 +117,26 @@ class MLP(nn.Module):
           key: PRNG key for the probes (needed for ``jacobian_scope="layer"`` only).
           jacobian_scope: ``"activation"`` (exact, default) or ``"layer"`` (probe estimate).
           num_probes: probes per example and layer for ``jacobian_scope="layer"``.
+          layer_estimator: ``"probe"`` (jvp with Rademacher probes) or ``"exact"`` (closed
+            form from the kernel's column norms) for ``jacobian_scope="layer"``.
           update_stats: run the spectral-norm power iteration (training).
 
         Returns:
           ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)``.
         """
         check_choice("jacobian_scope", jacobian_scope, SCOPES)
+        check_choice("layer_estimator", layer_estimator, LAYER_ESTIMATORS)
         h = self._check_input(x)
-        if jacobian_scope == "activation":
+        exact_layer = jacobian_scope == "layer" and layer_estimator == "exact"
+        if jacobian_scope == "activation" or exact_layer:
             sq_norms = []
             for i in range(len(self.hidden)):
                 z = self._affine(self.dense[i], h, update_stats)
                 h, slope = self._activate_with_derivative(z, i)
-                sq_norms.append(row_sq_norm_mean(slope[None]))
+                sq = jnp.square(slope.astype(jnp.float32))
+                if exact_layer:  # ||diag(s) W||_F^2 = sum_j s_j^2 ||W[:, j]||^2
+                    sq = sq * jnp.sum(jnp.square(self._effective_kernel(i)), axis=0)
+                sq_norms.append(jnp.mean(jnp.sum(sq, axis=-1)))
             sq_norms = jnp.stack(sq_norms)
         else:
             if key is None:
@@ -141,4 +149,13 @@ class MLP(nn.Module):
                 (lambda inp, i=i: self.hidden_layer(inp, i)) for i in range(len(self.hidden))
             ]
             h, sq_norms = layer_jacobian_sq_norms(layer_fns, h, key, num_probes)
-        return self._affine(self.head, h, False if jacobian_scope == "layer" else update_stats), sq_norms
+        probe_pass = jacobian_scope == "layer" and not exact_layer
+        return self._affine(self.head, h, False if probe_pass else update_stats), sq_norms
+
+    def _effective_kernel(self, i):
+        """The kernel the layer applies: W, or W / sigma under spectral normalization."""
+        layer = self.dense[i]
+        if not self.spectral_norm:
+            return layer.variables["params"]["kernel"].astype(jnp.float32)
+        kernel = layer.variables["params"]["layer_instance"]["kernel"].astype(jnp.float32)
+        return kernel / layer.variables["batch_stats"]["layer_instance/kernel/sigma"]

@@ -3,7 +3,14 @@ from dreg_jax.penalties.coherent import (
     CoherentRegularizationState,
     coherent_strong_regularization,
 )
-from dreg_jax.penalties.dreg import DEFAULT_LAMBDA, DEFAULT_SCOPE, SCALINGS, SCOPES, dreg_penalty
+from dreg_jax.penalties.dreg import (
+    DEFAULT_LAMBDA,
+    DEFAULT_SCOPE,
+    LAYER_ESTIMATORS,
+    SCALINGS,
+    SCOPES,
+    dreg_penalty,
+)
 from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA, input_gradient_penalty
 from dreg_jax.penalties.layer_jacobian import (
     elementwise_value_and_derivative,

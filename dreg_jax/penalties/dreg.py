@@ -23,8 +23,14 @@ Scopes (where the Jacobian is taken, chosen by the model pass, not here):
 * ``"activation"`` (default): :math:`J_l = \operatorname{diag}(\sigma'(z_l))`, the activation
   alone. Exact, elementwise cost only; for the ChainzRule cubic
   :math:`\sigma'(z) = a_1 + 2a_2 z + 3a_3 z^2` is computed in the same pass.
-* ``"layer"``: :math:`J_l = \operatorname{diag}(\sigma'(W_l h + b_l)) W_l`, the whole layer map,
-  estimated with Rademacher probes through ``jax.jvp`` (unbiased; one extra matmul per layer).
+* ``"layer"``: :math:`J_l = \operatorname{diag}(\sigma'(W_l h + b_l)) W_l`, the whole layer map.
+  Two estimators (``layer_estimator``):
+
+  - ``"probe"`` (default): Rademacher probes through ``jax.jvp`` (unbiased for any layer;
+    one extra matmul per layer forward and one backward);
+  - ``"exact"``: for a dense layer followed by an elementwise activation the Frobenius norm
+    has the closed form :math:`\|\operatorname{diag}(\sigma') W\|_F^2 = \sum_j \sigma'(z_j)^2
+    \|W_{:,j}\|_2^2` (column norms of the kernel), exact and elementwise in cost.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ DEFAULT_LAMBDA = 10 ** -2.5
 SCOPES = ("activation", "layer")
 DEFAULT_SCOPE = "activation"
 SCALINGS = ("width", "none")
+LAYER_ESTIMATORS = ("probe", "exact")
 
 
 def dreg_penalty(

@@ -10,7 +10,13 @@ import dataclasses
 from dreg_jax._checks import check_choice
 from dreg_jax.layers.activations import check_activation
 from dreg_jax.layers.chainzrule import INITS
-from dreg_jax.penalties.dreg import DEFAULT_LAMBDA, DEFAULT_SCOPE, SCALINGS, SCOPES
+from dreg_jax.penalties.dreg import (
+    DEFAULT_LAMBDA,
+    DEFAULT_SCOPE,
+    LAYER_ESTIMATORS,
+    SCALINGS,
+    SCOPES,
+)
 from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA
 from dreg_jax.penalties.network_jacobian import DEFAULT_JACOBIAN_LAMBDA
 
@@ -57,6 +63,7 @@ class RegularizerConfig:
     strength: float | None = None  # None: DEFAULT_STRENGTHS[kind]
     dreg_scope: str = DEFAULT_SCOPE
     dreg_scaling: str = "width"
+    layer_estimator: str = "probe"  # for dreg_scope="layer": "probe" or "exact"
     num_probes: int = 1
     coherent_l1: float = 0.0
     coherent_decay: float = 0.9
@@ -66,6 +73,7 @@ class RegularizerConfig:
         check_choice("regularizer", self.kind, REGULARIZERS)
         check_choice("dreg_scope", self.dreg_scope, SCOPES)
         check_choice("dreg_scaling", self.dreg_scaling, SCALINGS)
+        check_choice("layer_estimator", self.layer_estimator, LAYER_ESTIMATORS)
         if self.num_probes < 1:
             raise ValueError(f"num_probes must be >= 1, got {self.num_probes}")
         if self.strength is not None and self.strength < 0:

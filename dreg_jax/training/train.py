@@ -111,7 +111,8 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
     sq_norms = None
     if reg.kind == "dreg":
         (logits, sq_norms), updates = apply(
-            x, key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes, update_stats=True,
+            x, key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes,
+            layer_estimator=reg.layer_estimator, update_stats=True,
             method=MLP.forward_with_jacobian_terms,
         )
         data_loss = jnp.mean(_cross_entropy(logits, y))
