@@ -14,7 +14,9 @@ Usage: python benchmarks/step_cost.py [--rounds 15] [--steps 20] [--out step_cos
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import random
 import pathlib
 import platform
 import statistics
@@ -44,7 +46,7 @@ METHODS = {
 }
 
 
-def jax_stepper(method, shape, activation):
+def jax_stepper(method, shape, activation, mode):
     d_in, hidden, classes, batch = shape
     cfg = dreg_jax.TrainConfig(
         model=dreg_jax.ModelConfig(hidden=hidden, activation=activation),
@@ -55,11 +57,21 @@ def jax_stepper(method, shape, activation):
     state = dreg_jax.create_train_state(cfg, key, d_in, classes)
     holder = {"state": state}
 
+    @functools.partial(jax.jit, static_argnums=1)
+    def scanned(s, steps):
+        def body(carry, k):
+            carry, metrics = dreg_jax.train_step(carry, data, k, cfg)
+            return carry, metrics["loss"]
+        return jax.lax.scan(body, s, jax.random.split(key, steps))
+
     def run(steps):
         s = holder["state"]
-        for t in range(steps):
-            s, metrics = dreg_jax.train_step(s, data, jax.random.fold_in(key, t), cfg)
-        jax.block_until_ready(metrics["loss"])
+        if mode == "scan":  # all steps in one compiled program (how the engine trains)
+            s, losses = scanned(s, steps)
+        else:  # one dispatch per jitted step from Python
+            for t in range(steps):
+                s, losses = dreg_jax.train_step(s, data, jax.random.fold_in(key, t), cfg)
+        jax.block_until_ready(losses)
         holder["state"] = s
 
     return run
@@ -116,16 +128,19 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--activation", default="gelu", choices=["gelu", "relu", "tanh"])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--mode", default="scan", choices=["scan", "dispatch"],
+                        help="scan: the timed steps run in one jitted lax.scan; dispatch: one "
+                             "Python call per jitted step")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/step_cost.json"))
     args = parser.parse_args(argv)
 
     report = {"device": str(jax.devices()[0]), "backend": jax.default_backend(),
               "machine": platform.machine(), "jax": jax.__version__, "activation": args.activation,
-              "rounds": args.rounds, "steps_per_round": args.steps, "shapes": {}}
+              "rounds": args.rounds, "steps_per_round": args.steps, "mode": args.mode, "shapes": {}}
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
-        runners = {m: jax_stepper(m, shape, args.activation) for m in METHODS}
+        runners = {m: jax_stepper(m, shape, args.activation, args.mode) for m in METHODS}
         if not args.no_torch:
             try:
                 torch_runs, torch_version = torch_steppers(shape, args.activation, dreg_jax.DEFAULT_LAMBDA)
@@ -134,22 +149,26 @@ def main(argv=None):
             except ImportError:
                 print("torch not installed: skipping the torch.func.jvp comparison (pip install '.[torch]')")
         for run in runners.values():  # compile + warm up
-            run(3)
+            run(args.steps)
         times = {m: [] for m in runners}
+        order, rng = list(runners), random.Random(0)
         for _ in range(args.rounds):
-            for m, run in runners.items():
+            rng.shuffle(order)  # no method always runs first (or right after another)
+            for m in order:
                 t0 = time.perf_counter()
-                run(args.steps)
+                runners[m](args.steps)
                 times[m].append(1e3 * (time.perf_counter() - t0) / args.steps)
         med = {m: statistics.median(v) for m, v in times.items()}
         rows = {m: {"median_ms": med[m], "ratio_to_plain": med[m] / med["plain"],
-                    "all_ms": times[m]} for m in times}
+                    "all_ms": times[m]} for m in METHODS}
+        rows.update({m: {"median_ms": med[m], "ratio_to_plain": med[m] / med["torch_plain"],
+                         "all_ms": times[m]} for m in times if m.startswith("torch")})
         if "torch_dreg_layer_probe" in med:
             rows["torch_dreg_layer_probe"]["our_speedup"] = med["torch_dreg_layer_probe"] / med["dreg_layer_probe"]
             rows["torch_plain"]["our_speedup"] = med["torch_plain"] / med["plain"]
         report["shapes"][shape_name] = rows
-        print(f"\n{shape_name} (batch {shape[3]}, {args.activation}, {report['device']})")
-        print(f"{'method':<24}{'ms/step':>10}{'x plain':>10}")
+        print(f"\n{shape_name} (batch {shape[3]}, {args.activation}, {report['device']}, mode {args.mode})")
+        print(f"{'method':<24}{'ms/step':>10}{'x plain':>10}   (torch rows: x torch plain)")
         for m, r in rows.items():
             extra = f"   ours {r['our_speedup']:.1f}x faster" if "our_speedup" in r else ""
             print(f"{m:<24}{r['median_ms']:>10.3f}{r['ratio_to_plain']:>10.2f}{extra}")

@@ -35,7 +35,8 @@ def _resolve(module: nn.Module, path: str):
             names = sorted(module.variables.get("params", {}).keys())
             raise ValueError(
                 f"{type(module).__name__} has no submodule {path!r} (attributes defined in "
-                f"setup); its parameter scopes are: {', '.join(names) or '(none)'}"
+                f"setup); its parameter scopes are: {', '.join(names) or '(none)'} (a list "
+                f"attribute's scope 'layers_0' is addressed as 'layers.0')"
             )
     if not callable(obj):
         raise TypeError(f"{path!r} resolves to a non-callable {type(obj).__name__}")
