@@ -1,0 +1,11 @@
+"""Training engine: whole runs as one compiled program, vmapped, sharded, resumable sweeps."""
+from dreg_jax.engine.diagnostics import (
+    TAU_VARIANTS,
+    gradient_tail_ratio,
+    per_example_grad_norms,
+    tail_ratio,
+    volatility,
+)
+from dreg_jax.engine.grid import run_mesh, train_many
+from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams, train_run
+from dreg_jax.engine.sweep import ResultsFile, RunSpec, SweepConfig, run_sweep, summary_table

@@ -1,0 +1,62 @@
+r"""Label-free training diagnostics.
+
+**Gradient tail ratio** (the ChainzRule paper's tau). For per-example gradient norms
+:math:`n_i = \|\nabla_\theta \ell(f_\theta(x_i), \hat y_i)\|_2` on an evaluation batch,
+
+.. math:: \tau = \frac{\operatorname{p99}(n)}{\operatorname{mean}(n)} .
+
+The natural reading uses the parameter gradient of the loss (``variant="param"``); the
+``"input"`` variant uses :math:`\|\nabla_x \ell\|_2`. Labels :math:`\hat y` default to the
+model's own predictions (``labels=None``), which makes tau label-free as the paper proposes;
+pass true labels to get the supervised variant.
+
+**Gradient volatility**: the relative change of the mini-batch gradient norm between
+consecutive steps, :math:`v_t = |\,\|g_t\| - \|g_{t-1}\|\,| / \|g_{t-1}\|` (:math:`v_0 = 0`);
+the engine reports its per-epoch mean and its peak over training.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreg_jax._checks import check_choice
+
+TAU_VARIANTS = ("param", "input")
+
+
+def _variables(state, params):
+    return {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+
+
+def per_example_grad_norms(state, x, labels=None, variant: str = "param") -> jax.Array:
+    """``(batch,)`` norms of per-example loss gradients (w.r.t. params or inputs)."""
+    check_choice("tau variant", variant, TAU_VARIANTS)
+    if labels is None:
+        labels = jnp.argmax(state.apply_fn(_variables(state, state.params), x), -1)
+
+    def loss(params, xi, yi):
+        logits = state.apply_fn(_variables(state, params), xi[None]).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yi[None])[0]
+
+    if variant == "param":
+        grad_fn = lambda xi, yi: optax.global_norm(jax.grad(loss)(state.params, xi, yi))
+    else:
+        grad_fn = lambda xi, yi: jnp.linalg.norm(jax.grad(loss, argnums=1)(state.params, xi, yi))
+    return jax.vmap(grad_fn)(x, labels)
+
+
+def tail_ratio(norms: jax.Array, percentile: float = 99.0) -> jax.Array:
+    """``percentile(norms) / mean(norms)``."""
+    return jnp.percentile(norms, percentile) / jnp.maximum(jnp.mean(norms), jnp.finfo(jnp.float32).tiny)
+
+
+def gradient_tail_ratio(state, x, labels=None, variant: str = "param") -> jax.Array:
+    """tau = p99 / mean of per-example gradient norms (label-free when ``labels`` is None)."""
+    return tail_ratio(per_example_grad_norms(state, x, labels, variant))
+
+
+def volatility(grad_norm, prev_grad_norm, step) -> jax.Array:
+    """Relative change of the gradient norm since the previous step (0 at step 0)."""
+    v = jnp.abs(grad_norm - prev_grad_norm) / jnp.maximum(prev_grad_norm, 1e-12)
+    return jnp.where(step == 0, 0.0, v)

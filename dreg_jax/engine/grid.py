@@ -1,0 +1,55 @@
+"""A grid of runs with the same structure as one compiled program, optionally sharded.
+
+``train_many`` vmaps :func:`train_run` over a batch of :class:`RunHParams` and jits the
+result (compiled once per structure, cached). With a ``mesh`` the run axis is sharded over
+the mesh's ``"runs"`` axis (``NamedSharding(mesh, P("runs"))``) and the dataset replicated:
+the same code uses 1 CPU, 8 GPUs or a TPU slice. The run count is padded to a multiple of the
+device count (the padding repeats the last run; its results are dropped).
+
+Multi-host: call ``jax.distributed.initialize()`` at the start of every host's process (same
+command on each host; on TPU pods and SLURM/Open MPI clusters it needs no arguments, elsewhere
+pass ``coordinator_address``, ``num_processes`` and ``process_id``), then build the mesh from
+``jax.devices()`` (all hosts' devices) with :func:`run_mesh`; each host then runs its shard of
+the grid. Only process 0 should write the results file.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams, train_run
+from dreg_jax.training.config import TrainConfig
+
+
+def run_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named ``"runs"`` over ``devices`` (default: every device of every host)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), ("runs",))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(config: TrainConfig, num_classes: int, options: EngineOptions):
+    many = jax.vmap(lambda hp, data: train_run(hp, data, config, num_classes, options),
+                    in_axes=(0, None))
+    return jax.jit(many)
+
+
+def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
+               options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
+    """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves)."""
+    config.validate()
+    num_runs = int(np.shape(hparams.seed)[0])
+    if mesh is not None and mesh.size > 1:
+        pad = (-num_runs) % mesh.size
+        if pad:
+            hparams = jax.tree_util.tree_map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), hparams
+            )
+        hparams = jax.device_put(hparams, NamedSharding(mesh, P("runs")))
+        data = jax.device_put(data, NamedSharding(mesh, P()))
+    final, curves = _compiled(config, num_classes, options)(hparams, data)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:num_runs], (final, curves))

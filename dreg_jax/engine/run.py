@@ -1,0 +1,130 @@
+"""One training run, end to end, as a pure function: ``lax.scan`` over epochs and steps.
+
+``train_run(hparams, data, config, num_classes, options)`` depends on the run only through
+``hparams`` (seed, learning rate, strength, data fraction, label noise, input noise), all
+scalar arrays, so ``jax.vmap`` over a batch of them compiles a whole grid of runs with the
+same structure (``config``, dataset shapes) into one XLA program.
+
+Per run, from its seed key: the initialization, a stratified training-fraction mask
+(:func:`dreg_jax.data.stratified_fraction_mask`), symmetric label noise at ``label_noise``,
+fixed Gaussian input noise of std ``input_noise`` on the training inputs, the per-epoch
+shuffles and the probes. Every run takes the same number of optimizer steps,
+``epochs * ceil(n_train / batch_size)``: a run on a fraction cycles through its included
+examples in a fresh random order each epoch (same compute budget for every fraction).
+
+A run whose loss or gradient becomes non-finite is marked with the first such step
+(``fail_step``, -1 when none); the other runs of the grid are unaffected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from dreg_jax.data.scarcity import stratified_fraction_mask, symmetric_label_noise
+from dreg_jax.engine.diagnostics import gradient_tail_ratio, volatility
+from dreg_jax.training.config import TrainConfig
+from dreg_jax.training.train import create_train_state, eval_step, train_step
+
+
+class RunHParams(NamedTuple):
+    """Numeric per-run values; each a scalar (or a leading run axis when vmapped)."""
+
+    seed: jax.Array
+    learning_rate: jax.Array
+    strength: jax.Array
+    data_fraction: jax.Array
+    label_noise: jax.Array
+    input_noise: jax.Array
+
+    @classmethod
+    def stack(cls, rows) -> "RunHParams":
+        rows = list(rows)
+        return cls(
+            seed=jnp.asarray([r.seed for r in rows], jnp.uint32),
+            **{f: jnp.asarray([getattr(r, f) for r in rows], jnp.float32) for f in cls._fields[1:]},
+        )
+
+
+class EngineData(NamedTuple):
+    """Arrays shared by every run of a group (never vmapped)."""
+
+    x_train: jax.Array  # (n, d) float32
+    y_train: jax.Array  # (n,) int32
+    x_test: jax.Array  # (m, d)
+    y_test: jax.Array  # (m,)
+    x_robust: jax.Array  # (sets, m, d) perturbed copies of x_test (labels y_test); sets may be 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    diag_size: int = 128  # evaluation examples for the per-example gradient diagnostics
+    per_epoch_diagnostics: bool = True  # tau and Jacobian terms every epoch (else final only)
+
+
+def _evaluate(state, data: EngineData, config, options, with_tau: bool):
+    ev = eval_step(state, {"x": data.x_test, "y": data.y_test}, config)
+    out = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
+           "jacobian_sq_norms": ev["jacobian_sq_norms"]}
+    if with_tau:
+        diag_x = data.x_test[: options.diag_size]
+        out["tau"] = gradient_tail_ratio(state, diag_x)
+        out["tau_input"] = gradient_tail_ratio(state, diag_x, variant="input")
+    return out
+
+
+def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
+              options: EngineOptions = EngineOptions()):
+    """Trains one run; returns ``(final_metrics, per_epoch_curves)`` as dicts of arrays."""
+    n, d = data.x_train.shape
+    batch = config.batch_size
+    steps = math.ceil(n / batch)
+    key = jax.random.key(hp.seed)
+    k_init, k_mask, k_label, k_noise, k_loop = jax.random.split(key, 5)
+    state = create_train_state(config, k_init, d, num_classes,
+                               learning_rate=hp.learning_rate, strength=hp.strength)
+    mask = stratified_fraction_mask(k_mask, data.y_train, hp.data_fraction, num_classes)
+    num_included = jnp.sum(mask)
+    y_train = symmetric_label_noise(k_label, data.y_train, hp.label_noise, num_classes)
+    x_train = data.x_train + hp.input_noise * jax.random.normal(k_noise, data.x_train.shape)
+    positions = jnp.arange(steps * batch).reshape(steps, batch)
+
+    def one_step(carry, inputs):
+        state, prev_norm, fail_step, step, peak = carry
+        idx, k = inputs
+        state, m = train_step(state, {"x": x_train[idx], "y": y_train[idx]}, k, config)
+        finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
+        fail_step = jnp.where((fail_step < 0) & ~finite, step, fail_step)
+        vol = volatility(m["grad_norm"], prev_norm, step)
+        carry = (state, m["grad_norm"], fail_step, step + 1, jnp.maximum(peak, vol))
+        return carry, (m["loss"], m["accuracy"], m["penalty"], vol)
+
+    def one_epoch(carry, k_epoch):
+        k_perm, k_steps = jax.random.split(k_epoch)
+        u = jax.random.uniform(k_perm, (n,))
+        order = jnp.argsort(jnp.where(mask, u, 2.0 + u))  # included examples first, shuffled
+        idx = order[positions % num_included]
+        carry, (loss, acc, pen, vol) = jax.lax.scan(
+            one_step, carry, (idx, jax.random.split(k_steps, steps))
+        )
+        curves = {"train_loss": loss.mean(), "train_accuracy": acc.mean(), "penalty": pen.mean(),
+                  "volatility": vol.mean()}
+        curves.update(_evaluate(carry[0], data, config, options, options.per_epoch_diagnostics))
+        return carry, curves
+
+    carry0 = (state, jnp.zeros([], jnp.float32), jnp.array(-1, jnp.int32),
+              jnp.array(0, jnp.int32), jnp.zeros([], jnp.float32))
+    (state, _, fail_step, _, peak), curves = jax.lax.scan(
+        one_epoch, carry0, jax.random.split(k_loop, config.epochs)
+    )
+    final = _evaluate(state, data, config, options, True)
+    final.update(fail_step=fail_step, volatility_peak=peak, train_examples=num_included)
+    if data.x_robust.shape[0] > 0:
+        robust = jax.vmap(
+            lambda xr: eval_step(state, {"x": xr, "y": data.y_test}, config)["accuracy"]
+        )(data.x_robust)
+        final.update(robust_accuracy=robust.mean(), robust_accuracy_per_set=robust)
+    return final, curves
