@@ -40,7 +40,7 @@ def per_example_grad_norms(state, x, labels=None, variant: str = "param") -> jax
         return optax.softmax_cross_entropy_with_integer_labels(logits, yi[None])[0]
 
     if variant == "param":
-        grad_fn = lambda xi, yi: optax.global_norm(jax.grad(loss)(state.params, xi, yi))
+        grad_fn = lambda xi, yi: optax.tree.norm(jax.grad(loss)(state.params, xi, yi))
     else:
         grad_fn = lambda xi, yi: jnp.linalg.norm(jax.grad(loss, argnums=1)(state.params, xi, yi))
     return jax.vmap(grad_fn)(x, labels)

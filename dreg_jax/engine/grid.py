@@ -32,24 +32,54 @@ def run_mesh(devices=None) -> Mesh:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(config: TrainConfig, num_classes: int, options: EngineOptions):
+def _jitted(config: TrainConfig, num_classes: int, options: EngineOptions):
     many = jax.vmap(lambda hp, data: train_run(hp, data, config, num_classes, options),
                     in_axes=(0, None))
     return jax.jit(many)
 
 
-def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
-               options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
-    """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves)."""
-    config.validate()
+_EXECUTABLES: dict = {}
+
+
+def _signature(tree):
+    return tuple((a.shape, str(a.dtype), str(getattr(a, "sharding", None)))
+                 for a in jax.tree_util.tree_leaves(tree))
+
+
+def prepare_inputs(hparams: RunHParams, data: EngineData, mesh: Mesh | None = None,
+                   pad_to: int | None = None):
+    """Pads the run axis (to ``pad_to`` and to a multiple of the mesh size) and places arrays."""
     num_runs = int(np.shape(hparams.seed)[0])
+    target = max(num_runs, pad_to or 0)
     if mesh is not None and mesh.size > 1:
-        pad = (-num_runs) % mesh.size
-        if pad:
-            hparams = jax.tree_util.tree_map(
-                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), hparams
-            )
+        target += (-target) % mesh.size
+    if target > num_runs:  # padding repeats the last run; its results are dropped
+        hparams = jax.tree_util.tree_map(
+            lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], target - num_runs, axis=0)]), hparams
+        )
+    if mesh is not None and mesh.size > 1:
         hparams = jax.device_put(hparams, NamedSharding(mesh, P("runs")))
         data = jax.device_put(data, NamedSharding(mesh, P()))
-    final, curves = _compiled(config, num_classes, options)(hparams, data)
+    return hparams, data, num_runs
+
+
+def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, hparams, data):
+    """The compiled program for these (prepared) inputs; cached per structure and shapes.
+
+    Safe to call from a background thread, which lets a sweep compile the next group while
+    the current one runs.
+    """
+    key = (config, num_classes, options, _signature(hparams), _signature(data))
+    if key not in _EXECUTABLES:
+        _EXECUTABLES[key] = _jitted(config, num_classes, options).lower(hparams, data).compile()
+    return _EXECUTABLES[key]
+
+
+def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
+               options: EngineOptions = EngineOptions(), mesh: Mesh | None = None,
+               pad_to: int | None = None):
+    """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves)."""
+    config.validate()
+    hparams, data, num_runs = prepare_inputs(hparams, data, mesh, pad_to)
+    final, curves = compile_grid(config, num_classes, options, hparams, data)(hparams, data)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[:num_runs], (final, curves))

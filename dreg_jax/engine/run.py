@@ -120,7 +120,12 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     (state, _, fail_step, _, peak), curves = jax.lax.scan(
         one_epoch, carry0, jax.random.split(k_loop, config.epochs)
     )
-    final = _evaluate(state, data, config, options, True)
+    # the last epoch's evaluation is the final one (no second copy of the eval program)
+    final = {k: v[-1] for k, v in curves.items() if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input")}
+    if not options.per_epoch_diagnostics:
+        diag_x = data.x_test[: options.diag_size]
+        final.update(tau=gradient_tail_ratio(state, diag_x),
+                     tau_input=gradient_tail_ratio(state, diag_x, variant="input"))
     final.update(fail_step=fail_step, volatility_peak=peak, train_examples=num_included)
     if data.x_robust.shape[0] > 0:
         robust = jax.vmap(

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import datetime
 import fcntl
@@ -26,12 +27,13 @@ import pathlib
 import time
 from typing import Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from dreg_jax.data.registry import check_dataset, load_dataset
-from dreg_jax.engine.grid import train_many
+from dreg_jax.engine.grid import compile_grid, prepare_inputs
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
     REGULARIZERS,
@@ -42,6 +44,7 @@ from dreg_jax.training.config import (
 )
 
 RESULTS_VERSION = 1
+COMPILE_AHEAD = 1  # programs compiled in a background thread while one runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,17 +195,36 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         groups = collections.defaultdict(list)
         for s in pending:
             groups[s.structure()].append(s)
+        chunks = []  # (dataset, config, specs, padded size)
+        for (dataset, config), members in groups.items():
+            n_chunks = -(-len(members) // chunk_size)
+            size = -(-len(members) // n_chunks)  # balanced chunks share one compiled program
+            chunks += [(dataset, config, members[i:i + size], size)
+                       for i in range(0, len(members), size)]
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",
                    unit="run", disable=not progress)
-        for (dataset, config), members in groups.items():
+
+        def prepared(item):
+            dataset, config, chunk, size = item
             data, num_classes = engine_data(dataset)
-            robust_names = list(load_dataset(dataset).robust)
-            for start in range(0, len(members), chunk_size):
-                chunk = members[start:start + chunk_size]
+            hp, data, _ = prepare_inputs(RunHParams.stack(s.hparams() for s in chunk), data, mesh, size)
+            return hp, data, num_classes, compile_grid(config, num_classes, options, hp, data)
+
+        # compile up to COMPILE_AHEAD programs in background threads while one runs
+        with concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_AHEAD) as pool:
+            futures = [pool.submit(prepared, item) for item in chunks[:COMPILE_AHEAD]]
+            for i, item in enumerate(chunks):
+                dataset, config, chunk, _ = item
                 bar.set_postfix_str(f"{dataset} {config.model.activation} {config.regularizer.kind}")
                 t0 = time.perf_counter()
-                final, curves = train_many(RunHParams.stack(s.hparams() for s in chunk), data,
-                                           config, num_classes, options, mesh)
+                hp, data, num_classes, program = futures[i].result()
+                if i + COMPILE_AHEAD < len(chunks):
+                    futures.append(pool.submit(prepared, chunks[i + COMPILE_AHEAD]))
+                futures[i] = None  # let finished programs' inputs be freed
+                final, curves = jax.tree_util.tree_map(
+                    lambda a: np.asarray(a)[: len(chunk)], program(hp, data)
+                )
+                robust_names = list(load_dataset(dataset).robust)
                 records = _records(chunk, final, curves, time.perf_counter() - t0, robust_names)
                 results.append(records)
                 done.update((r["run_id"], r) for r in records)

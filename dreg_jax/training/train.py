@@ -150,7 +150,7 @@ def train_step(state: TrainState, batch, key, config: TrainConfig):
         state.params, state, batch, key, config
     )
     state = state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
-    return state, {**metrics, "grad_norm": optax.global_norm(grads)}
+    return state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

@@ -1,0 +1,211 @@
+"""The ``dreg-jax`` command: ``train``, ``sweep`` and ``data`` subcommands.
+
+Examples::
+
+    dreg-jax train --dataset digits --activation chainzrule --regularizer dreg --epochs 20
+    dreg-jax sweep --datasets digits wine --activations gelu chainzrule \\
+        --regularizers none dreg --seeds 5 --fractions 0.1 1.0 --results results/sweep.jsonl
+    dreg-jax sweep --config sweep.yaml          # keys = SweepConfig fields
+    dreg-jax data list
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+CACHE_DIR = pathlib.Path(os.environ.get("DREG_JAX_CACHE", pathlib.Path.home() / ".cache" / "dreg_jax"))
+
+
+def _enable_compilation_cache():
+    """Persist compiled programs so a resumed or repeated sweep does not compile again."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _load_mapping(path: pathlib.Path) -> dict:
+    if not path.exists():
+        raise SystemExit(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        mapping = yaml.safe_load(text) or {}
+    else:
+        mapping = json.loads(text)
+    if not isinstance(mapping, dict):
+        raise SystemExit(f"{path} must hold a mapping of sweep keys, got {type(mapping).__name__}")
+    return mapping
+
+
+def _sweep_config(args):
+    from dreg_jax.engine import SweepConfig
+
+    mapping = _load_mapping(args.config) if args.config else {}
+    for field in ("datasets", "activations", "regularizers", "seeds", "fractions", "label_noise",
+                  "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope"):
+        value = getattr(args, field, None)
+        if value is not None:
+            mapping[field] = value
+    return SweepConfig.from_mapping(mapping)
+
+
+def cmd_sweep(args) -> int:
+    from dreg_jax.engine import EngineOptions, run_mesh, run_sweep, summary_table
+
+    specs = _sweep_config(args).expand()  # validated before anything compiles
+    _enable_compilation_cache()
+    import jax
+
+    mesh = run_mesh() if len(jax.devices()) > 1 else None
+    print(f"{len(specs)} runs -> {args.results} ({len(jax.devices())} device(s))")
+    start = time.perf_counter()
+    records = run_sweep(specs, args.results, chunk_size=args.chunk_size, mesh=mesh,
+                        options=EngineOptions(per_epoch_diagnostics=not args.no_epoch_diagnostics))
+    print(summary_table(records))
+    failed = [r for r in records if r["status"] == "failed"]
+    for r in failed:
+        print(f"failed: run {r['run_id']} at step {r['fail_step']} ({r['spec']['dataset']}, "
+              f"{r['spec']['config']['regularizer']['kind']}, seed {r['spec']['seed']})")
+    print(f"{len(records)} runs ({len(failed)} failed) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_train(args) -> int:
+    args.seeds = [args.seed]
+    for single, plural in (("dataset", "datasets"), ("activation", "activations"),
+                           ("regularizer", "regularizers"), ("fraction", "fractions"),
+                           ("learning_rate", "learning_rates")):
+        value = getattr(args, single)
+        setattr(args, plural, None if value is None else [value])
+    for noise in ("label_noise", "input_noise"):
+        setattr(args, noise, None if getattr(args, noise) is None else [getattr(args, noise)])
+    sweep = _sweep_config(args)
+    if args.strength is not None:
+        import dataclasses
+
+        sweep = dataclasses.replace(sweep, strengths={k: args.strength for k in sweep.regularizers})
+    (spec,) = sweep.expand()
+    from dreg_jax.engine import EngineOptions, train_many
+    from dreg_jax.engine.run import RunHParams
+    from dreg_jax.engine.sweep import engine_data
+
+    data, num_classes = engine_data(spec.dataset)
+    start = time.perf_counter()
+    final, curves = train_many(RunHParams.stack([spec.hparams()]), data, spec.config, num_classes,
+                               EngineOptions())
+    metrics = {k: v[0].tolist() for k, v in final.items()}
+    out = {"run_id": spec.run_id, "spec": spec.to_dict(), "metrics": metrics,
+           "curves": {k: v[0].tolist() for k, v in curves.items()},
+           "seconds": time.perf_counter() - start}
+    print(f"run {spec.run_id}: {spec.dataset} {spec.config.model.activation} "
+          f"{spec.config.regularizer.kind}, {spec.config.epochs} epochs, {out['seconds']:.1f}s")
+    for k in ("test_accuracy", "test_loss", "robust_accuracy", "tau", "volatility_peak"):
+        if k in metrics:
+            print(f"  {k:<16} {metrics[k]:.4f}")
+    print(f"  jacobian terms   {[round(v, 4) for v in metrics['jacobian_sq_norms']]}")
+    if metrics["fail_step"] >= 0:
+        print(f"  FAILED: non-finite loss at step {metrics['fail_step']}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.out}")
+    return 1 if metrics["fail_step"] >= 0 else 0
+
+
+def cmd_data(args) -> int:
+    from dreg_jax.data import DATASETS, load_dataset
+
+    if args.data_command == "list":
+        print(f"{'name':<16}{'kind':<10}{'train':>7}{'test':>7}{'features':>10}{'classes':>9}  source")
+        for name in DATASETS:
+            ds = load_dataset(name)
+            print(f"{name:<16}{ds.kind:<10}{len(ds.x_train):>7}{len(ds.x_test):>7}"
+                  f"{ds.num_features:>10}{ds.num_classes:>9}  offline")
+        return 0
+    from dreg_jax.data import check_dataset
+
+    check_dataset(args.name)
+    ds = load_dataset(args.name)
+    print(f"{ds.name}: {ds.kind}, {len(ds.x_train)} train / {len(ds.x_test)} test, "
+          f"{ds.num_features} features, {ds.num_classes} classes")
+    import numpy as np
+
+    print("train class counts:", np.bincount(ds.y_train, minlength=ds.num_classes).tolist())
+    print("robust test sets:", ", ".join(ds.robust) or "none")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dreg_jax.data import DATASETS
+    from dreg_jax.layers.activations import ACTIVATIONS
+    from dreg_jax.training.config import REGULARIZERS
+
+    parser = argparse.ArgumentParser(prog="dreg-jax", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def grid_options(p, plural: bool):
+        if plural:
+            p.add_argument("--datasets", nargs="+", choices=DATASETS)
+            p.add_argument("--activations", nargs="+", choices=ACTIVATIONS)
+            p.add_argument("--regularizers", nargs="+", choices=REGULARIZERS)
+            p.add_argument("--seeds", type=int, help="number of seeds (0..n-1)")
+            p.add_argument("--fractions", nargs="+", type=float, help="training fractions in (0, 1]")
+            p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float)
+            p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float)
+            p.add_argument("--learning-rates", dest="learning_rates", nargs="+", type=float)
+        p.add_argument("--hidden", nargs="+", type=int, help="hidden widths, e.g. 64 64 64")
+        p.add_argument("--epochs", type=int)
+        p.add_argument("--batch-size", dest="batch_size", type=int)
+        p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"])
+        p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")
+
+    p_train = sub.add_parser("train", help="train one run and print its metrics")
+    p_train.add_argument("--dataset", choices=DATASETS, default="digits")
+    p_train.add_argument("--activation", choices=ACTIVATIONS, default="chainzrule")
+    p_train.add_argument("--regularizer", choices=REGULARIZERS, default="dreg")
+    p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--fraction", type=float)
+    p_train.add_argument("--label-noise", dest="label_noise", type=float)
+    p_train.add_argument("--input-noise", dest="input_noise", type=float)
+    p_train.add_argument("--learning-rate", dest="learning_rate", type=float)
+    p_train.add_argument("--strength", type=float, help="regularization strength (default per regularizer)")
+    p_train.add_argument("--out", type=pathlib.Path, help="write metrics and curves as JSON")
+    grid_options(p_train, plural=False)
+    p_train.set_defaults(func=cmd_train)
+
+    p_sweep = sub.add_parser("sweep", help="run a resumable factorial grid of runs")
+    grid_options(p_sweep, plural=True)
+    p_sweep.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results/sweep.jsonl"))
+    p_sweep.add_argument("--chunk-size", dest="chunk_size", type=int, default=64,
+                         help="max runs per compiled program call")
+    p_sweep.add_argument("--no-epoch-diagnostics", action="store_true",
+                         help="compute tau only at the end (faster)")
+    p_sweep.set_defaults(func=cmd_sweep)
+
+    p_data = sub.add_parser("data", help="list or inspect the datasets")
+    data_sub = p_data.add_subparsers(dest="data_command", required=True)
+    data_sub.add_parser("list", help="every dataset with size, classes, kind and source")
+    p_show = data_sub.add_parser("show", help="summary of one dataset")
+    p_show.add_argument("name")
+    p_data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError) as err:  # config errors: one clear line, not a traceback
+        print(f"dreg-jax: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
