@@ -119,25 +119,40 @@ def cmd_train(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from dreg_jax.data import DATASETS, load_dataset
-
-    if args.data_command == "list":
-        print(f"{'name':<16}{'kind':<10}{'train':>7}{'test':>7}{'features':>10}{'classes':>9}  source")
-        for name in DATASETS:
-            ds = load_dataset(name)
-            print(f"{name:<16}{ds.kind:<10}{len(ds.x_train):>7}{len(ds.x_test):>7}"
-                  f"{ds.num_features:>10}{ds.num_classes:>9}  offline")
-        return 0
-    from dreg_jax.data import check_dataset
-
-    check_dataset(args.name)
-    ds = load_dataset(args.name)
-    print(f"{ds.name}: {ds.kind}, {len(ds.x_train)} train / {len(ds.x_test)} test, "
-          f"{ds.num_features} features, {ds.num_classes} classes")
     import numpy as np
 
+    from dreg_jax.data import OFFLINE, PUBLIC, check_dataset, load_dataset
+
+    if args.data_command == "list":
+        print(f"{'name':<42}{'kind':<9}{'train':>8}{'test':>7}{'classes':>9}  how")
+        for name, info in OFFLINE.items():
+            ds = load_dataset(name, data_dir=args.data_dir)
+            messy = " (messy)" if info.messy else ""
+            print(f"{name:<42}{info.kind:<9}{len(ds.x_train):>8}{len(ds.x_test):>7}"
+                  f"{info.num_classes:>9}  offline{messy}")
+        shown = set()
+        for name, info in PUBLIC.items():
+            label = "cifar10_corrupted/<corruption>_<1..5> (95)" if "cifar10_corrupted" in name else name
+            if label in shown:
+                continue
+            shown.add(label)
+            print(f"{label:<42}{info.kind:<9}{info.train_size:>8}{info.test_size:>7}"
+                  f"{info.num_classes:>9}  download")
+        return 0
+    check_dataset(args.name)
+    ds = load_dataset(args.name, data_dir=args.data_dir)
+    print(f"{ds.name}: {ds.kind}, {len(ds.x_train)} train / {len(ds.x_test)} test, "
+          f"{ds.num_features} features, {ds.num_classes} classes, {ds.info.source}")
     print("train class counts:", np.bincount(ds.y_train, minlength=ds.num_classes).tolist())
-    print("robust test sets:", ", ".join(ds.robust) or "none")
+    print("test class counts: ", np.bincount(ds.y_test, minlength=ds.num_classes).tolist())
+    print(f"robust test sets ({len(ds.robust)}):", ", ".join(ds.robust) or "none")
+    if ds.kind == "text":
+        print("example:", repr(ds.raw_test[0][:200]))
+    if ds.info.image_shape is not None:
+        from dreg_jax.data.plots import save_examples_png
+
+        path = save_examples_png(ds, args.out / f"{ds.name.replace('/', '_')}.png")
+        print(f"wrote {path}")
     return 0
 
 
@@ -191,9 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_data = sub.add_parser("data", help="list or inspect the datasets")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
-    data_sub.add_parser("list", help="every dataset with size, classes, kind and source")
-    p_show = data_sub.add_parser("show", help="summary of one dataset")
+    p_list = data_sub.add_parser("list", help="every dataset with size, classes, kind and source")
+    p_show = data_sub.add_parser("show", help="summary of one dataset (+ PNG of examples for images)")
     p_show.add_argument("name")
+    p_show.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/data"),
+                        help="folder for the PNG of examples")
+    for p in (p_list, p_show):
+        p.add_argument("--data-dir", dest="data_dir", type=pathlib.Path, default=None,
+                       help="TFDS data dir (default $DREG_JAX_DATA_DIR or ~/.cache/dreg_jax/tfds)")
     p_data.set_defaults(func=cmd_data)
     return parser
 
@@ -202,7 +222,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:  # config errors: one clear line, not a traceback
+    except (ValueError, TypeError, RuntimeError) as err:  # one clear line, not a traceback
         print(f"dreg-jax: error: {err}", file=sys.stderr)
         return 2
 

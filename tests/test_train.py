@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import dreg_jax
-from dreg_jax.data import load_sklearn_dataset
+from dreg_jax.data import load_dataset
 
 BATCH = {"x": jax.random.normal(jax.random.key(0), (16, 6)), "y": jnp.arange(16) % 3}
 
@@ -61,12 +61,12 @@ def test_vmap_over_seeds_and_strengths_equals_loop():
 
 
 def test_fit_learns_digits():
-    split = load_sklearn_dataset("digits")
+    ds = load_dataset("digits")
     cfg = dreg_jax.TrainConfig(
         model=dreg_jax.ModelConfig(hidden=(32,), activation="chainzrule"),
         regularizer=dreg_jax.RegularizerConfig(kind="dreg"), epochs=10, batch_size=64,
     )
-    result = dreg_jax.fit(cfg, *split[:4], progress=False)
+    result = dreg_jax.fit(cfg, ds.x_train, ds.y_train, ds.x_test, ds.y_test, progress=False)
     assert result.test["accuracy"] > 0.85
     assert result.history["train_loss"][-1] < result.history["train_loss"][0]
 
@@ -93,11 +93,11 @@ def test_invalid_configs_rejected_before_compiling(cfg, match):
 
 
 def test_fit_rejects_bad_data():
-    split = load_sklearn_dataset("iris")
+    ds = load_dataset("iris")
     cfg = config("none")
     with pytest.raises(ValueError, match="NaN"):
-        dreg_jax.fit(cfg, split.x_train.copy() * np.nan, *split[1:4], progress=False)
+        dreg_jax.fit(cfg, ds.x_train * np.nan, ds.y_train, ds.x_test, ds.y_test, progress=False)
     with pytest.raises(TypeError, match="integer class labels"):
-        dreg_jax.fit(cfg, split.x_train, split.y_train.astype(float), *split[2:4], progress=False)
+        dreg_jax.fit(cfg, ds.x_train, ds.y_train.astype(float), ds.x_test, ds.y_test, progress=False)
     with pytest.raises(ValueError, match="features"):
-        dreg_jax.fit(cfg, split.x_train, split.y_train, split.x_test[:, :2], split.y_test, progress=False)
+        dreg_jax.fit(cfg, ds.x_train, ds.y_train, ds.x_test[:, :2], ds.y_test, progress=False)

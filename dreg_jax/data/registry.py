@@ -1,23 +1,101 @@
-"""Dataset registry used by the engine and the CLI.
+"""Dataset registry: offline TFDS builders and public TFDS names behind one ``load_dataset``.
 
-Every dataset resolves to a :class:`Dataset`: standardized float32 features, int32 labels,
-a fixed train/test split, and ``robust`` test sets (perturbed copies of the test inputs with
-the same labels) used for noise-robustness accuracy.
+Every dataset resolves to a :class:`Dataset`: float32 features standardized with the training
+split's mean and std only (constant columns get std 1), int32 labels, a fixed train/test split
+and ``robust`` test sets (perturbed copies of the test inputs, same labels) for noise-robustness
+accuracy:
 
-Robust sets for the vector datasets: additive Gaussian noise on the standardized test
-features at 5 severities, std = 0.2, 0.4, 0.6, 0.8, 1.0 (fixed noise seed 1234).
+* images with a known shape (digits*): the 7 CIFAR-10-C style corruptions x 5 severities of
+  :mod:`dreg_jax.data.transforms`, applied to the raw [0, 1] test images;
+* other vectors (tabular, MNIST-1D): Gaussian noise, std 0.2, 0.4, 0.6, 0.8, 1.0, and feature
+  dropout, rate 0.1 ... 0.5, in standardized units (seed 1234);
+* text: text noise at rate 0.05, 0.1, 0.2, 0.3, 0.4 on the raw test reviews, then featurized.
+
+``featurizer`` for text: ``"hashed"`` (default, hashed n-grams) or ``"minilm"`` (frozen
+sentence encoder, optional extra).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import socket
 
 import numpy as np
 
 from dreg_jax._checks import check_choice
-from dreg_jax.data.sklearn_sets import SKLEARN_DATASETS, load_sklearn_dataset
+from dreg_jax.data import builders
+from dreg_jax.data.text import hashed_ngram_features, sentence_embeddings
+from dreg_jax.data.transforms import (
+    IMAGE_CORRUPTIONS,
+    SEVERITIES,
+    corrupt_images,
+    feature_dropout,
+    gaussian_noise,
+    text_noise,
+)
 
-GAUSSIAN_SEVERITIES = (0.2, 0.4, 0.6, 0.8, 1.0)
+VECTOR_NOISE_STDS = (0.2, 0.4, 0.6, 0.8, 1.0)
+VECTOR_DROPOUT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
+TEXT_NOISE_RATES = (0.05, 0.1, 0.2, 0.3, 0.4)
+ROBUST_SEED = 1234
+FEATURIZERS = ("hashed", "minilm")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    kind: str  # "tabular" | "vision" | "text"
+    num_classes: int
+    source: str  # "offline" | "download"
+    num_features: int | None = None  # None for text (featurized at load)
+    image_shape: tuple[int, ...] | None = None
+    messy: bool = False
+    train_size: int | None = None  # for download datasets (TFDS catalog)
+    test_size: int | None = None
+    tfds_name: str | None = None
+
+
+OFFLINE = {
+    "pima": DatasetInfo("pima", "tabular", 2, "offline", 7),
+    "breast_cancer": DatasetInfo("breast_cancer", "tabular", 2, "offline", 30),
+    "digits": DatasetInfo("digits", "vision", 10, "offline", 64, (8, 8)),
+    "digits_corrupted": DatasetInfo("digits_corrupted", "vision", 10, "offline", 64, (8, 8), messy=True),
+    "mnist1d": DatasetInfo("mnist1d", "vision", 10, "offline", 40),
+    "mnist1d_noisy": DatasetInfo("mnist1d_noisy", "vision", 10, "offline", 40, messy=True),
+    "reviews": DatasetInfo("reviews", "text", 2, "offline"),
+    "reviews_noisy": DatasetInfo("reviews_noisy", "text", 2, "offline", messy=True),
+    "wine": DatasetInfo("wine", "tabular", 3, "offline", 13),
+    "iris": DatasetInfo("iris", "tabular", 3, "offline", 4),
+}
+#: The eight datasets of the DREG study (tabular, vision, messy vision, NLP, messy NLP).
+STUDY_DATASETS = ("pima", "breast_cancer", "digits", "digits_corrupted", "mnist1d",
+                  "mnist1d_noisy", "reviews", "reviews_noisy")
+
+PUBLIC = {
+    "mnist": DatasetInfo("mnist", "vision", 10, "download", 784, (28, 28), train_size=60000, test_size=10000),
+    "fashion_mnist": DatasetInfo("fashion_mnist", "vision", 10, "download", 784, (28, 28), train_size=60000, test_size=10000),
+    "cifar10": DatasetInfo("cifar10", "vision", 10, "download", 3072, (32, 32, 3), train_size=50000, test_size=10000),
+    "imdb_reviews": DatasetInfo("imdb_reviews", "text", 2, "download", train_size=25000, test_size=25000),
+    "glue/sst2": DatasetInfo("glue/sst2", "text", 2, "download", train_size=67349, test_size=872),
+    "yelp_polarity_reviews": DatasetInfo("yelp_polarity_reviews", "text", 2, "download", train_size=560000, test_size=38000),
+    "ag_news_subset": DatasetInfo("ag_news_subset", "text", 4, "download", train_size=120000, test_size=7600),
+}
+for _corruption in ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur",
+                    "motion_blur", "zoom_blur", "snow", "frost", "fog", "brightness", "contrast",
+                    "elastic", "pixelate", "jpeg_compression", "speckle_noise", "gaussian_blur",
+                    "spatter", "saturate"):
+    for _sev in SEVERITIES:
+        _name = f"cifar10_corrupted/{_corruption}_{_sev}"
+        PUBLIC[_name] = DatasetInfo(_name, "vision", 10, "download", 3072, (32, 32, 3),
+                                    train_size=0, test_size=10000)
+
+REGISTRY = {**OFFLINE, **PUBLIC}
+DATASETS = tuple(REGISTRY)
+
+
+class DatasetUnavailableError(RuntimeError):
+    """A public dataset that is not prepared locally and cannot be downloaded."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,34 +106,142 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
-    kind: str  # "tabular" | "image" | "text"
-    robust: dict  # set name -> (m, d) perturbed x_test
+    kind: str
+    robust: dict  # set name -> (m, d) perturbed, standardized x_test
+    info: DatasetInfo | None = None
+    raw_test: object = None  # raw test images ([0, 1]) or texts, for plots
 
     @property
     def num_features(self) -> int:
         return int(self.x_train.shape[1])
 
 
-def gaussian_robust_sets(x_test: np.ndarray, seed: int = 1234) -> dict:
-    rng = np.random.default_rng(seed)
-    noise = rng.standard_normal(x_test.shape).astype(np.float32)
-    return {f"gaussian_{i + 1}": (x_test + s * noise).astype(np.float32)
-            for i, s in enumerate(GAUSSIAN_SEVERITIES)}
-
-
-KINDS = {"digits": "image", "breast_cancer": "tabular", "wine": "tabular", "iris": "tabular"}
-DATASETS = SKLEARN_DATASETS
-
-
 def check_dataset(name: str) -> str:
-    return check_choice("dataset", name, DATASETS)
+    if name not in REGISTRY:
+        offline = ", ".join(OFFLINE)
+        public = ", ".join(n for n in PUBLIC if "/" not in n or n == "glue/sst2")
+        raise ValueError(
+            f"unknown dataset {name!r}; offline: {offline}; download (tensorflow-datasets): "
+            f"{public}, cifar10_corrupted/<corruption>_<1..5>"
+        )
+    return name
+
+
+def standardize(x_train, *others):
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return tuple(((x - mean) / std).astype(np.float32) for x in (x_train, *others))
+
+
+def check_finite(name: str, split: str, x: np.ndarray):
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=0))
+    if bad.size:
+        raise ValueError(
+            f"dataset {name!r} ({split}): feature column(s) {bad.tolist()[:10]} contain NaN/inf; "
+            "impute or drop them before training"
+        )
+
+
+def _featurize(texts, featurizer, data_dir):
+    if featurizer == "hashed":
+        return hashed_ngram_features(texts)
+    return sentence_embeddings(texts, builders.pathlib.Path(data_dir or builders.default_data_dir()) / "embeddings")
+
+
+def _vector_robust_sets(x_test_std):
+    sets = {f"gaussian_{i + 1}": gaussian_noise(x_test_std, s, ROBUST_SEED + i)
+            for i, s in enumerate(VECTOR_NOISE_STDS)}
+    sets.update({f"dropout_{i + 1}": feature_dropout(x_test_std, r, ROBUST_SEED + 10 + i)
+                 for i, r in enumerate(VECTOR_DROPOUT_RATES)})
+    return sets
+
+
+def _assemble(info: DatasetInfo, train, test, featurizer, data_dir) -> Dataset:
+    (x_tr, y_tr), (x_te, y_te) = train, test
+    raw_test = x_te
+    robust_raw = {}
+    if info.kind == "text":
+        robust_raw = {f"text_noise_{i + 1}": _featurize(text_noise(x_te, r, ROBUST_SEED + i), featurizer, data_dir)
+                      for i, r in enumerate(TEXT_NOISE_RATES)}
+        x_tr, x_te = _featurize(x_tr, featurizer, data_dir), _featurize(x_te, featurizer, data_dir)
+    elif info.image_shape is not None and len(info.image_shape) == 2:
+        images = x_te.reshape((-1,) + info.image_shape)
+        robust_raw = {f"{c}_{s}": corrupt_images(images, c, s, ROBUST_SEED + 7 * k + s).reshape(len(x_te), -1)
+                      for k, c in enumerate(IMAGE_CORRUPTIONS) for s in SEVERITIES}
+    check_finite(info.name, "train", x_tr)
+    check_finite(info.name, "test", x_te)
+    names = list(robust_raw)
+    x_tr, x_te, *robust = standardize(x_tr, x_te, *robust_raw.values())
+    robust = dict(zip(names, robust)) if names else _vector_robust_sets(x_te)
+    return Dataset(info.name, x_tr, y_tr.astype(np.int32), x_te, y_te.astype(np.int32),
+                   info.num_classes, info.kind, robust, info, raw_test)
+
+
+def _offline_host_reachable(host="storage.googleapis.com", timeout=2.0) -> bool:
+    if os.environ.get("DREG_JAX_OFFLINE") == "1":
+        return False
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _public_split(info: DatasetInfo, split: str, data_dir):
+    tfds = builders._quiet_tfds()
+    kwargs = dict(data_dir=str(data_dir), builder_kwargs={"file_format": "array_record"})
+    try:  # prepared locally (or mocked by tfds.testing.mock_data)?
+        source = tfds.data_source(info.name, split=split, download=False, **kwargs)
+    except Exception as local_err:  # noqa: BLE001
+        if not _offline_host_reachable():
+            raise DatasetUnavailableError(
+                f"dataset {info.name!r} is not prepared in {data_dir} and cannot be downloaded "
+                "(no network). On a machine with a network run it once (it downloads on first "
+                f"use) and copy {data_dir} here, or pass --data-dir to a prepared copy; the "
+                f"offline datasets are: {', '.join(OFFLINE)}"
+            ) from local_err
+        source = tfds.data_source(info.name, split=split, download=True, **kwargs)
+    items = builders.read_all(source)
+    labels = np.array([ex["label"] for ex in items], np.int32)
+    if info.kind == "text":
+        field = next(k for k in ("text", "sentence", "description") if k in items[0])
+        values = [ex[field].decode() if isinstance(ex[field], bytes) else str(ex[field]) for ex in items]
+    else:
+        values = np.stack([np.asarray(ex["image"], np.float32).reshape(-1) / 255.0 for ex in items])
+    return values, labels
 
 
 @functools.lru_cache(maxsize=32)
-def load_dataset(name: str) -> Dataset:
-    """Loads (and caches in memory) a registered dataset by name."""
+def _load(name: str, data_dir, featurizer: str) -> Dataset:
+    info = REGISTRY[name]
+    if info.source == "offline":
+        splits = builders.read_offline(name, info.num_classes, info.num_features, data_dir)
+        return _assemble(info, splits["train"], splits["test"], featurizer, data_dir)
+    data_dir = data_dir or builders.default_data_dir()
+    test = _public_split(info, "test", data_dir)
+    if info.name.startswith("cifar10_corrupted/"):  # test-only robustness set
+        x = test[0] if info.kind != "text" else _featurize(test[0], featurizer, data_dir)
+        empty = np.zeros((0, x.shape[1]), np.float32)
+        return Dataset(name, empty, np.zeros(0, np.int32), x.astype(np.float32), test[1],
+                       info.num_classes, info.kind, {}, info, test[0])
+    train = _public_split(info, "train", data_dir)
+    return _assemble(info, train, test, featurizer, data_dir)
+
+
+def load_dataset(name: str, data_dir=None, featurizer: str = "hashed") -> Dataset:
+    """Loads a registered dataset (offline: built once into ``data_dir``, then cached).
+
+    Args:
+      name: a name from ``dreg_jax.data.DATASETS`` (``dreg-jax data list``).
+      data_dir: the TFDS data directory; default ``$DREG_JAX_DATA_DIR`` or
+        ``~/.cache/dreg_jax/tfds``.
+      featurizer: ``"hashed"`` or ``"minilm"`` for text datasets.
+    """
     check_dataset(name)
-    split = load_sklearn_dataset(name)
-    return Dataset(name, split.x_train, split.y_train.astype(np.int32), split.x_test,
-                   split.y_test.astype(np.int32), split.num_classes, KINDS[name],
-                   gaussian_robust_sets(split.x_test))
+    check_choice("featurizer", featurizer, FEATURIZERS)
+    return _load(name, None if data_dir is None else str(data_dir), featurizer)
