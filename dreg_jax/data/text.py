@@ -2,7 +2,7 @@ r"""Text featurization: hashed word/char n-gram counts, or a frozen sentence enc
 
 Hashed n-grams (default, no extra dependency): lower-cased word tokens (``\w+``); features
 are word unigrams, word bigrams and character 3-grams of each word (padded with ``#``), each
-hashed with CRC-32 into ``dim`` buckets (default 2048); the value is ``log1p(count)``.
+hashed with CRC-32 into ``dim`` buckets (default 512); the value is ``log1p(count)``.
 Character n-grams keep most of a misspelled word's features, which matters for the noisy
 text sets. Standardization (train statistics) happens in the registry.
 
@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 
 TOKEN = re.compile(r"\w+")
-DEFAULT_DIM = 2048
+DEFAULT_DIM = 512
 
 
 def _ngrams(text: str):

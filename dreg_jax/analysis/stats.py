@@ -1,0 +1,52 @@
+"""Statistics for comparing regularizers over matched cells (dataset, activation, seed).
+
+* :func:`average_ranks`: rank the methods within each cell (1 = highest accuracy, ties get
+  the mean of their ranks, as ``scipy.stats.rankdata``), then average over cells.
+* :func:`paired_wilcoxon`: two-sided Wilcoxon signed-rank test of ``a - b`` over matched
+  cells (``scipy.stats.wilcoxon``, zero differences dropped as in Wilcoxon's original method);
+  p = 1 when every difference is zero.
+* :func:`bonferroni`: ``min(1, p * m)`` for ``m`` comparisons.
+* :func:`win_rates`: the share of cells each method wins (ties share the win equally).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+
+def average_ranks(scores: np.ndarray) -> np.ndarray:
+    """``scores``: ``(cells, methods)``, higher is better. Returns ``(methods,)`` mean ranks."""
+    scores = np.asarray(scores, float)
+    if scores.ndim != 2 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be (cells, methods) with at least one cell, got {scores.shape}")
+    ranks = np.apply_along_axis(lambda row: stats.rankdata(-row), 1, scores)
+    return ranks.mean(axis=0)
+
+
+def paired_wilcoxon(a, b) -> dict:
+    """Two-sided signed-rank test of paired samples; also wins/ties/losses and median diff."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"a and b must be matched 1-D samples, got {a.shape} and {b.shape}")
+    diff = a - b
+    out = {"n": int(diff.size), "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
+           "losses": int((diff < 0).sum()), "median_diff": float(np.median(diff)) if diff.size else 0.0,
+           "mean_diff": float(diff.mean()) if diff.size else 0.0}
+    if not np.any(diff != 0):
+        out.update(statistic=0.0, p=1.0)
+        return out
+    res = stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided")
+    out.update(statistic=float(res.statistic), p=float(res.pvalue))
+    return out
+
+
+def bonferroni(pvalues, m: int | None = None) -> np.ndarray:
+    p = np.asarray(pvalues, float)
+    return np.minimum(1.0, p * (p.size if m is None else m))
+
+
+def win_rates(scores: np.ndarray) -> np.ndarray:
+    """``(methods,)`` share of cells (rows) where each method has the best score."""
+    scores = np.asarray(scores, float)
+    best = scores == scores.max(axis=1, keepdims=True)
+    return (best / best.sum(axis=1, keepdims=True)).mean(axis=0)

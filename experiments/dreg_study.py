@@ -1,0 +1,85 @@
+"""The DREG study in one command: activations x regularizers x datasets x seeds, with statistics.
+
+Full profile: {relu, gelu, tanh, chainzrule} x {none, weight_decay, spectral_norm, igpen,
+jacobian, dreg} x the 8 offline study datasets x 5 seeds = 960 runs at 100% of the training
+data, and the same 960 at 10% (the data-scarcity axis): 1,920 runs, 192 compiled programs
+(one per activation x regularizer x dataset), each vmapped over seeds and fractions.
+
+Every cell uses the same architecture (2 hidden layers of 64), optimizer (Adam, lr 1e-3),
+epochs (20) and batch size (64). DREG: lambda = 10**-2.5, activation scope, width scaling,
+no per-dataset tuning. Other regularizers at the defaults of ``dreg_jax.DEFAULT_STRENGTHS``
+(weight decay 1e-4 = optax.adamw's default; IGPen 1e-2; Jacobian 1e-2 with one projection,
+Hoffman et al. 2019; spectral norm = flax SpectralNorm, one power iteration per step).
+
+Regimes: clean = test accuracy at 100% data; noise = mean accuracy over the dataset's robust
+test sets (corruptions / noise x 5 severities) at 100% data; scarcity = test accuracy at 10%
+data; overall = mean of the three. Results are a resumable JSON-lines file in ``--out``;
+rerunning after an interruption only runs what is left.
+
+Usage: python experiments/dreg_study.py --profile quick|full [--out DIR]
+"""
+from __future__ import annotations
+
+import os
+
+# Faster XLA compilation (LLVM -O1): these programs are small and compile-bound; measured
+# ~35% less compile time at equal run time on the 2-core CPU. Set XLA_FLAGS to override.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+from dreg_jax.analysis.dreg_study import write_report  # noqa: E402
+from dreg_jax.cli import _enable_compilation_cache  # noqa: E402
+from dreg_jax.data import STUDY_DATASETS  # noqa: E402
+from dreg_jax.engine import EngineOptions, SweepConfig, run_sweep  # noqa: E402
+
+ACTIVATIONS = ("relu", "gelu", "tanh", "chainzrule")
+REGULARIZERS = ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg")
+
+PROFILES = {
+    "full": SweepConfig(datasets=STUDY_DATASETS, activations=ACTIVATIONS, regularizers=REGULARIZERS,
+                        seeds=5, fractions=(0.1, 1.0), hidden=(64, 64), epochs=20, batch_size=64),
+    "quick": SweepConfig(datasets=("pima", "digits_corrupted", "reviews_noisy"),
+                         activations=("gelu", "chainzrule"), regularizers=REGULARIZERS,
+                         seeds=3, fractions=(0.1, 1.0), hidden=(64, 64), epochs=10, batch_size=64),
+    # the test suite's end-to-end check of the pipeline
+    "tiny": SweepConfig(datasets=("pima", "digits_corrupted"), activations=("gelu", "chainzrule"),
+                        regularizers=("none", "weight_decay", "dreg"), seeds=2, fractions=(0.1, 1.0),
+                        hidden=(16, 16), epochs=2, batch_size=64),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=list(PROFILES), default="quick")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="default results/dreg_study/<profile>")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out or pathlib.Path("results/dreg_study") / args.profile
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = PROFILES[args.profile]
+    specs = sweep.expand()
+    _enable_compilation_cache()
+    print(f"DREG study, profile {args.profile}: {len(specs)} runs "
+          f"({len(sweep.activations)} activations x {len(sweep.regularizers)} regularizers x "
+          f"{len(sweep.datasets)} datasets x {len(range(sweep.seeds)) if isinstance(sweep.seeds, int) else len(sweep.seeds)} seeds x "
+          f"{len(sweep.fractions)} fractions) -> {out}")
+    start = time.perf_counter()
+    records = run_sweep(specs, out / "results.jsonl", progress=not args.no_progress,
+                        options=EngineOptions(per_epoch_diagnostics=False))
+    wall = time.perf_counter() - start
+    meta = {"profile": args.profile, "runs": len(records), "wall_seconds_this_invocation": wall,
+            "sweep": json.loads(json.dumps(dataclasses.asdict(sweep)))}
+    summary = write_report(records, out, meta)
+    print(summary)
+    print(f"\nwrote {out / 'report.md'} and figures; {len(records)} runs, this invocation {wall:.1f}s")
+    return records
+
+
+if __name__ == "__main__":
+    main()
