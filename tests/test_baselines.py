@@ -29,6 +29,14 @@ def test_igpen_matches_per_example_gradients():
     np.testing.assert_allclose(penalty, expected, rtol=1e-5)
 
 
+def test_igpen_aux_returns_logits_without_changing_values():
+    m1, p1 = dreg_jax.input_gradient_penalty(per_example_loss, X, lam=0.3)
+    m2, p2, logits = dreg_jax.input_gradient_penalty(
+        lambda x: (per_example_loss(x), net(x)), X, lam=0.3, has_aux=True)
+    chex.assert_trees_all_close((m1, p1), (m2, p2))
+    chex.assert_trees_all_close(logits, net(X))
+
+
 def test_igpen_is_differentiable_twice():
     def total(w):
         loss = lambda x: optax.softmax_cross_entropy_with_integer_labels(jnp.tanh(x @ w), Y)

@@ -180,8 +180,8 @@ def _figures(a, out: pathlib.Path):
     lo = min(100 * np.nanmin(list(a["means"].values())) - 5, 90)
     ax.set_ylim(max(0, lo), 100)
     ax.set_ylabel("accuracy (%)  mean +- s.e.")
-    ax.legend(ncol=len(regs), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.15))
-    ax.set_title("Accuracy by regularizer and regime", pad=28)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.set_title("Accuracy by regularizer and regime")
     files.append(_save(fig, out / "accuracy_by_regime.png"))
     # 2. win-rate heatmap activation x regularizer (clean)
     acts = a["activations"]
@@ -193,7 +193,7 @@ def _figures(a, out: pathlib.Path):
     for i in range(len(acts)):
         for j in range(len(regs)):
             ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w" if grid[i, j] < 0.6 * np.nanmax(grid) else "k", fontsize=8)
-    fig.colorbar(im, ax=ax, label="share of (dataset, seed) cells won, clean")
+    fig.colorbar(im, ax=ax, label="win rate (clean)")
     ax.set_title("Win rate: activation x regularizer")
     files.append(_save(fig, out / "win_rate_heatmap.png"))
     # 3. accuracy vs training fraction
@@ -250,9 +250,11 @@ def write_report(records, out, meta: dict) -> str:
     regs, names = a["regs"], [SHORT[r] for r in a["regs"]]
     figures = _figures(a, out)
     md = [f"# DREG study - profile `{meta.get('profile')}`", ""]
+    run_seconds = sum(r.get("seconds", 0.0) for r in records)
     md.append(f"{meta.get('runs')} runs, {a['failed']} failed (non-finite loss). Wall time of the "
               f"invocation that wrote this report: {meta.get('wall_seconds_this_invocation', float('nan')):.1f} s "
-              "(a resumed study only counts the runs it did).")
+              f"(a resumed study only counts the runs it did); wall time recorded with the runs "
+              f"themselves, over all invocations: {run_seconds:.1f} s.")
     sw = meta.get("sweep", {})
     if sw:
         md.append(f"\nGrid: datasets {sw['datasets']}; activations {sw['activations']}; regularizers "

@@ -20,21 +20,32 @@ DEFAULT_IGPEN_LAMBDA = 1e-2
 
 
 def input_gradient_penalty(
-    per_example_loss_fn: Callable[[jax.Array], jax.Array],
+    per_example_loss_fn: Callable,
     x: jax.Array,
     *,
     lam: float | jax.Array = DEFAULT_IGPEN_LAMBDA,
+    has_aux: bool = False,
 ):
     """Mean loss and the input-gradient penalty from one forward and one backward pass.
 
     Args:
-      per_example_loss_fn: ``x -> (batch,)`` losses, closed over params and labels.
+      per_example_loss_fn: ``x -> (batch,)`` losses, closed over params and labels; with
+        ``has_aux`` it returns ``(losses, aux)`` (e.g. the logits, to avoid a second forward).
       x: ``(batch, ...)`` inputs.
       lam: penalty weight :math:`\\lambda`.
+      has_aux: whether ``per_example_loss_fn`` returns auxiliary data.
 
     Returns:
-      ``(mean_loss, penalty)``; add them and differentiate w.r.t. the parameters.
+      ``(mean_loss, penalty)``, or ``(mean_loss, penalty, aux)`` with ``has_aux``; add the
+      first two and differentiate w.r.t. the parameters.
     """
     check_float_array(x, "x", min_ndim=2)
-    total, grad_x = jax.value_and_grad(lambda inp: jnp.sum(per_example_loss_fn(inp)))(x)
-    return total / x.shape[0], jnp.asarray(lam, jnp.float32) * row_sq_norm_mean(grad_x[None])
+
+    def total(inp):
+        out = per_example_loss_fn(inp)
+        losses, aux = out if has_aux else (out, None)
+        return jnp.sum(losses), aux
+
+    (loss_sum, aux), grad_x = jax.value_and_grad(total, has_aux=True)(x)
+    penalty = jnp.asarray(lam, jnp.float32) * row_sq_norm_mean(grad_x[None])
+    return (loss_sum / x.shape[0], penalty) + ((aux,) if has_aux else ())

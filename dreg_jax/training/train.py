@@ -120,11 +120,14 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
             sq_norms, config.model.hidden, lam=state.reg_strength, scaling=reg.dreg_scaling
         )
     elif reg.kind == "igpen":
-        logits, updates = apply(x)
-        data_loss, penalty = input_gradient_penalty(
-            lambda inp: _cross_entropy(state.apply_fn(variables, inp), y), x,
-            lam=state.reg_strength,
+        def per_example(inp):
+            logits = state.apply_fn(variables, inp)
+            return _cross_entropy(logits, y), logits
+
+        data_loss, penalty, logits = input_gradient_penalty(
+            per_example, x, lam=state.reg_strength, has_aux=True
         )
+        updates = {}
     elif reg.kind == "jacobian":
         logits, penalty = network_jacobian_penalty(
             lambda inp: state.apply_fn(variables, inp), x, key, lam=state.reg_strength
