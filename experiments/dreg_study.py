@@ -6,7 +6,7 @@ data, and the same 960 at 10% (the data-scarcity axis): 1,920 runs, 192 compiled
 (one per activation x regularizer x dataset), each vmapped over seeds and fractions.
 
 Every cell uses the same architecture (2 hidden layers of 64), optimizer (Adam, lr 1e-3),
-epochs (20) and batch size (64). DREG: lambda = 10**-2.5, activation scope, width scaling,
+epochs (20) and batch size (64). DREG: lambda = 10**-2.5, activation scope, raw-sum scaling,
 no per-dataset tuning. Other regularizers at the defaults of ``dreg_jax.DEFAULT_STRENGTHS``
 (weight decay 1e-4 = optax.adamw's default; IGPen 1e-2; Jacobian 1e-2 with one projection,
 Hoffman et al. 2019; spectral norm = flax SpectralNorm, one power iteration per step).

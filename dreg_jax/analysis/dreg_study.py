@@ -260,7 +260,7 @@ def write_report(records, out, meta: dict) -> str:
         md.append(f"\nGrid: datasets {sw['datasets']}; activations {sw['activations']}; regularizers "
                   f"{sw['regularizers']}; seeds {sw['seeds']}; fractions {sw['fractions']}; hidden "
                   f"{sw['hidden']}; epochs {sw['epochs']}; batch {sw['batch_size']}; Adam lr "
-                  f"{sw['learning_rates']}; DREG lambda = 10^-2.5 ({sw['dreg_scope']} scope).")
+                  f"{sw['learning_rates']}; DREG lambda = 10^-2.5 ({sw['dreg_scope']} scope, raw-sum scaling).")
     md += ["", "## Accuracy (%) and average rank per regularizer", "",
            "| regularizer | " + " | ".join(f"{k} acc" for k in a["regimes"]) + " | "
            + " | ".join(f"{k} rank" for k in a["regimes"]) + " |",

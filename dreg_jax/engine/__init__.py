@@ -7,5 +7,12 @@ from dreg_jax.engine.diagnostics import (
     volatility,
 )
 from dreg_jax.engine.grid import run_mesh, train_many
-from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams, train_run
+from dreg_jax.engine.run import (
+    EngineData,
+    EngineOptions,
+    RunHParams,
+    run_keys,
+    train_run,
+    training_mask,
+)
 from dreg_jax.engine.sweep import ResultsFile, RunSpec, SweepConfig, run_sweep, summary_table

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dreg_jax.data.scarcity import stratified_fraction_mask, symmetric_label_noise
 from dreg_jax.engine.diagnostics import gradient_tail_ratio, volatility
@@ -65,6 +66,16 @@ class EngineOptions:
     per_epoch_diagnostics: bool = True  # tau and Jacobian terms every epoch (else final only)
 
 
+def run_keys(seed):
+    """The run's named PRNG keys: (init, mask, label noise, input noise, loop)."""
+    return jax.random.split(jax.random.key(seed), 5)
+
+
+def training_mask(seed: int, labels, fraction: float, num_classes: int) -> np.ndarray:
+    """The exact training subset a run with this seed and fraction uses (for classical baselines)."""
+    return np.asarray(stratified_fraction_mask(run_keys(seed)[1], jnp.asarray(labels), fraction, num_classes))
+
+
 def _evaluate(state, data: EngineData, config, options, with_tau: bool):
     ev = eval_step(state, {"x": data.x_test, "y": data.y_test}, config)
     out = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
@@ -82,8 +93,7 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     n, d = data.x_train.shape
     batch = config.batch_size
     steps = math.ceil(n / batch)
-    key = jax.random.key(hp.seed)
-    k_init, k_mask, k_label, k_noise, k_loop = jax.random.split(key, 5)
+    k_init, k_mask, k_label, k_noise, k_loop = run_keys(hp.seed)
     state = create_train_state(config, k_init, d, num_classes,
                                learning_rate=hp.learning_rate, strength=hp.strength)
     mask = stratified_fraction_mask(k_mask, data.y_train, hp.data_fraction, num_classes)

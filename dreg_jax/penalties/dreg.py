@@ -4,15 +4,21 @@ Given per-layer terms :math:`s_l \approx E_x\|J_l\|_F^2` (from
 :func:`layer_jacobian_sq_norms` or from a model's activation pass) the penalty is
 
 .. math:: P = \lambda \sum_{l=1}^{L} w_l \, \frac{s_l}{c_l},
-   \qquad c_l = \begin{cases} d_l & \text{scaling = "width" (default)} \\
-                              1   & \text{scaling = "none"} \end{cases}
+   \qquad c_l = \begin{cases} 1   & \text{scaling = "none" (default)} \\
+                              d_l & \text{scaling = "width"} \end{cases}
 
 with :math:`d_l` the output width (units) of layer :math:`l` and :math:`w_l` optional layer
-weights (default 1). With ``"width"`` the activation-scope term is
-:math:`\frac{1}{d_l}\sum_i \sigma'(z_i)^2`, the mean squared slope per unit, which is O(1)
-whatever the width; this is what lets one fixed :math:`\lambda = 10^{-2.5}` serve every
-architecture and dataset (the study's no-tuning setting). ``"none"`` reproduces a raw sum of
-squared Frobenius norms, whose size grows with width.
+weights (default 1).
+
+Which scaling is the default, and why: the published study fixes :math:`\lambda = 10^{-2.5}`
+with no tuning. Under ``"none"`` (the literal reading: the sum over layers of the mean squared
+Frobenius norms) that coefficient makes a penalty of ~0.1-0.2 next to a cross-entropy of
+~0.2-0.4 for our 2x64 MLPs, and changes accuracy measurably; under ``"width"`` the same
+coefficient gives a penalty ~50x smaller that changed no accuracy we measured (pima, corrupted
+digits; 3 seeds). So ``"none"`` is the reading under which the published coefficient acts as a
+regularizer. ``"width"`` divides each term by the width, giving the mean squared slope per unit,
+O(1) for any width: use it (with a larger :math:`\lambda`) to carry one coefficient across
+architectures of different widths.
 
 Why the pressure lands on the layers with the largest activation derivative: the gradient
 of :math:`\sigma'(z_i)^2` is :math:`2\sigma'(z_i)\,\partial\sigma'(z_i)`, proportional to the
@@ -44,7 +50,8 @@ from dreg_jax._checks import check_choice
 DEFAULT_LAMBDA = 10 ** -2.5
 SCOPES = ("activation", "layer")
 DEFAULT_SCOPE = "activation"
-SCALINGS = ("width", "none")
+SCALINGS = ("none", "width")
+DEFAULT_SCALING = "none"
 LAYER_ESTIMATORS = ("probe", "exact")
 
 
@@ -53,7 +60,7 @@ def dreg_penalty(
     widths: Sequence[int] | None = None,
     *,
     lam: float | jax.Array = DEFAULT_LAMBDA,
-    scaling: str = "width",
+    scaling: str = "none",
     layer_weights: jax.Array | None = None,
 ) -> jax.Array:
     r"""Returns :math:`\lambda \sum_l w_l s_l / c_l` (see the module docstring).
@@ -61,9 +68,9 @@ def dreg_penalty(
     Args:
       sq_norms: ``(L,)`` per-layer squared-Jacobian terms :math:`s_l`.
       widths: the ``L`` output widths :math:`d_l`; required for ``scaling="width"``
-        (``dreg_jax.layer_widths`` or ``MLP.hidden`` give them).
+        (``dreg_jax.layer_widths`` or ``MLP.hidden`` give them), ignored otherwise.
       lam: :math:`\lambda`, default :math:`10^{-2.5}`; may be a traced scalar (vmap over lambda).
-      scaling: ``"width"`` (divide each term by its width) or ``"none"``.
+      scaling: ``"none"`` (default, raw sum) or ``"width"`` (divide each term by its width).
       layer_weights: optional ``(L,)`` weights :math:`w_l`, default all ones.
 
     Returns:

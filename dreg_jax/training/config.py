@@ -62,7 +62,7 @@ class RegularizerConfig:
     kind: str = "none"
     strength: float | None = None  # None: DEFAULT_STRENGTHS[kind]
     dreg_scope: str = DEFAULT_SCOPE
-    dreg_scaling: str = "width"
+    dreg_scaling: str = "none"  # see dreg_jax.penalties.dreg for why
     layer_estimator: str = "probe"  # for dreg_scope="layer": "probe" or "exact"
     num_probes: int = 1
     coherent_l1: float = 0.0
