@@ -16,13 +16,11 @@ Usage: python experiments/chainzrule_fractions.py --profile quick|full [--out DI
 """
 from __future__ import annotations
 
-import os
+from dreg_jax.analysis.experiments import NEURAL_MODELS, REFERENCE, by_model, fast_compile_flags, run_neural_models
 
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
+fast_compile_flags()
 
 import argparse  # noqa: E402
-import collections  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -36,13 +34,9 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
 from dreg_jax.analysis.classical import boosting_name, fit_and_score  # noqa: E402
-from dreg_jax.cli import _enable_compilation_cache  # noqa: E402
 from dreg_jax.data import load_dataset  # noqa: E402
-from dreg_jax.engine import EngineOptions, SweepConfig, run_sweep, training_mask  # noqa: E402
+from dreg_jax.engine import training_mask  # noqa: E402
 
-NEURAL = {("chainzrule", "dreg"): "CR+DREG", ("chainzrule", "none"): "CR", ("relu", "none"): "ReLU",
-          ("relu", "dreg"): "ReLU+DREG", ("gelu", "none"): "GELU", ("gelu", "dreg"): "GELU+DREG"}
-REFERENCE = "CR+DREG"
 PROFILES = {
     "full": dict(datasets=("pima", "breast_cancer"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=10,
                  epochs=60, hidden=(64, 64), batch_size=32),
@@ -53,18 +47,10 @@ PAPER = "Pima Diabetes 85.71% +- 2.01 for ChainzRule, above SVM and XGBoost at e
 
 
 def neural_accuracies(profile, out: pathlib.Path, progress: bool):
-    sweep = SweepConfig(datasets=profile["datasets"], activations=("chainzrule", "relu", "gelu"),
-                        regularizers=("none", "dreg"), seeds=profile["seeds"], fractions=profile["fractions"],
-                        hidden=profile["hidden"], epochs=profile["epochs"], batch_size=profile["batch_size"])
-    records = run_sweep(sweep.expand(), out / "results.jsonl", progress=progress,
-                        options=EngineOptions(per_epoch_diagnostics=False))
-    acc = {}
-    for r in records:
-        s, c = r["spec"], r["spec"]["config"]
-        name = NEURAL[(c["model"]["activation"], c["regularizer"]["kind"])]
-        acc[(s["dataset"], s["data_fraction"], name, s["seed"])] = (
-            r["metrics"]["test_accuracy"] if r["status"] == "ok" else np.nan)
-    return acc
+    records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"],
+                                profile["hidden"], profile["epochs"], profile["batch_size"], out, progress)
+    return {(d, f, m, r["spec"]["seed"]): (r["metrics"]["test_accuracy"] if r["status"] == "ok" else np.nan)
+            for (d, f, m), rs in by_model(records).items() for r in rs}
 
 
 def classical_accuracies(profile, out: pathlib.Path, progress: bool):
@@ -91,7 +77,7 @@ def classical_accuracies(profile, out: pathlib.Path, progress: bool):
 
 
 def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
-    models = list(NEURAL.values()) + ["SVM", boosting_name()]
+    models = list(NEURAL_MODELS.values()) + ["SVM", boosting_name()]
     seeds = range(profile["seeds"])
     lines = [f"# ChainzRule across training fractions - {len(acc)} results", "",
              f"Profile: {json.dumps(profile)}. Wall time {wall:.1f} s. Test splits: pima = MASS Pima.te "
@@ -160,7 +146,6 @@ def main(argv=None):
     out = args.out or pathlib.Path("results/chainzrule_fractions") / args.profile
     out.mkdir(parents=True, exist_ok=True)
     profile = PROFILES[args.profile]
-    _enable_compilation_cache()
     start = time.perf_counter()
     acc = neural_accuracies(profile, out, not args.no_progress)
     acc.update(classical_accuracies(profile, out, not args.no_progress))

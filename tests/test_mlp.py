@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dreg_jax
 from dreg_jax import MLP
 
 X = jax.random.normal(jax.random.key(0), (6, 5))

@@ -1,7 +1,8 @@
 """Dataset registry: offline TFDS builders and public TFDS names behind one ``load_dataset``.
 
 Every dataset resolves to a :class:`Dataset`: float32 features standardized with the training
-split's mean and std only (constant columns get std 1), int32 labels, a fixed train/test split
+split's statistics only (per column, constant columns get std 1; images with one mean and std
+over all pixels), int32 labels, a fixed train/test split
 and ``robust`` test sets (perturbed copies of the test inputs, same labels) for noise-robustness
 accuracy:
 
@@ -127,9 +128,11 @@ def check_dataset(name: str) -> str:
     return name
 
 
-def standardize(x_train, *others):
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
+def standardize(x_train, *others, per_feature: bool = True):
+    """Subtract the training mean and divide by the training std (per column, or one scalar)."""
+    axis = 0 if per_feature else None
+    mean = x_train.mean(axis=axis)
+    std = x_train.std(axis=axis)
     std = np.where(std > 0, std, 1.0)
     return tuple(((x - mean) / std).astype(np.float32) for x in (x_train, *others))
 
@@ -172,7 +175,10 @@ def _assemble(info: DatasetInfo, train, test, featurizer, data_dir) -> Dataset:
     check_finite(info.name, "train", x_tr)
     check_finite(info.name, "test", x_te)
     names = list(robust_raw)
-    x_tr, x_te, *robust = standardize(x_tr, x_te, *robust_raw.values())
+    # images: one scalar mean/std over all training pixels; per-pixel statistics would turn
+    # noise on the near-constant border pixels into huge standardized values
+    x_tr, x_te, *robust = standardize(x_tr, x_te, *robust_raw.values(),
+                                      per_feature=info.image_shape is None)
     robust = dict(zip(names, robust)) if names else _vector_robust_sets(x_te)
     return Dataset(info.name, x_tr, y_tr.astype(np.int32), x_te, y_te.astype(np.int32),
                    info.num_classes, info.kind, robust, info, raw_test)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from dreg_jax._checks import check_choice, check_float_array

@@ -7,7 +7,7 @@
     fns = dreg_jax.submodule_fns(model, {"params": params}, ["block1", "block2", "head"])
     logits, sq = dreg_jax.layer_jacobian_sq_norms(fns, x, key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    loss += dreg_jax.dreg_penalty(sq, dreg_jax.layer_widths(fns, x))
+    loss += dreg_jax.dreg_penalty(sq)
 
 The names must be submodules defined in ``setup`` (attributes), whose composition in the
 given order is the model's forward pass. List items are addressed as ``"layers.0"``.

@@ -1,0 +1,41 @@
+"""Shared pieces of the ChainzRule experiment scripts (model names, sweeps, grouping)."""
+from __future__ import annotations
+
+import collections
+import os
+import pathlib
+
+#: (activation, regularizer) -> model name used in the reports.
+NEURAL_MODELS = {("chainzrule", "dreg"): "CR+DREG", ("chainzrule", "none"): "CR", ("relu", "none"): "ReLU",
+                 ("relu", "dreg"): "ReLU+DREG", ("gelu", "none"): "GELU", ("gelu", "dreg"): "GELU+DREG"}
+REFERENCE = "CR+DREG"
+
+
+def fast_compile_flags():
+    """LLVM -O1 for the small, compile-bound experiment programs (unless XLA_FLAGS sets it)."""
+    if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
+
+
+def run_neural_models(datasets, fractions, seeds, hidden, epochs, batch_size, out: pathlib.Path,
+                      progress: bool, per_epoch_diagnostics: bool = False):
+    """Every NEURAL_MODELS model on every dataset x fraction x seed; resumable in ``out``."""
+    from dreg_jax.cli import _enable_compilation_cache
+    from dreg_jax.engine import EngineOptions, SweepConfig, run_sweep
+
+    _enable_compilation_cache()
+    sweep = SweepConfig(datasets=tuple(datasets), activations=("chainzrule", "relu", "gelu"),
+                        regularizers=("none", "dreg"), seeds=seeds, fractions=tuple(fractions),
+                        hidden=tuple(hidden), epochs=epochs, batch_size=batch_size)
+    return run_sweep(sweep.expand(), out / "results.jsonl", progress=progress,
+                     options=EngineOptions(per_epoch_diagnostics=per_epoch_diagnostics))
+
+
+def by_model(records):
+    """``{(dataset, fraction, model): [record, ...]}`` sorted by seed."""
+    groups = collections.defaultdict(list)
+    for r in sorted(records, key=lambda r: r["spec"]["seed"]):
+        s, c = r["spec"], r["spec"]["config"]
+        name = NEURAL_MODELS[(c["model"]["activation"], c["regularizer"]["kind"])]
+        groups[(s["dataset"], s["data_fraction"], name)].append(r)
+    return groups
