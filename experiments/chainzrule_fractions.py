@@ -30,12 +30,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
-from dreg_jax.analysis.classical import boosting_name, fit_and_score  # noqa: E402
-from dreg_jax.data import load_dataset  # noqa: E402
-from dreg_jax.engine import training_mask  # noqa: E402
+from dreg_jax.analysis.classical import boosting_name, classical_scores  # noqa: E402
 
 PROFILES = {
     "full": dict(datasets=("pima", "breast_cancer"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=10,
@@ -51,29 +48,6 @@ def neural_accuracies(profile, out: pathlib.Path, progress: bool):
                                 profile["hidden"], profile["epochs"], profile["batch_size"], out, progress)
     return {(d, f, m, r["spec"]["seed"]): (r["metrics"]["test_accuracy"] if r["status"] == "ok" else np.nan)
             for (d, f, m), rs in by_model(records).items() for r in rs}
-
-
-def classical_accuracies(profile, out: pathlib.Path, progress: bool):
-    """SVM and boosting per (dataset, fraction, seed); cached in classical.json (resumable)."""
-    cache_path = out / "classical.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    jobs = [(d, f, s) for d in profile["datasets"] for f in profile["fractions"] for s in range(profile["seeds"])]
-    boost = boosting_name()
-    for d, f, s in tqdm(jobs, desc="svm/boosting", disable=not progress):
-        key = f"{d}|{f}|{s}|{boost}"
-        if key in cache:
-            continue
-        ds = load_dataset(d)
-        mask = training_mask(s, ds.y_train, f, ds.num_classes)
-        x, y = ds.x_train[mask], ds.y_train[mask]
-        cache[key] = {"SVM": fit_and_score("svm", x, y, ds.x_test, ds.y_test, s),
-                      boost: fit_and_score("boosting", x, y, ds.x_test, ds.y_test, s)}
-        cache_path.write_text(json.dumps(cache))
-    acc = {}
-    for d, f, s in jobs:
-        for name, value in cache[f"{d}|{f}|{s}|{boost}"].items():
-            acc[(d, f, name, s)] = value
-    return acc
 
 
 def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
@@ -148,7 +122,9 @@ def main(argv=None):
     profile = PROFILES[args.profile]
     start = time.perf_counter()
     acc = neural_accuracies(profile, out, not args.no_progress)
-    acc.update(classical_accuracies(profile, out, not args.no_progress))
+    acc.update(classical_scores({"SVM": "svm", boosting_name(): "boosting"}, profile["datasets"],
+                                profile["fractions"], profile["seeds"], out / "classical.json",
+                                not args.no_progress))
     summary = write_report(acc, profile, out, time.perf_counter() - start)
     print(summary)
     print(f"wrote {out / 'report.md'}")

@@ -59,13 +59,13 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
     oth_in = np.mean((others >= PAPER_OTHERS[0]) & (others <= PAPER_OTHERS[1]))
     rho, p = stats.spearmanr([r["metrics"]["tau"] for r in ok], [r["metrics"]["test_accuracy"] for r in ok])
     lines += ["## Beside the paper", "",
-              f"- Paper: tau of ChainzRule 1.01-1.02 and of ReLU/GELU-style nets 1.07-1.09 at every fraction.",
+              "- Paper: tau of ChainzRule 1.01-1.02 and of ReLU/GELU-style nets 1.07-1.09 at every fraction.",
               f"- Ours: CR+DREG median tau {np.median(taus['CR+DREG']):.3f} (range {taus['CR+DREG'].min():.3f}-"
               f"{taus['CR+DREG'].max():.3f}); {100 * cr_in:.0f}% of its runs fall in 1.01-1.02. ReLU and GELU median "
               f"{np.median(others):.3f}; {100 * oth_in:.0f}% fall in 1.07-1.09. "
               f"{'SUPPORTED' if cr_in > 0.5 and oth_in > 0.5 else 'NOT SUPPORTED'} with this definition of tau.",
               f"- Does tau predict test accuracy across runs? Spearman rho = {rho:.3f} (p = {p:.3g}, n = {len(ok)}).", ""]
-    summary.append(f"median tau: " + ", ".join(f"{m} {np.median(taus[m]):.3f}" for m in models))
+    summary.append("median tau: " + ", ".join(f"{m} {np.median(taus[m]):.3f}" for m in models))
     summary.append(f"Spearman(tau, test accuracy) = {rho:.3f} (p = {p:.3g})")
     # tau over epochs, at the smallest and the full fraction
     for d in profile["datasets"]:

@@ -30,12 +30,9 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
-from dreg_jax.analysis.classical import fit_and_score  # noqa: E402
-from dreg_jax.data import load_dataset  # noqa: E402
-from dreg_jax.engine import training_mask  # noqa: E402
+from dreg_jax.analysis.classical import classical_scores  # noqa: E402
 
 PROFILES = {
     "full": dict(datasets=("reviews", "reviews_noisy"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=5,
@@ -50,17 +47,8 @@ def accuracies(profile, out: pathlib.Path, progress: bool):
                                 profile["epochs"], profile["batch_size"], out, progress)
     acc = {(d, f, m, r["spec"]["seed"]): (r["metrics"]["test_accuracy"] if r["status"] == "ok" else np.nan)
            for (d, f, m), rs in by_model(records).items() for r in rs}
-    cache_path = out / "logreg.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    jobs = [(d, f, s) for d in profile["datasets"] for f in profile["fractions"] for s in range(profile["seeds"])]
-    for d, f, s in tqdm(jobs, desc="logistic regression", disable=not progress):
-        key = f"{d}|{f}|{s}"
-        if key not in cache:
-            ds = load_dataset(d)
-            mask = training_mask(s, ds.y_train, f, ds.num_classes)
-            cache[key] = fit_and_score("logreg", ds.x_train[mask], ds.y_train[mask], ds.x_test, ds.y_test, s)
-            cache_path.write_text(json.dumps(cache))
-        acc[(d, f, "LogReg", s)] = cache[key]
+    acc.update(classical_scores({"LogReg": "logreg"}, profile["datasets"], profile["fractions"],
+                                profile["seeds"], out / "logreg.json", progress))
     return acc
 
 

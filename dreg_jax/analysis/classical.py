@@ -68,3 +68,38 @@ def fit_and_score(name: str, x_train, y_train, x_test, y_test, seed: int = 0) ->
     else:
         model = estimator.fit(x_train, y_train)
     return float(np.mean(model.predict(x_test) == y_test))
+
+
+def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, progress: bool = True) -> dict:
+    """Test accuracy of each classical model on every (dataset, fraction, seed) subset.
+
+    Args:
+      models: report name -> ``"svm"`` / ``"boosting"`` / ``"logreg"``.
+      datasets, fractions, seeds: the grid; subsets are ``dreg_jax.engine.training_mask``'s,
+        the same the neural runs of that seed and fraction use.
+      cache_path: JSON file of finished scores (resumable).
+
+    Returns:
+      ``{(dataset, fraction, name, seed): accuracy}``.
+    """
+    import json
+    import pathlib
+
+    from tqdm.auto import tqdm
+
+    from dreg_jax.data import load_dataset
+    from dreg_jax.engine import training_mask
+
+    cache_path = pathlib.Path(cache_path)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    jobs = [(d, f, s, name) for d in datasets for f in fractions for s in range(seeds) for name in models]
+    out = {}
+    for d, f, s, name in tqdm(jobs, desc=", ".join(models), disable=not progress):
+        key = f"{d}|{f}|{s}|{name}"
+        if key not in cache:
+            ds = load_dataset(d)
+            mask = training_mask(s, ds.y_train, f, ds.num_classes)
+            cache[key] = fit_and_score(models[name], ds.x_train[mask], ds.y_train[mask], ds.x_test, ds.y_test, s)
+            cache_path.write_text(json.dumps(cache))
+        out[(d, f, name, s)] = cache[key]
+    return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import pathlib
 import socket
 
 import numpy as np
@@ -149,7 +150,7 @@ def check_finite(name: str, split: str, x: np.ndarray):
 def _featurize(texts, featurizer, data_dir):
     if featurizer == "hashed":
         return hashed_ngram_features(texts)
-    return sentence_embeddings(texts, builders.pathlib.Path(data_dir or builders.default_data_dir()) / "embeddings")
+    return sentence_embeddings(texts, pathlib.Path(data_dir or builders.default_data_dir()) / "embeddings")
 
 
 def _vector_robust_sets(x_test_std):

@@ -14,7 +14,9 @@ the grid. Only process 0 should write the results file.
 """
 from __future__ import annotations
 
+import collections
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +33,20 @@ def run_mesh(devices=None) -> Mesh:
     return Mesh(devices.reshape(-1), ("runs",))
 
 
-@functools.lru_cache(maxsize=64)
+_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=16)
 def _jitted(config: TrainConfig, num_classes: int, options: EngineOptions):
     many = jax.vmap(lambda hp, data: train_run(hp, data, config, num_classes, options),
                     in_axes=(0, None))
     return jax.jit(many)
 
 
-_EXECUTABLES: dict = {}
+# Compiled programs, least recently used first. Bounded: every executable holds JIT code
+# mappings, and a study compiles ~200 of them (an unbounded cache ran LLVM out of memory).
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+MAX_CACHED_EXECUTABLES = 8
 
 
 def _signature(tree):
@@ -70,9 +78,16 @@ def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, 
     the current one runs.
     """
     key = (config, num_classes, options, _signature(hparams), _signature(data))
-    if key not in _EXECUTABLES:
-        _EXECUTABLES[key] = _jitted(config, num_classes, options).lower(hparams, data).compile()
-    return _EXECUTABLES[key]
+    with _LOCK:
+        if key in _EXECUTABLES:
+            _EXECUTABLES.move_to_end(key)
+            return _EXECUTABLES[key]
+    program = _jitted(config, num_classes, options).lower(hparams, data).compile()
+    with _LOCK:
+        _EXECUTABLES[key] = program
+        while len(_EXECUTABLES) > MAX_CACHED_EXECUTABLES:
+            _EXECUTABLES.popitem(last=False)
+    return program
 
 
 def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
