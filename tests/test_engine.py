@@ -140,3 +140,15 @@ def test_sharded_over_8_cpu_devices_equals_unsharded():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["runs"] == 5  # 5 runs padded to 8 devices, padding dropped
     assert result["max_diff"] < 1e-4
+
+
+def test_compiled_program_cache_is_bounded(wine, monkeypatch):
+    from dreg_jax.engine import grid
+
+    monkeypatch.setattr(grid, "MAX_CACHED_EXECUTABLES", 2)
+    data, classes = wine
+    for width in (3, 4, 5):
+        cfg = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(width,), activation="tanh"),
+                                   regularizer=dreg_jax.RegularizerConfig(kind="none"), epochs=1, batch_size=64)
+        train_many(RunHParams.stack([hp(0)]), data, cfg, classes, OPTS)
+        assert len(grid._EXECUTABLES) <= 2
