@@ -54,3 +54,14 @@ def test_regime_scores_and_ranks_hand_computed():
     np.testing.assert_allclose(a["ranks"]["noise"], [1.0, 2.0])
     t = a["wilcoxon"]["clean"]["none"]
     assert (t["wins"], t["losses"]) == (3, 0) and t["p"] == 0.25  # exact: 2 / 2**3
+
+
+def test_chainzrule_demo_runs_and_dreg_lowers_the_penalty_terms():
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "experiments" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    rows = demo.main(["--epochs", "3", "--seeds", "1", "--hidden", "16", "16", "--no-progress"])
+    assert set(rows) == {"none", "dreg"}
+    assert all(0.5 < r["accuracy_mean"] <= 1.0 for r in rows.values())
+    # trained with DREG, the networks end with a smaller Jacobian penalty than without
+    assert rows["dreg"]["dreg_penalty_at_default_lambda"] < rows["none"]["dreg_penalty_at_default_lambda"]
