@@ -17,11 +17,10 @@ Usage: python experiments/chainzrule_robustness.py --profile quick|full [--out D
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import NEURAL_MODELS, REFERENCE, by_model, fast_compile_flags, run_neural_models
+from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models
 
 fast_compile_flags()
 
-import argparse  # noqa: E402
 import collections  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -105,13 +104,7 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=list(PROFILES), default="quick")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="default results/chainzrule_robustness/<profile>")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    out = args.out or pathlib.Path("results/chainzrule_robustness") / args.profile
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_robustness")
     p = PROFILES[args.profile]
     start = time.perf_counter()
     records = run_neural_models(p["datasets"], (1.0,), p["seeds"], p["hidden"], p["epochs"], p["batch_size"],

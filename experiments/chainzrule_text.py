@@ -16,11 +16,10 @@ Usage: python experiments/chainzrule_text.py --profile quick|full [--out DIR]
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import NEURAL_MODELS, REFERENCE, by_model, fast_compile_flags, run_neural_models
+from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models
 
 fast_compile_flags()
 
-import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -94,13 +93,7 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=list(PROFILES), default="quick")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="default results/chainzrule_text/<profile>")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    out = args.out or pathlib.Path("results/chainzrule_text") / args.profile
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_text")
     p = PROFILES[args.profile]
     start = time.perf_counter()
     acc = accuracies(p, out, not args.no_progress)

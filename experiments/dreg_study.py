@@ -20,17 +20,14 @@ Usage: python experiments/dreg_study.py --profile quick|full [--out DIR]
 """
 from __future__ import annotations
 
-import os
+from dreg_jax.analysis.experiments import experiment_args, fast_compile_flags
 
 # Faster XLA compilation (LLVM -O1): these programs are small and compile-bound; measured
 # ~35% less compile time at equal run time on the 2-core CPU. Set XLA_FLAGS to override.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
+fast_compile_flags()
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import pathlib  # noqa: E402
 import time  # noqa: E402
 
 from dreg_jax.analysis.dreg_study import write_report  # noqa: E402
@@ -55,13 +52,7 @@ PROFILES = {
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=list(PROFILES), default="quick")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="default results/dreg_study/<profile>")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    out = args.out or pathlib.Path("results/dreg_study") / args.profile
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = experiment_args(argv, __doc__, PROFILES, "dreg_study")
     sweep = PROFILES[args.profile]
     specs = sweep.expand()
     _enable_compilation_cache()

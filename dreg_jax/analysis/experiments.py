@@ -39,3 +39,21 @@ def by_model(records):
         name = NEURAL_MODELS[(c["model"]["activation"], c["regularizer"]["kind"])]
         groups[(s["dataset"], s["data_fraction"], name)].append(r)
     return groups
+
+
+def experiment_args(argv, doc: str, profiles: dict, name: str):
+    """The shared command line of the experiment scripts: ``--profile``, ``--out``, ``--no-progress``.
+
+    Returns:
+      ``(args, out)`` with ``out`` (default ``results/<name>/<profile>``) created.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=list(profiles), default="quick")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help=f"default results/{name}/<profile>")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    out = args.out or pathlib.Path("results") / name / args.profile
+    out.mkdir(parents=True, exist_ok=True)
+    return args, out
