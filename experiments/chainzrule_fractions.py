@@ -16,7 +16,15 @@ Usage: python experiments/chainzrule_fractions.py --profile quick|full [--out DI
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models
+from dreg_jax.analysis.experiments import (
+    NEURAL_MODELS,
+    REFERENCE,
+    by_model,
+    experiment_args,
+    fast_compile_flags,
+    plot_accuracy_vs_fraction,
+    run_neural_models,
+)
 
 fast_compile_flags()
 
@@ -24,10 +32,6 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
@@ -90,21 +94,8 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
                      f"{boosting_name()} at {len(above)} of {len(profile['fractions'])} fractions "
                      f"({', '.join(f'{int(round(100 * f))}%' for f in above) or 'none'}): "
                      f"{'SUPPORTED' if len(above) == len(profile['fractions']) else 'NOT SUPPORTED'} here.")
-    # plot
-    fig, axes = plt.subplots(1, len(profile["datasets"]), figsize=(6 * len(profile["datasets"]), 4), squeeze=False)
-    for ax, d in zip(axes[0], profile["datasets"]):
-        for m in models:
-            ys = [100 * np.nanmean([acc[(d, f, m, s)] for s in seeds]) for f in profile["fractions"]]
-            ax.plot(profile["fractions"], ys, marker="o", label=m, lw=2.5 if m == REFERENCE else 1.2)
-        ax.set_xscale("log")
-        ax.set_xticks(profile["fractions"], [f"{int(round(100 * f))}%" for f in profile["fractions"]])
-        ax.set_title(d)
-        ax.set_xlabel("training fraction")
-        ax.set_ylabel("test accuracy (%)")
-    axes[0, -1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_fraction.png", dpi=110)
-    plt.close(fig)
+    plot_accuracy_vs_fraction(acc, profile["datasets"], profile["fractions"], profile["seeds"], models,
+                              out / "accuracy_vs_fraction.png")
     lines += ["", "![accuracy vs fraction](accuracy_vs_fraction.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return "\n".join(table_txt)

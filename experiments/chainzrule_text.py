@@ -16,7 +16,15 @@ Usage: python experiments/chainzrule_text.py --profile quick|full [--out DIR]
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models
+from dreg_jax.analysis.experiments import (
+    NEURAL_MODELS,
+    REFERENCE,
+    by_model,
+    experiment_args,
+    fast_compile_flags,
+    plot_accuracy_vs_fraction,
+    run_neural_models,
+)
 
 fast_compile_flags()
 
@@ -24,10 +32,6 @@ import json  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
 
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
@@ -57,8 +61,7 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
     lines = [f"# Frozen-representation text heads - {len(acc)} results", "",
              f"Profile: {json.dumps(profile)}. Wall time {wall:.1f} s. Representation: hashed n-grams (frozen).", ""]
     tests, summary = [], []
-    fig, axes = plt.subplots(1, len(profile["datasets"]), figsize=(6 * len(profile["datasets"]), 4), squeeze=False)
-    for ax, d in zip(axes[0], profile["datasets"]):
+    for d in profile["datasets"]:
         lines += [f"## {d}: test accuracy (%)", "", "| fraction | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
         for f in profile["fractions"]:
             vals = {m: np.array([acc[(d, f, m, s)] for s in seeds]) for m in models}
@@ -66,19 +69,9 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
                 f"{100 * np.nanmean(v):.2f} +- {100 * np.nanstd(v):.2f}" for v in vals.values()) + " |")
             summary.append(f"{d:<14}{int(round(100 * f)):>4}%  " + "  ".join(f"{m}={100 * np.nanmean(v):.2f}" for m, v in vals.items()))
             tests += [(d, f, m, paired_wilcoxon(vals[REFERENCE], vals[m])) for m in models if m != REFERENCE]
-        for m in models:
-            ax.plot(profile["fractions"], [100 * np.nanmean([acc[(d, f, m, s)] for s in seeds]) for f in profile["fractions"]],
-                    marker="o", label=m, lw=2.2 if m == REFERENCE else 1.0)
-        ax.set_xscale("log")
-        ax.set_xticks(profile["fractions"], [f"{int(round(100 * f))}%" for f in profile["fractions"]])
-        ax.set_title(d)
-        ax.set_xlabel("training fraction")
-        ax.set_ylabel("test accuracy (%)")
         lines.append("")
-    axes[0, -1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "text_accuracy_vs_fraction.png", dpi=110)
-    plt.close(fig)
+    plot_accuracy_vs_fraction(acc, profile["datasets"], profile["fractions"], profile["seeds"], models,
+                              out / "text_accuracy_vs_fraction.png")
     corrected = bonferroni([t["p"] for *_, t in tests])
     lines += [f"## {REFERENCE} vs each head: paired Wilcoxon over seeds, Bonferroni over {len(tests)}", "",
               "| dataset | fraction | vs | wins/ties/losses | mean diff (pp) | p | p (Bonferroni) |", "|---|---|---|---|---|---|---|"]

@@ -57,3 +57,30 @@ def experiment_args(argv, doc: str, profiles: dict, name: str):
     out = args.out or pathlib.Path("results") / name / args.profile
     out.mkdir(parents=True, exist_ok=True)
     return args, out
+
+
+def plot_accuracy_vs_fraction(acc: dict, datasets, fractions, seeds: int, models, path, reference=REFERENCE):
+    """One panel per dataset: mean test accuracy over seeds vs training fraction, a line per model.
+
+    ``acc`` maps ``(dataset, fraction, model, seed)`` to accuracy in [0, 1].
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, d in zip(axes[0], datasets):
+        for m in models:
+            ys = [100 * np.nanmean([acc[(d, f, m, s)] for s in range(seeds)]) for f in fractions]
+            ax.plot(fractions, ys, marker="o", label=m, lw=2.5 if m == reference else 1.2)
+        ax.set_xscale("log")
+        ax.set_xticks(fractions, [f"{int(round(100 * f))}%" for f in fractions])
+        ax.set_title(d)
+        ax.set_xlabel("training fraction")
+        ax.set_ylabel("test accuracy (%)")
+    axes[0, -1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
