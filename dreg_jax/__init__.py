@@ -17,7 +17,9 @@ from dreg_jax.penalties import (
     DEFAULT_LAMBDA,
     DEFAULT_SCOPE,
     LAYER_ESTIMATORS,
+    NOISE_REPRESENTATIONS,
     SCALINGS,
+    SCHEDULES,
     SCOPES,
     CoherentRegularizationState,
     coherent_strong_regularization,
@@ -28,6 +30,8 @@ from dreg_jax.penalties import (
     layer_widths,
     network_jacobian_penalty,
     rademacher,
+    representation_noise_ratio,
+    strength_multiplier,
     unit_sphere,
 )
 from dreg_jax.training import (

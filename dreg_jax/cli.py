@@ -48,7 +48,8 @@ def _sweep_config(args):
 
     mapping = _load_mapping(args.config) if args.config else {}
     for field in ("datasets", "activations", "regularizers", "seeds", "fractions", "label_noise",
-                  "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope"):
+                  "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope",
+                  "strength_schedules", "featurizer"):
         value = getattr(args, field, None)
         if value is not None:
             mapping[field] = value
@@ -80,7 +81,8 @@ def cmd_train(args) -> int:
     args.seeds = [args.seed]
     for single, plural in (("dataset", "datasets"), ("activation", "activations"),
                            ("regularizer", "regularizers"), ("fraction", "fractions"),
-                           ("learning_rate", "learning_rates")):
+                           ("learning_rate", "learning_rates"),
+                           ("strength_schedule", "strength_schedules")):
         value = getattr(args, single)
         setattr(args, plural, None if value is None else [value])
     for noise in ("label_noise", "input_noise"):
@@ -95,7 +97,7 @@ def cmd_train(args) -> int:
     from dreg_jax.engine.run import RunHParams
     from dreg_jax.engine.sweep import engine_data
 
-    data, num_classes = engine_data(spec.dataset)
+    data, num_classes = engine_data(spec.dataset, spec.featurizer)
     start = time.perf_counter()
     final, curves = train_many(RunHParams.stack([spec.hparams()]), data, spec.config, num_classes,
                                EngineOptions())
@@ -158,7 +160,9 @@ def cmd_data(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from dreg_jax.data import DATASETS
+    from dreg_jax.data.registry import FEATURIZERS
     from dreg_jax.layers.activations import ACTIVATIONS
+    from dreg_jax.penalties.schedules import SCHEDULES
     from dreg_jax.training.config import REGULARIZERS
 
     parser = argparse.ArgumentParser(prog="dreg-jax", description=__doc__,
@@ -175,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float)
             p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float)
             p.add_argument("--learning-rates", dest="learning_rates", nargs="+", type=float)
+            p.add_argument("--strength-schedules", dest="strength_schedules", nargs="+", choices=SCHEDULES,
+                           help="lambda schedules for the dreg runs (default constant)")
         p.add_argument("--hidden", nargs="+", type=int, help="hidden widths, e.g. 64 64 64")
         p.add_argument("--epochs", type=int)
         p.add_argument("--batch-size", dest="batch_size", type=int)
         p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"])
+        p.add_argument("--featurizer", choices=FEATURIZERS,
+                       help="text features: hashed n-grams (default) or minilm (needs the encoder extra)")
         p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")
 
     p_train = sub.add_parser("train", help="train one run and print its metrics")
@@ -191,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--input-noise", dest="input_noise", type=float)
     p_train.add_argument("--learning-rate", dest="learning_rate", type=float)
     p_train.add_argument("--strength", type=float, help="regularization strength (default per regularizer)")
+    p_train.add_argument("--strength-schedule", dest="strength_schedule", choices=SCHEDULES,
+                         help="lambda schedule of the dreg penalty (default constant)")
     p_train.add_argument("--out", type=pathlib.Path, help="write metrics and curves as JSON")
     grid_options(p_train, plural=False)
     p_train.set_defaults(func=cmd_train)

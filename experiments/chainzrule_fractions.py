@@ -24,6 +24,7 @@ from dreg_jax.analysis.experiments import (
     fast_compile_flags,
     plot_accuracy_vs_fraction,
     run_neural_models,
+    wall_time_text,
 )
 
 fast_compile_flags()
@@ -57,7 +58,7 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
     models = list(NEURAL_MODELS.values()) + ["SVM", boosting_name()]
     seeds = range(profile["seeds"])
     lines = [f"# ChainzRule across training fractions - {len(acc)} results", "",
-             f"Profile: {json.dumps(profile)}. Wall time {wall:.1f} s. Test splits: pima = MASS Pima.te "
+             f"Profile: {json.dumps(profile)}. {wall_time_text(out, wall)} Test splits: pima = MASS Pima.te "
              "(332), breast_cancer = stratified 25%.", ""]
     tests, table_txt = [], []
     for d in profile["datasets"]:

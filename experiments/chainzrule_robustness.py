@@ -17,7 +17,7 @@ Usage: python experiments/chainzrule_robustness.py --profile quick|full [--out D
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models
+from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models, wall_time_text
 
 fast_compile_flags()
 
@@ -60,7 +60,7 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
     table, clean = corruption_table(records)
     models = list(NEURAL_MODELS.values())
     lines = [f"# Corruption robustness - {len(records)} runs", "", f"Profile: {json.dumps(profile)}. "
-             f"Wall time {wall:.1f} s. Models trained on clean data (100%), evaluated on every corruption x severity.", ""]
+             f"{wall_time_text(out, wall)} Models trained on clean data (100%), evaluated on every corruption x severity.", ""]
     summary, tests = [], []
     for d in profile["datasets"]:
         corruptions = list(table[(d, models[0])])

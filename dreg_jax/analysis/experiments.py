@@ -18,7 +18,7 @@ def fast_compile_flags():
 
 
 def run_neural_models(datasets, fractions, seeds, hidden, epochs, batch_size, out: pathlib.Path,
-                      progress: bool, per_epoch_diagnostics: bool = False):
+                      progress: bool, per_epoch_diagnostics: bool = False, featurizer: str = "hashed"):
     """Every NEURAL_MODELS model on every dataset x fraction x seed; resumable in ``out``."""
     from dreg_jax.cli import _enable_compilation_cache
     from dreg_jax.engine import EngineOptions, SweepConfig, run_sweep
@@ -26,7 +26,7 @@ def run_neural_models(datasets, fractions, seeds, hidden, epochs, batch_size, ou
     _enable_compilation_cache()
     sweep = SweepConfig(datasets=tuple(datasets), activations=("chainzrule", "relu", "gelu"),
                         regularizers=("none", "dreg"), seeds=seeds, fractions=tuple(fractions),
-                        hidden=tuple(hidden), epochs=epochs, batch_size=batch_size)
+                        hidden=tuple(hidden), epochs=epochs, batch_size=batch_size, featurizer=featurizer)
     return run_sweep(sweep.expand(), out / "results.jsonl", progress=progress,
                      options=EngineOptions(per_epoch_diagnostics=per_epoch_diagnostics))
 
@@ -41,8 +41,11 @@ def by_model(records):
     return groups
 
 
-def experiment_args(argv, doc: str, profiles: dict, name: str):
+def experiment_args(argv, doc: str, profiles: dict, name: str, add_arguments=None, run_label=None):
     """The shared command line of the experiment scripts: ``--profile``, ``--out``, ``--no-progress``.
+
+    ``add_arguments(parser)``, if given, adds a script's own options; ``run_label(args)``, if
+    given, names the default output folder instead of the profile name.
 
     Returns:
       ``(args, out)`` with ``out`` (default ``results/<name>/<profile>``) created.
@@ -53,10 +56,28 @@ def experiment_args(argv, doc: str, profiles: dict, name: str):
     parser.add_argument("--profile", choices=list(profiles), default="quick")
     parser.add_argument("--out", type=pathlib.Path, default=None, help=f"default results/{name}/<profile>")
     parser.add_argument("--no-progress", action="store_true")
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
-    out = args.out or pathlib.Path("results") / name / args.profile
+    out = args.out or pathlib.Path("results") / name / (run_label(args) if run_label else args.profile)
     out.mkdir(parents=True, exist_ok=True)
     return args, out
+
+
+def wall_time_text(out: pathlib.Path, seconds: float) -> str:
+    """Logs this invocation's wall time in ``out/wall_seconds.json``; returns the report's sentence.
+
+    A resumed experiment reuses the runs already in ``out``, so the report states both this
+    invocation's time and the sum over every invocation that built the results in ``out``.
+    """
+    import json
+
+    ledger = out / "wall_seconds.json"
+    log = json.loads(ledger.read_text()) if ledger.exists() else []
+    log.append(round(float(seconds), 1))
+    ledger.write_text(json.dumps(log))
+    return (f"Wall time {sum(log):.1f} s over {len(log)} invocation(s) that built these results "
+            f"(this one {seconds:.1f} s; runs already in {out.name}/ are reused, not rerun).")
 
 
 def plot_accuracy_vs_fraction(acc: dict, datasets, fractions, seeds: int, models, path, reference=REFERENCE):

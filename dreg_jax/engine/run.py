@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dreg_jax.data.scarcity import stratified_fraction_mask, symmetric_label_noise
-from dreg_jax.engine.diagnostics import gradient_tail_ratio, volatility
+from dreg_jax.engine.diagnostics import gradient_tail_ratio, tail_ratio, volatility
 from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.train import create_train_state, eval_step, train_step
 
@@ -94,8 +94,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     batch = config.batch_size
     steps = math.ceil(n / batch)
     k_init, k_mask, k_label, k_noise, k_loop = run_keys(hp.seed)
-    state = create_train_state(config, k_init, d, num_classes,
-                               learning_rate=hp.learning_rate, strength=hp.strength)
+    state = create_train_state(config, k_init, d, num_classes, learning_rate=hp.learning_rate,
+                               strength=hp.strength, total_steps=config.epochs * steps)
     mask = stratified_fraction_mask(k_mask, data.y_train, hp.data_fraction, num_classes)
     num_included = jnp.sum(mask)
     y_train = symmetric_label_noise(k_label, data.y_train, hp.label_noise, num_classes)
@@ -110,18 +110,20 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         fail_step = jnp.where((fail_step < 0) & ~finite, step, fail_step)
         vol = volatility(m["grad_norm"], prev_norm, step)
         carry = (state, m["grad_norm"], fail_step, step + 1, jnp.maximum(peak, vol))
-        return carry, (m["loss"], m["accuracy"], m["penalty"], vol)
+        schedule = {k: m[k] for k in ("strength_multiplier", "representation_noise") if k in m}
+        return carry, (m["loss"], m["accuracy"], m["penalty"], vol, m["grad_norm"], schedule)
 
     def one_epoch(carry, k_epoch):
         k_perm, k_steps = jax.random.split(k_epoch)
         u = jax.random.uniform(k_perm, (n,))
         order = jnp.argsort(jnp.where(mask, u, 2.0 + u))  # included examples first, shuffled
         idx = order[positions % num_included]
-        carry, (loss, acc, pen, vol) = jax.lax.scan(
+        carry, (loss, acc, pen, vol, grad_norm, schedule) = jax.lax.scan(
             one_step, carry, (idx, jax.random.split(k_steps, steps))
         )
         curves = {"train_loss": loss.mean(), "train_accuracy": acc.mean(), "penalty": pen.mean(),
-                  "volatility": vol.mean()}
+                  "volatility": vol.mean(), "tau_steps": tail_ratio(grad_norm),
+                  **{k: v.mean() for k, v in schedule.items()}}
         curves.update(_evaluate(carry[0], data, config, options, options.per_epoch_diagnostics))
         return carry, curves
 
@@ -131,7 +133,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         one_epoch, carry0, jax.random.split(k_loop, config.epochs)
     )
     # the last epoch's evaluation is the final one (no second copy of the eval program)
-    final = {k: v[-1] for k, v in curves.items() if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input")}
+    final = {k: v[-1] for k, v in curves.items()
+             if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input", "tau_steps")}
     if not options.per_epoch_diagnostics:
         diag_x = data.x_test[: options.diag_size]
         final.update(tau=gradient_tail_ratio(state, diag_x),

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from dreg_jax.data.registry import check_dataset, load_dataset
+from dreg_jax._checks import check_choice
+from dreg_jax.data.registry import FEATURIZERS, check_dataset, load_dataset
 from dreg_jax.engine.grid import compile_grid, prepare_inputs
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
@@ -44,6 +46,14 @@ from dreg_jax.training.config import (
 )
 
 RESULTS_VERSION = 1
+#: Config fields added after RESULTS_VERSION 1, left out of the run_id hash while they hold
+#: these defaults, so results written before a field existed are still found on resume.
+_LATER_DEFAULTS = (  # (path to the mapping, field, default)
+    (("config", "regularizer"), "strength_schedule", "constant"),
+    (("config", "regularizer"), "warmup_fraction", 0.25),
+    (("config", "regularizer"), "noise_representation", "penultimate"),
+    ((), "featurizer", "hashed"),
+)
 COMPILE_AHEAD = 1  # programs compiled in a background thread while one runs
 
 
@@ -55,6 +65,7 @@ class RunSpec:
     data_fraction: float = 1.0
     label_noise: float = 0.0
     input_noise: float = 0.0
+    featurizer: str = "hashed"  # text datasets: "hashed" n-grams or "minilm" (frozen encoder)
 
     def validate(self) -> "RunSpec":
         check_dataset(self.dataset)
@@ -65,6 +76,7 @@ class RunSpec:
             raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
         if self.input_noise < 0.0:
             raise ValueError(f"input_noise must be >= 0, got {self.input_noise}")
+        check_choice("featurizer", self.featurizer, FEATURIZERS)
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         return self
@@ -85,7 +97,12 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        canonical = json.dumps({"v": RESULTS_VERSION, **self.to_dict()}, sort_keys=True)
+        d = self.to_dict()
+        for path, name, default in _LATER_DEFAULTS:
+            fields = functools.reduce(lambda m, k: m[k], path, d)
+            if fields.get(name) == default:
+                del fields[name]
+        canonical = json.dumps({"v": RESULTS_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def structure(self):
@@ -94,7 +111,7 @@ class RunSpec:
         blank = dataclasses.replace(
             c, optimizer=OptimizerConfig(), regularizer=dataclasses.replace(c.regularizer, strength=None)
         )
-        return self.dataset, blank
+        return (self.dataset, self.featurizer), blank
 
     def hparams(self) -> RunHParams:
         return RunHParams(self.seed, self.config.optimizer.learning_rate,
@@ -144,8 +161,8 @@ class ResultsFile:
             os.close(fd)
 
 
-def engine_data(name: str) -> tuple[EngineData, int]:
-    ds = load_dataset(name)
+def engine_data(name: str, featurizer: str = "hashed") -> tuple[EngineData, int]:
+    ds = load_dataset(name, featurizer=featurizer)
     robust = (np.stack(list(ds.robust.values())) if ds.robust
               else np.zeros((0,) + ds.x_test.shape, np.float32))
     data = EngineData(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), jnp.asarray(ds.x_test),
@@ -196,17 +213,17 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         for s in pending:
             groups[s.structure()].append(s)
         chunks = []  # (dataset, config, specs, padded size)
-        for (dataset, config), members in groups.items():
+        for ((dataset, featurizer), config), members in groups.items():
             n_chunks = -(-len(members) // chunk_size)
             size = -(-len(members) // n_chunks)  # balanced chunks share one compiled program
-            chunks += [(dataset, config, members[i:i + size], size)
+            chunks += [(dataset, featurizer, config, members[i:i + size], size)
                        for i in range(0, len(members), size)]
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",
                    unit="run", disable=not progress)
 
         def prepared(item):
-            dataset, config, chunk, size = item
-            data, num_classes = engine_data(dataset)
+            dataset, featurizer, config, chunk, size = item
+            data, num_classes = engine_data(dataset, featurizer)
             hp, data, _ = prepare_inputs(RunHParams.stack(s.hparams() for s in chunk), data, mesh, size)
             return hp, data, num_classes, compile_grid(config, num_classes, options, hp, data)
 
@@ -214,7 +231,7 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         with concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_AHEAD) as pool:
             futures = [pool.submit(prepared, item) for item in chunks[:COMPILE_AHEAD]]
             for i, item in enumerate(chunks):
-                dataset, config, chunk, _ = item
+                dataset, featurizer, config, chunk, _ = item
                 bar.set_postfix_str(f"{dataset} {config.model.activation} {config.regularizer.kind}")
                 t0 = time.perf_counter()
                 hp, data, num_classes, program = futures[i].result()
@@ -224,7 +241,7 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
                 final, curves = jax.tree_util.tree_map(
                     lambda a: np.asarray(a)[: len(chunk)], program(hp, data)
                 )
-                robust_names = list(load_dataset(dataset).robust)
+                robust_names = list(load_dataset(dataset, featurizer=featurizer).robust)
                 records = _records(chunk, final, curves, time.perf_counter() - t0, robust_names)
                 results.append(records)
                 done.update((r["run_id"], r) for r in records)
@@ -272,6 +289,8 @@ class SweepConfig:
     epochs: int = 20
     batch_size: int = 64
     dreg_scope: str = "activation"
+    featurizer: str = "hashed"  # text datasets: "hashed" or "minilm"
+    strength_schedules: tuple[str, ...] = ("constant",)  # DREG runs only; see penalties.schedules
 
     @classmethod
     def from_mapping(cls, mapping: dict) -> "SweepConfig":
@@ -286,20 +305,25 @@ class SweepConfig:
         for kind in self.strengths:
             if kind not in REGULARIZERS:
                 raise ValueError(f"strengths has unknown regularizer {kind!r}; expected one of: {', '.join(REGULARIZERS)}")
+        if set(self.strength_schedules) != {"constant"} and "dreg" not in self.regularizers:
+            raise ValueError(f"strength_schedules {list(self.strength_schedules)} apply to the dreg regularizer "
+                             f"only; add dreg to regularizers (got {list(self.regularizers)})")
         seeds = range(self.seeds) if isinstance(self.seeds, int) else self.seeds
         specs = []
         for ds, act, reg, lr in itertools.product(self.datasets, self.activations, self.regularizers,
                                                   self.learning_rates):
             strengths = self.strengths.get(reg, None)
             strengths = strengths if isinstance(strengths, (list, tuple)) else [strengths]
-            for strength, seed, frac, ln, inoise in itertools.product(
-                strengths, seeds, self.fractions, self.label_noise, self.input_noise
+            schedules = self.strength_schedules if reg == "dreg" else ("constant",)
+            for strength, schedule, seed, frac, ln, inoise in itertools.product(
+                strengths, schedules, seeds, self.fractions, self.label_noise, self.input_noise
             ):
                 config = TrainConfig(
                     model=ModelConfig(hidden=tuple(self.hidden), activation=act),
-                    regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=self.dreg_scope),
+                    regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=self.dreg_scope,
+                                                  strength_schedule=schedule),
                     optimizer=OptimizerConfig(learning_rate=lr),
                     epochs=self.epochs, batch_size=self.batch_size,
                 )
-                specs.append(RunSpec(ds, config, int(seed), float(frac), float(ln), float(inoise)))
+                specs.append(RunSpec(ds, config, int(seed), float(frac), float(ln), float(inoise), self.featurizer))
         return [s.validate() for s in specs]

@@ -108,6 +108,7 @@ class MLP(nn.Module):
     def forward_with_jacobian_terms(
         self, x, key=None, *, jacobian_scope: str = "activation", num_probes: int = 1,
         layer_estimator: str = "probe", update_stats: bool = False,
+        return_representation: bool = False,
     ):
         """Logits and the per-hidden-layer DREG terms from the same pass.
 
@@ -119,9 +120,12 @@ class MLP(nn.Module):
           layer_estimator: ``"probe"`` (jvp with Rademacher probes) or ``"exact"`` (closed
             form from the kernel's column norms) for ``jacobian_scope="layer"``.
           update_stats: run the spectral-norm power iteration (training).
+          return_representation: also return the last hidden layer's output.
 
         Returns:
-          ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)``.
+          ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)``, or
+          ``(logits, sq_norms, h)`` with ``h`` the ``(batch, hidden[-1])`` representation
+          the head reads (``return_representation=True``).
         """
         check_choice("jacobian_scope", jacobian_scope, SCOPES)
         check_choice("layer_estimator", layer_estimator, LAYER_ESTIMATORS)
@@ -149,7 +153,8 @@ class MLP(nn.Module):
             ]
             h, sq_norms = layer_jacobian_sq_norms(layer_fns, h, key, num_probes)
         probe_pass = jacobian_scope == "layer" and not exact_layer
-        return self._affine(self.head, h, False if probe_pass else update_stats), sq_norms
+        logits = self._affine(self.head, h, False if probe_pass else update_stats)
+        return (logits, sq_norms, h) if return_representation else (logits, sq_norms)
 
     def _effective_kernel(self, i):
         """The kernel the layer applies: W, or W / sigma under spectral normalization."""

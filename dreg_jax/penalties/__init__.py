@@ -21,3 +21,9 @@ from dreg_jax.penalties.layer_jacobian import (
 )
 from dreg_jax.penalties.network_jacobian import DEFAULT_JACOBIAN_LAMBDA, network_jacobian_penalty
 from dreg_jax.penalties.probes import rademacher, unit_sphere
+from dreg_jax.penalties.schedules import (
+    NOISE_REPRESENTATIONS,
+    SCHEDULES,
+    representation_noise_ratio,
+    strength_multiplier,
+)

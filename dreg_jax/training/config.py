@@ -19,6 +19,7 @@ from dreg_jax.penalties.dreg import (
 )
 from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA
 from dreg_jax.penalties.network_jacobian import DEFAULT_JACOBIAN_LAMBDA
+from dreg_jax.penalties.schedules import DEFAULT_WARMUP_FRACTION, NOISE_REPRESENTATIONS, SCHEDULES
 
 #: Regularizer names and their default strengths (None: the kind has no strength).
 #: weight_decay: optax.adamw's default decoupled decay, 1e-4.
@@ -65,6 +66,10 @@ class RegularizerConfig:
     dreg_scaling: str = "none"  # see dreg_jax.penalties.dreg for why
     layer_estimator: str = "probe"  # for dreg_scope="layer": "probe" or "exact"
     num_probes: int = 1
+    # lambda_t = strength * m_t for DREG; formulas in dreg_jax.penalties.schedules
+    strength_schedule: str = "constant"
+    warmup_fraction: float = DEFAULT_WARMUP_FRACTION
+    noise_representation: str = "penultimate"
     coherent_l1: float = 0.0
     coherent_decay: float = 0.9
     coherent_threshold: float = 0.5
@@ -74,6 +79,15 @@ class RegularizerConfig:
         check_choice("dreg_scope", self.dreg_scope, SCOPES)
         check_choice("dreg_scaling", self.dreg_scaling, SCALINGS)
         check_choice("layer_estimator", self.layer_estimator, LAYER_ESTIMATORS)
+        check_choice("strength_schedule", self.strength_schedule, SCHEDULES)
+        check_choice("noise_representation", self.noise_representation, NOISE_REPRESENTATIONS)
+        if self.strength_schedule != "constant" and self.kind != "dreg":
+            raise ValueError(
+                f"strength_schedule={self.strength_schedule!r} applies to the DREG penalty only; "
+                f"use strength_schedule='constant' with regularizer {self.kind!r}"
+            )
+        if not 0.0 < self.warmup_fraction <= 1.0:
+            raise ValueError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
         if self.num_probes < 1:
             raise ValueError(f"num_probes must be >= 1, got {self.num_probes}")
         if self.strength is not None and self.strength < 0:

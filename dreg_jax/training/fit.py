@@ -59,7 +59,8 @@ def fit(config: TrainConfig, x_train, y_train, x_test, y_test, *, seed: int = 0,
     y_test = jnp.asarray(check_labels(y_test, num_classes, "y_test"))
 
     init_key, loop_key = jax.random.split(jax.random.key(seed))
-    state = create_train_state(config, init_key, x_train.shape[1], num_classes)
+    total_steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
+    state = create_train_state(config, init_key, x_train.shape[1], num_classes, total_steps=total_steps)
     history = {"train_loss": [], "train_accuracy": [], "penalty": []}
     for _ in tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False):
         loop_key, perm_key = jax.random.split(loop_key)

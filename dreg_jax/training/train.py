@@ -20,6 +20,7 @@ from dreg_jax.penalties.coherent import coherent_strong_regularization
 from dreg_jax.penalties.dreg import dreg_penalty
 from dreg_jax.penalties.input_gradient import input_gradient_penalty
 from dreg_jax.penalties.network_jacobian import network_jacobian_penalty
+from dreg_jax.penalties.schedules import representation_noise_ratio, strength_multiplier
 from dreg_jax.training.config import TrainConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -27,7 +28,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = struct.field(default_factory=dict)
-    reg_strength: jax.Array = 0.0  # array so it can be vmapped over
+    reg_strength: jax.Array = 0.0  # lambda_0, an array so it can be vmapped over
+    total_steps: jax.Array = 0  # T of the lambda schedule (warmup / cosine)
 
 
 def build_model(config: TrainConfig, num_classes: int) -> MLP:
@@ -68,10 +70,19 @@ def build_optimizer(config: TrainConfig, learning_rate, strength) -> optax.Gradi
 
 def create_train_state(
     config: TrainConfig, key, num_features: int, num_classes: int,
-    learning_rate=None, strength=None,
+    learning_rate=None, strength=None, total_steps=None,
 ) -> TrainState:
-    """Initial state. ``learning_rate``/``strength`` default to the config's and may be traced."""
+    """Initial state. ``learning_rate``/``strength`` default to the config's and may be traced.
+
+    ``total_steps`` (the run's optimizer steps) is required by the ``linear_warmup`` and
+    ``cosine_decay`` strength schedules (:mod:`dreg_jax.penalties.schedules`).
+    """
     config.validate()
+    if total_steps is None and config.regularizer.strength_schedule in ("linear_warmup", "cosine_decay"):
+        raise ValueError(
+            f"strength_schedule={config.regularizer.strength_schedule!r} depends on the run length: "
+            "pass total_steps=epochs * steps_per_epoch to create_train_state"
+        )
     learning_rate = config.optimizer.learning_rate if learning_rate is None else learning_rate
     strength = config.regularizer.resolved_strength() if strength is None else strength
     model = build_model(config, num_classes)
@@ -82,6 +93,7 @@ def create_train_state(
         batch_stats=variables.get("batch_stats", {}),
         tx=build_optimizer(config, learning_rate, strength),
         reg_strength=jnp.asarray(strength, jnp.float32),
+        total_steps=jnp.asarray(0 if total_steps is None else total_steps, jnp.int32),
     )
 
 
@@ -109,15 +121,26 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
         return out if mutable else (out, {})
 
     sq_norms = None
+    schedule_metrics = {}
     if reg.kind == "dreg":
-        (logits, sq_norms), updates = apply(
+        (logits, sq_norms, h), updates = apply(
             x, key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes,
-            layer_estimator=reg.layer_estimator, update_stats=True,
+            layer_estimator=reg.layer_estimator, update_stats=True, return_representation=True,
             method=MLP.forward_with_jacobian_terms,
         )
         data_loss = jnp.mean(_cross_entropy(logits, y))
+        noise_ratio = None
+        if reg.strength_schedule == "noise_inverse":
+            rep = h if reg.noise_representation == "penultimate" else x
+            noise_ratio = representation_noise_ratio(jax.lax.stop_gradient(rep), y, logits.shape[-1])
+            schedule_metrics["representation_noise"] = noise_ratio
+        multiplier = strength_multiplier(
+            reg.strength_schedule, state.step, state.total_steps,
+            warmup_fraction=reg.warmup_fraction, noise_ratio=noise_ratio,
+        )
+        schedule_metrics["strength_multiplier"] = multiplier
         penalty = dreg_penalty(
-            sq_norms, config.model.hidden, lam=state.reg_strength, scaling=reg.dreg_scaling
+            sq_norms, config.model.hidden, lam=state.reg_strength * multiplier, scaling=reg.dreg_scaling
         )
     elif reg.kind == "igpen":
         def per_example(inp):
@@ -140,7 +163,7 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
         penalty = jnp.zeros([], jnp.float32)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
     metrics = {"loss": data_loss + penalty, "data_loss": data_loss, "penalty": penalty,
-               "accuracy": accuracy}
+               "accuracy": accuracy, **schedule_metrics}
     if sq_norms is not None:
         metrics["jacobian_sq_norms"] = sq_norms
     return data_loss + penalty, (metrics, updates.get("batch_stats", state.batch_stats))

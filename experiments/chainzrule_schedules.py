@@ -1,0 +1,216 @@
+"""Lambda schedules for ChainzRule + DREG on clean vs noisy datasets (ablation).
+
+Schedules (``lambda_t = lambda_0 * m_t``, ``lambda_0 = 10**-2.5``; formulas in
+``dreg_jax.penalties.schedules``): constant; linear warmup over the first 25% of steps; cosine
+decay to 0; and inverse to the measured representation noise, ``m_t = 1 / (1 + N_t / S_t)``
+with ``N_t / S_t`` the within- over between-class scatter of the last hidden layer on the
+training batch (``noise_inv``) or of the input features (``noise_inv_input``). Plus ChainzRule
+without DREG as the reference for the penalty's own effect.
+
+Datasets come in clean / noisy pairs (digits / digits_corrupted, mnist1d / mnist1d_noisy,
+reviews / reviews_noisy with hashed n-gram features as the frozen representation). Reports
+test accuracy per schedule and dataset, the gain of each schedule over the constant one on
+clean vs noisy sets (paired Wilcoxon over seeds, Bonferroni), the measured representation
+noise per dataset, and whether the best schedule differs between clean and noisy data (the
+paper: "the best lambda schedule depends on representation noise").
+
+Usage: python experiments/chainzrule_schedules.py --profile quick|full [--out DIR]
+"""
+from __future__ import annotations
+
+from dreg_jax.analysis.experiments import experiment_args, fast_compile_flags, wall_time_text
+
+fast_compile_flags()
+
+import collections  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
+
+PROFILES = {
+    "full": dict(pairs=(("digits", "digits_corrupted"), ("mnist1d", "mnist1d_noisy"), ("reviews", "reviews_noisy")),
+                 seeds=10, epochs=30, hidden=(64, 64), batch_size=64),
+    "quick": dict(pairs=(("digits", "digits_corrupted"),), seeds=2, epochs=3, hidden=(32, 32), batch_size=64),
+}
+#: report name -> (regularizer kind, strength schedule, noise representation)
+VARIANTS = {
+    "CR (no DREG)": ("none", "constant", "penultimate"),
+    "constant": ("dreg", "constant", "penultimate"),
+    "linear_warmup": ("dreg", "linear_warmup", "penultimate"),
+    "cosine_decay": ("dreg", "cosine_decay", "penultimate"),
+    "noise_inv": ("dreg", "noise_inverse", "penultimate"),
+    "noise_inv_input": ("dreg", "noise_inverse", "input"),
+}
+SCHEDULED = [v for v in VARIANTS if v != "CR (no DREG)"]
+PAPER = "the best lambda schedule depends on representation noise (no numbers given)"
+
+
+def specs(profile):
+    from dreg_jax.engine import SweepConfig
+
+    datasets = [d for pair in profile["pairs"] for d in pair]
+    base = SweepConfig(datasets=tuple(datasets), activations=("chainzrule",), regularizers=("none", "dreg"),
+                       seeds=profile["seeds"], hidden=tuple(profile["hidden"]), epochs=profile["epochs"],
+                       batch_size=profile["batch_size"]).expand()
+    out = []
+    for spec in base:
+        reg = spec.config.regularizer
+        for kind, schedule, representation in VARIANTS.values():
+            if kind == reg.kind:
+                r = dataclasses.replace(reg, strength_schedule=schedule, noise_representation=representation)
+                out.append(dataclasses.replace(spec, config=dataclasses.replace(spec.config, regularizer=r)))
+    return out
+
+
+def variant_name(record) -> str:
+    r = record["spec"]["config"]["regularizer"]
+    key = (r["kind"], r.get("strength_schedule", "constant"), r.get("noise_representation", "penultimate"))
+    if key[0] == "none":
+        key = ("none", "constant", "penultimate")
+    if key[1] != "noise_inverse":
+        key = (key[0], key[1], "penultimate")
+    return {v: k for k, v in VARIANTS.items()}[key]
+
+
+def group(records):
+    """``{(dataset, variant): [record, ...]}`` sorted by seed."""
+    groups = collections.defaultdict(list)
+    for r in sorted(records, key=lambda r: r["spec"]["seed"]):
+        groups[(r["spec"]["dataset"], variant_name(r))].append(r)
+    return groups
+
+
+def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
+    groups = group(records)
+    acc = {k: np.array([r["metrics"]["test_accuracy"] for r in rs]) for k, rs in groups.items()}
+    clean = [c for c, _ in profile["pairs"]]
+    noisy = [n for _, n in profile["pairs"]]
+    datasets = clean + noisy
+    failed = sum(r["status"] != "ok" for r in records)
+    lines = [f"# Lambda schedules for ChainzRule + DREG - {len(records)} runs ({failed} failed)", "",
+             f"Profile: {json.dumps(profile)}. {wall_time_text(out, wall)} lambda_0 = 10^-2.5, activation scope, "
+             "2 hidden ChainzRule layers, Adam 1e-3, 100% of the training data.", "",
+             "Schedules: constant; linear_warmup m_t = min(1, (t+1)/(0.25 T)); cosine_decay m_t = (1 + cos(pi t/T))/2; "
+             "noise_inv m_t = 1/(1 + N_t/S_t) with N_t/S_t the within/between-class scatter of the last hidden layer "
+             "on the training batch; noise_inv_input the same on the input features.", "",
+             "## Test accuracy (%), mean +- std over seeds", "",
+             "| schedule | " + " | ".join(datasets) + " | clean mean | noisy mean | mean m_t |",
+             "|---|" + "---|" * (len(datasets) + 3)]
+    for v in VARIANTS:
+        cells = [f"{100 * acc[(d, v)].mean():.2f} +- {100 * acc[(d, v)].std():.2f}" for d in datasets]
+        cm = 100 * np.mean([acc[(d, v)].mean() for d in clean])
+        nm = 100 * np.mean([acc[(d, v)].mean() for d in noisy])
+        m = (f'{np.mean([np.mean(r["curves"]["strength_multiplier"]) for d in datasets for r in groups[(d, v)]]):.3f}'
+             if v in SCHEDULED else "0 (no penalty)")
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {cm:.2f} | {nm:.2f} | {m} |")
+    lines += ["", "mean m_t: the schedule's multiplier averaged over training and datasets, i.e. the integrated "
+              "strength relative to constant. A schedule changes both the shape and the total amount of "
+              "regularization; the table does not separate the two."]
+    # measured representation noise (from the noise_inv runs: mean over the last epoch's steps)
+    rep = {d: np.mean([r["curves"]["representation_noise"][-1] for r in groups[(d, "noise_inv")]]) for d in datasets}
+    rep_in = {d: np.mean([r["curves"]["representation_noise"][-1] for r in groups[(d, "noise_inv_input")]]) for d in datasets}
+    mult = {d: np.mean([np.mean(r["curves"]["strength_multiplier"]) for r in groups[(d, "noise_inv")]]) for d in datasets}
+    lines += ["", "## Measured representation noise N/S (last epoch, noise_inv runs)", "",
+              "| dataset | regime | N/S last hidden layer | N/S input features | mean m_t of noise_inv |", "|---|---|---|---|---|"]
+    for d in datasets:
+        lines.append(f"| {d} | {'clean' if d in clean else 'noisy'} | {rep[d]:.3f} | {rep_in[d]:.3f} | {mult[d]:.3f} |")
+    higher = sum(rep[n] > rep[c] for c, n in profile["pairs"])
+    lines += ["", f"The noisy member of a pair has the higher measured representation noise in {higher} of "
+              f"{len(profile['pairs'])} pairs.", ""]
+    # gains over the constant schedule, paired by seed
+    tests = [(d, v, paired_wilcoxon(acc[(d, v)], acc[(d, "constant")])) for d in datasets for v in VARIANTS if v != "constant"]
+    corrected = bonferroni([t["p"] for *_, t in tests])
+    lines += [f"## Each schedule vs constant: paired Wilcoxon over seeds, Bonferroni over {len(tests)} tests", "",
+              "| dataset | schedule | wins/ties/losses | mean diff (pp) | p | p (Bonferroni) |", "|---|---|---|---|---|---|"]
+    for (d, v, t), pc in zip(tests, corrected):
+        lines.append(f"| {d} | {v} | {t['wins']}/{t['ties']}/{t['losses']} | {100 * t['mean_diff']:+.2f} | {t['p']:.3g} | {pc:.3g} |")
+    significant = [(d, v, t) for (d, v, t), pc in zip(tests, corrected) if pc <= 0.05]
+    best = {regime: max(SCHEDULED, key=lambda v: np.mean([acc[(d, v)].mean() for d in ds]))
+            for regime, ds in (("clean", clean), ("noisy", noisy))}
+    best_per_dataset = {d: max(SCHEDULED, key=lambda v: acc[(d, v)].mean()) for d in datasets}
+    spread = {d: 100 * (max(acc[(d, v)].mean() for v in SCHEDULED) - min(acc[(d, v)].mean() for v in SCHEDULED))
+              for d in datasets}
+    depends = best["clean"] != best["noisy"]
+    lines += ["", "## Beside the paper", "", f"- ChainzRule paper: {PAPER}.",
+              f"- Best schedule by mean accuracy: clean sets **{best['clean']}**, noisy sets **{best['noisy']}**; per dataset: "
+              + ", ".join(f"{d} {best_per_dataset[d]}" for d in datasets) + ".",
+              "- Spread between the best and the worst schedule per dataset: "
+              + ", ".join(f"{d} {spread[d]:.2f} pp" for d in datasets) + ".",
+              f"- Differences from constant significant after Bonferroni: {len(significant)} of {len(tests)}"
+              + (" (" + "; ".join(f"{d} {v} {100 * t['mean_diff']:+.2f} pp" for d, v, t in significant) + ")" if significant else "")
+              + ".",
+              "- Verdict: " + _verdict(best, depends, [v for _, v, _ in significant if v in SCHEDULED]), ""]
+    _plots(groups, acc, datasets, clean, out)
+    lines += ["![gain over constant](schedule_gains.png)", "", "![multipliers](schedule_multipliers.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    summary = [f"{v:<16}" + "  ".join(f"{d} {100 * acc[(d, v)].mean():6.2f}" for d in datasets) for v in VARIANTS]
+    summary.append(f"best: clean {best['clean']}, noisy {best['noisy']}; significant vs constant: {len(significant)}/{len(tests)}")
+    return "\n".join(summary)
+
+
+def _verdict(best, depends, significant_schedules) -> str:
+    if not depends:
+        return (f"the same schedule ({best['clean']}) is best on clean and noisy sets: NOT SUPPORTED by our runs"
+                + ("." if significant_schedules else " (and no schedule differs significantly from constant)."))
+    if not significant_schedules:
+        return ("the best schedule differs between clean and noisy sets, but no schedule differs significantly "
+                "from constant, so the ranking is within seed noise: NOT SUPPORTED by our runs.")
+    return "the best schedule differs between clean and noisy sets: SUPPORTED in direction (see the significant rows)."
+
+
+def _plots(groups, acc, datasets, clean, out):
+    others = [v for v in VARIANTS if v != "constant"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(datasets) + 3, 3.8))
+    width = 0.8 / len(others)
+    for i, v in enumerate(others):
+        diffs = [100 * (acc[(d, v)] - acc[(d, "constant")]) for d in datasets]
+        xs = np.arange(len(datasets)) + (i - (len(others) - 1) / 2) * width
+        ax.bar(xs, [x.mean() for x in diffs], width, yerr=[x.std() / np.sqrt(len(x)) for x in diffs], label=v, capsize=2)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(datasets)), [f"{d}\n({'clean' if d in clean else 'noisy'})" for d in datasets], fontsize=8)
+    ax.set_ylabel("accuracy minus constant schedule (pp)")
+    ax.set_title("Gain over the constant schedule (mean +- s.e. over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "schedule_gains.png", dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(2.8 * len(datasets), 3), squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], datasets):
+        for v in SCHEDULED:
+            m = np.array([r["curves"]["strength_multiplier"] for r in groups[(d, v)]]).mean(0)
+            ax.plot(np.arange(1, len(m) + 1), m, label=v)
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("epoch")
+    axes[0, 0].set_ylabel("m_t (epoch mean)")
+    axes[0, -1].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "schedule_multipliers.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    from dreg_jax.cli import _enable_compilation_cache
+    from dreg_jax.engine import EngineOptions, run_sweep
+
+    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_schedules")
+    p = PROFILES[args.profile]
+    _enable_compilation_cache()
+    start = time.perf_counter()
+    records = run_sweep(specs(p), out / "results.jsonl", progress=not args.no_progress,
+                        options=EngineOptions(per_epoch_diagnostics=False))
+    print(write_report(records, p, out, time.perf_counter() - start))
+    print(f"wrote {out / 'report.md'}")
+    return records
+
+
+if __name__ == "__main__":
+    main()
