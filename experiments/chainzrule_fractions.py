@@ -35,11 +35,11 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
+from dreg_jax.analysis import bonferroni, paired_wilcoxon, power_note  # noqa: E402
 from dreg_jax.analysis.classical import boosting_name, classical_scores  # noqa: E402
 
 PROFILES = {
-    "full": dict(datasets=("pima", "breast_cancer"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=10,
+    "full": dict(datasets=("pima", "breast_cancer"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=20,
                  epochs=60, hidden=(64, 64), batch_size=32),
     "quick": dict(datasets=("pima",), fractions=(0.1, 1.0), seeds=3, epochs=10, hidden=(32, 32),
                   batch_size=32),
@@ -84,7 +84,9 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
     for (d, f, m, t), pc in zip(tests, corrected):
         lines.append(f"| {d} | {int(round(100 * f))}% | {m} | {t['wins']}/{t['ties']}/{t['losses']} | "
                      f"{100 * t['mean_diff']:+.2f} | {t['p']:.3g} | {pc:.3g} |")
-    lines += ["", "## Beside the paper", "", f"Paper: {PAPER}.", ""]
+    n_sig = sum(pc <= 0.05 for pc in corrected)
+    lines += ["", "## Beside the paper", "", f"Paper: {PAPER}.", "",
+              f"- Differences significant after Bonferroni: {n_sig} of {len(tests)} ({power_note(profile['seeds'], len(tests))})."]
     for d in profile["datasets"]:
         above = [f for f in profile["fractions"]
                  if all(np.nanmean([acc[(d, f, REFERENCE, s)] for s in seeds]) >

@@ -34,23 +34,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
+from dreg_jax.analysis import bonferroni, paired_wilcoxon, power_note  # noqa: E402
+from dreg_jax.penalties.dreg import DEFAULT_LAMBDA  # noqa: E402
 
 PROFILES = {
     "full": dict(pairs=(("digits", "digits_corrupted"), ("mnist1d", "mnist1d_noisy"), ("reviews", "reviews_noisy")),
-                 seeds=10, epochs=30, hidden=(64, 64), batch_size=64),
+                 seeds=20, epochs=30, hidden=(64, 64), batch_size=64),
     "quick": dict(pairs=(("digits", "digits_corrupted"),), seeds=2, epochs=3, hidden=(32, 32), batch_size=64),
 }
-#: report name -> (regularizer kind, strength schedule, noise representation)
+#: report name -> (regularizer kind, strength schedule, noise representation, lambda_0 / 10**-2.5)
 VARIANTS = {
-    "CR (no DREG)": ("none", "constant", "penultimate"),
-    "constant": ("dreg", "constant", "penultimate"),
-    "linear_warmup": ("dreg", "linear_warmup", "penultimate"),
-    "cosine_decay": ("dreg", "cosine_decay", "penultimate"),
-    "noise_inv": ("dreg", "noise_inverse", "penultimate"),
-    "noise_inv_input": ("dreg", "noise_inverse", "input"),
+    "CR (no DREG)": ("none", "constant", "penultimate", 1.0),
+    "constant": ("dreg", "constant", "penultimate", 1.0),
+    "linear_warmup": ("dreg", "linear_warmup", "penultimate", 1.0),
+    "cosine_decay": ("dreg", "cosine_decay", "penultimate", 1.0),
+    "noise_inv": ("dreg", "noise_inverse", "penultimate", 1.0),
+    "noise_inv_input": ("dreg", "noise_inverse", "input", 1.0),
+    # amount controls: cosine at 2 lambda_0 has constant's integrated strength (mean m_t = 1/2)
+    "cosine_decay 2x": ("dreg", "cosine_decay", "penultimate", 2.0),
+    "constant 2x": ("dreg", "constant", "penultimate", 2.0),
 }
-SCHEDULED = [v for v in VARIANTS if v != "CR (no DREG)"]
+SCHEDULED = [v for v, (kind, *_, factor) in VARIANTS.items() if kind == "dreg" and factor == 1.0]
+CONTROLS = [v for v, (*_, factor) in VARIANTS.items() if factor != 1.0]
 PAPER = "the best lambda schedule depends on representation noise (no numbers given)"
 
 
@@ -64,20 +69,22 @@ def specs(profile):
     out = []
     for spec in base:
         reg = spec.config.regularizer
-        for kind, schedule, representation in VARIANTS.values():
+        for kind, schedule, representation, factor in VARIANTS.values():
             if kind == reg.kind:
-                r = dataclasses.replace(reg, strength_schedule=schedule, noise_representation=representation)
+                r = dataclasses.replace(reg, strength_schedule=schedule, noise_representation=representation,
+                                        strength=None if factor == 1.0 else factor * DEFAULT_LAMBDA)
                 out.append(dataclasses.replace(spec, config=dataclasses.replace(spec.config, regularizer=r)))
     return out
 
 
 def variant_name(record) -> str:
     r = record["spec"]["config"]["regularizer"]
-    key = (r["kind"], r.get("strength_schedule", "constant"), r.get("noise_representation", "penultimate"))
+    factor = 1.0 if r["strength"] is None else round(r["strength"] / DEFAULT_LAMBDA, 6)
+    key = (r["kind"], r.get("strength_schedule", "constant"), r.get("noise_representation", "penultimate"), factor)
     if key[0] == "none":
-        key = ("none", "constant", "penultimate")
+        key = ("none", "constant", "penultimate", 1.0)
     if key[1] != "noise_inverse":
-        key = (key[0], key[1], "penultimate")
+        key = (key[0], key[1], "penultimate", factor)
     return {v: k for k, v in VARIANTS.items()}[key]
 
 
@@ -110,11 +117,13 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
         cm = 100 * np.mean([acc[(d, v)].mean() for d in clean])
         nm = 100 * np.mean([acc[(d, v)].mean() for d in noisy])
         m = (f'{np.mean([np.mean(r["curves"]["strength_multiplier"]) for d in datasets for r in groups[(d, v)]]):.3f}'
-             if v in SCHEDULED else "0 (no penalty)")
+             if v != "CR (no DREG)" else "0 (no penalty)")
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {cm:.2f} | {nm:.2f} | {m} |")
     lines += ["", "mean m_t: the schedule's multiplier averaged over training and datasets, i.e. the integrated "
-              "strength relative to constant. A schedule changes both the shape and the total amount of "
-              "regularization; the table does not separate the two."]
+              "strength relative to constant at lambda_0 (the 2x rows run at 2 lambda_0; their m_t is relative to "
+              "that). A schedule changes both the shape and the total amount of regularization; the 2x rows separate "
+              "the two: `cosine_decay 2x` has the integrated strength of `constant`, and `constant 2x` shows what "
+              "more strength alone does."]
     # measured representation noise (from the noise_inv runs: mean over the last epoch's steps)
     rep = {d: np.mean([r["curves"]["representation_noise"][-1] for r in groups[(d, "noise_inv")]]) for d in datasets}
     rep_in = {d: np.mean([r["curves"]["representation_noise"][-1] for r in groups[(d, "noise_inv_input")]]) for d in datasets}
@@ -140,6 +149,10 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
     spread = {d: 100 * (max(acc[(d, v)].mean() for v in SCHEDULED) - min(acc[(d, v)].mean() for v in SCHEDULED))
               for d in datasets}
     depends = best["clean"] != best["noisy"]
+
+    def diff(a, b, ds):
+        return 100 * np.mean([acc[(d, a)].mean() - acc[(d, b)].mean() for d in ds])
+
     lines += ["", "## Beside the paper", "", f"- ChainzRule paper: {PAPER}.",
               f"- Best schedule by mean accuracy: clean sets **{best['clean']}**, noisy sets **{best['noisy']}**; per dataset: "
               + ", ".join(f"{d} {best_per_dataset[d]}" for d in datasets) + ".",
@@ -147,7 +160,12 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
               + ", ".join(f"{d} {spread[d]:.2f} pp" for d in datasets) + ".",
               f"- Differences from constant significant after Bonferroni: {len(significant)} of {len(tests)}"
               + (" (" + "; ".join(f"{d} {v} {100 * t['mean_diff']:+.2f} pp" for d, v, t in significant) + ")" if significant else "")
-              + ".",
+              + f"; {power_note(profile['seeds'], len(tests))}.",
+              "- Shape vs amount (regime means, pp): " + "; ".join(
+                  f"{regime}: cosine_decay 2x - constant {diff('cosine_decay 2x', 'constant', ds):+.2f}, "
+                  f"constant 2x - constant {diff('constant 2x', 'constant', ds):+.2f}, "
+                  f"cosine_decay 2x - cosine_decay {diff('cosine_decay 2x', 'cosine_decay', ds):+.2f}"
+                  for regime, ds in (("clean", clean), ("noisy", noisy))) + ".",
               "- Verdict: " + _verdict(best, depends, [v for _, v, _ in significant if v in SCHEDULED]), ""]
     _plots(groups, acc, datasets, clean, out)
     lines += ["![gain over constant](schedule_gains.png)", "", "![multipliers](schedule_multipliers.png)"]

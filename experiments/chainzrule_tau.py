@@ -66,12 +66,22 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
         oth_in = np.mean((others >= PAPER_OTHERS[0]) & (others <= PAPER_OTHERS[1]))
         lower = np.mean(np.median(taus["CR+DREG"]) < np.median(others))
         rho, p = stats.spearmanr([r["metrics"][key] for r in ok], [r["metrics"]["test_accuracy"] for r in ok])
+        # within one (dataset, fraction) cell: does lower tau go with higher accuracy at equal data?
+        within = []
+        for d in profile["datasets"]:
+            for f in profile["fractions"]:
+                cell = [r for (dd, ff, _), rs in groups.items() if (dd, ff) == (d, f) for r in rs if r["status"] == "ok"]
+                within.append(stats.spearmanr([r["metrics"][key] for r in cell],
+                                              [r["metrics"]["test_accuracy"] for r in cell])[0])
         verdict = "SUPPORTED" if cr_in > 0.5 and oth_in > 0.5 else "NOT SUPPORTED"
         verdicts += [f"- `{key}`: CR+DREG median {np.median(taus['CR+DREG']):.3f} (range {taus['CR+DREG'].min():.3f}-"
                      f"{taus['CR+DREG'].max():.3f}); {100 * cr_in:.0f}% of its runs fall in 1.01-1.02. ReLU and GELU median "
                      f"{np.median(others):.3f}; {100 * oth_in:.0f}% fall in 1.07-1.09. CR+DREG median "
                      f"{'below' if lower else 'not below'} ReLU/GELU's. Ranges {verdict}.",
-                     f"  Does `{key}` predict test accuracy across runs? Spearman rho = {rho:.3f} (p = {p:.3g}, n = {len(ok)})."]
+                     f"  Does `{key}` predict test accuracy across runs? Spearman rho = {rho:.3f} (p = {p:.3g}, n = {len(ok)}), "
+                     f"pooled over datasets and fractions (which move both); within a (dataset, fraction) cell the "
+                     f"median rho is {np.nanmedian(within):.3f} (range {np.nanmin(within):.3f} to {np.nanmax(within):.3f}, "
+                     f"{len(within)} cells). A useful label-free diagnostic would need a negative rho within cells."]
         summary.append(f"median {key}: " + ", ".join(f"{m} {np.median(taus[m]):.3f}" for m in models))
         summary.append(f"Spearman({key}, test accuracy) = {rho:.3f} (p = {p:.3g})")
     lines += ["## Beside the paper", "",

@@ -33,11 +33,11 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from dreg_jax.analysis import bonferroni, paired_wilcoxon  # noqa: E402
+from dreg_jax.analysis import bonferroni, paired_wilcoxon, power_note  # noqa: E402
 from dreg_jax.analysis.classical import classical_scores  # noqa: E402
 
 PROFILES = {
-    "full": dict(datasets=("reviews", "reviews_noisy"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=5,
+    "full": dict(datasets=("reviews", "reviews_noisy"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=20,
                  epochs=20, hidden=(64, 64), batch_size=64),
     "quick": dict(datasets=("reviews",), fractions=(0.1, 1.0), seeds=2, epochs=3, hidden=(32, 32), batch_size=64),
 }
@@ -92,8 +92,22 @@ def write_report(acc, profile, out: pathlib.Path, wall: float, featurizer: str =
     for (d, f, m, t), pc in zip(tests, corrected):
         lines.append(f"| {d} | {int(round(100 * f))}% | {m} | {t['wins']}/{t['ties']}/{t['losses']} | "
                      f"{100 * t['mean_diff']:+.2f} | {t['p']:.3g} | {pc:.3g} |")
-    lines += ["", f"Paper: {PAPER}. Our task is binary (great vs other) product reviews, not 5-class SST-5: "
-              "accuracies are not comparable in level, only the ranking of heads.", "",
+    cells = [(d, f) for d in profile["datasets"] for f in profile["fractions"]]
+    mean = {(d, f, m): np.nanmean([acc[(d, f, m, s)] for s in seeds]) for d, f in cells for m in models}
+    neural = list(NEURAL_MODELS.values())
+    best_neural = sum(max(neural, key=lambda m: mean[(d, f, m)]) == REFERENCE for d, f in cells)
+    above_lr = sum(mean[(d, f, REFERENCE)] > mean[(d, f, "LogReg")] for d, f in cells)
+    sig = [(d, f, m, t) for (d, f, m, t), pc in zip(tests, corrected) if pc <= 0.05]
+    lines += ["", "## Beside the paper", "", f"- Paper: {PAPER}. Our task is binary (great vs other) product reviews, "
+              "not 5-class SST-5: accuracies are not comparable in level, only the ranking of heads.",
+              f"- {REFERENCE} is the best neural head in {best_neural} of {len(cells)} (dataset, fraction) cells and "
+              f"above logistic regression in {above_lr} of {len(cells)}.",
+              f"- Differences significant after Bonferroni: {len(sig)} of {len(tests)}"
+              + (": " + "; ".join(f"{d} {int(round(100 * f))}% vs {m} {100 * t['mean_diff']:+.2f} pp" for d, f, m, t in sig)
+                 if sig else "") + f" ({power_note(profile['seeds'], len(tests))}).",
+              f"- A ChainzRule head is the best head on a frozen representation: "
+              f"{'SUPPORTED' if above_lr == len(cells) and best_neural == len(cells) else 'NOT SUPPORTED'} here "
+              f"({'logistic regression is the stronger head' if above_lr < len(cells) / 2 else 'mixed'}).", "",
               "![accuracy vs fraction](text_accuracy_vs_fraction.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return "\n".join(summary)

@@ -39,3 +39,12 @@ def test_bonferroni_and_win_rates():
     np.testing.assert_allclose(bonferroni([0.01], m=5), [0.05])
     scores = np.array([[1.0, 0.5], [0.2, 0.2], [0.1, 0.9]])
     np.testing.assert_allclose(win_rates(scores), [0.5, 0.5])  # win, tie (half each), loss
+
+
+@pytest.mark.parametrize("n", [3, 5, 10, 20])
+def test_smallest_wilcoxon_p_is_scipy_exact_for_all_wins(n):
+    from dreg_jax.analysis import power_note, smallest_wilcoxon_p
+
+    a, b = np.arange(1, n + 1, dtype=float) + 0.5, np.zeros(n)  # every pair won, distinct ranks
+    np.testing.assert_allclose(paired_wilcoxon(a, b)["p"], smallest_wilcoxon_p(n), rtol=1e-9)
+    assert ("CANNOT" in power_note(n, 60)) == (smallest_wilcoxon_p(n) * 60 > 0.05)

@@ -83,6 +83,11 @@ def test_cli_help_and_clear_errors(tmp_path, capsys):
     bad.write_text("regularizers: [dropout]\n")
     assert cli_main(["sweep", "--config", str(bad), "--results", str(tmp_path / "x.jsonl")]) == 2
     assert "none, weight_decay, spectral_norm" in capsys.readouterr().err
+    assert cli_main(["train", "--regularizer", "igpen", "--strength-schedule", "cosine_decay"]) == 2
+    assert "apply to the dreg regularizer only; add dreg to regularizers" in capsys.readouterr().err
+    bad.write_text("strength_schedules: [exponential]\nregularizers: [dreg]\n")
+    assert cli_main(["sweep", "--config", str(bad), "--results", str(tmp_path / "x.jsonl")]) == 2
+    assert "unknown strength_schedule 'exponential'" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()  # rejected before anything ran
 
 

@@ -40,6 +40,23 @@ def paired_wilcoxon(a, b) -> dict:
     return out
 
 
+def smallest_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided exact signed-rank p-value with ``n`` pairs: ``2 / 2**n``.
+
+    With ``m`` Bonferroni-corrected tests nothing can be significant at ``alpha`` unless
+    ``m * 2 / 2**n <= alpha``: reports state this so a null result is not mistaken for evidence.
+    """
+    return min(1.0, 2.0 / 2.0 ** n)
+
+
+def power_note(seeds: int, tests: int, alpha: float = 0.05) -> str:
+    """One sentence: the smallest p attainable with ``seeds`` pairs, before and after correction."""
+    p = smallest_wilcoxon_p(seeds)
+    reach = "can" if p * tests <= alpha else "CANNOT"
+    return (f"with {seeds} seeds the smallest two-sided Wilcoxon p is {p:.3g}, {min(1.0, p * tests):.3g} after "
+            f"Bonferroni over {tests}, so a difference {reach} reach alpha = {alpha}")
+
+
 def bonferroni(pvalues, m: int | None = None) -> np.ndarray:
     p = np.asarray(pvalues, float)
     return np.minimum(1.0, p * (p.size if m is None else m))
