@@ -55,7 +55,6 @@ VARIANTS = {
     "constant 2x": ("dreg", "constant", "penultimate", 2.0),
 }
 SCHEDULED = [v for v, (kind, *_, factor) in VARIANTS.items() if kind == "dreg" and factor == 1.0]
-CONTROLS = [v for v, (*_, factor) in VARIANTS.items() if factor != 1.0]
 PAPER = "the best lambda schedule depends on representation noise (no numbers given)"
 
 

@@ -212,7 +212,7 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         groups = collections.defaultdict(list)
         for s in pending:
             groups[s.structure()].append(s)
-        chunks = []  # (dataset, config, specs, padded size)
+        chunks = []  # (dataset, featurizer, config, specs, padded size)
         for ((dataset, featurizer), config), members in groups.items():
             n_chunks = -(-len(members) // chunk_size)
             size = -(-len(members) // n_chunks)  # balanced chunks share one compiled program

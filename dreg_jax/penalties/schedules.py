@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from dreg_jax._checks import check_choice
 
 SCHEDULES = ("constant", "linear_warmup", "cosine_decay", "noise_inverse")
+#: the schedules whose m_t depends on the run length T
+LENGTH_SCHEDULES = ("linear_warmup", "cosine_decay")
 NOISE_REPRESENTATIONS = ("penultimate", "input")
 DEFAULT_WARMUP_FRACTION = 0.25
 _EPS = 1e-12

@@ -20,7 +20,11 @@ from dreg_jax.penalties.coherent import coherent_strong_regularization
 from dreg_jax.penalties.dreg import dreg_penalty
 from dreg_jax.penalties.input_gradient import input_gradient_penalty
 from dreg_jax.penalties.network_jacobian import network_jacobian_penalty
-from dreg_jax.penalties.schedules import representation_noise_ratio, strength_multiplier
+from dreg_jax.penalties.schedules import (
+    LENGTH_SCHEDULES,
+    representation_noise_ratio,
+    strength_multiplier,
+)
 from dreg_jax.training.config import TrainConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -78,7 +82,7 @@ def create_train_state(
     ``cosine_decay`` strength schedules (:mod:`dreg_jax.penalties.schedules`).
     """
     config.validate()
-    if total_steps is None and config.regularizer.strength_schedule in ("linear_warmup", "cosine_decay"):
+    if total_steps is None and config.regularizer.strength_schedule in LENGTH_SCHEDULES:
         raise ValueError(
             f"strength_schedule={config.regularizer.strength_schedule!r} depends on the run length: "
             "pass total_steps=epochs * steps_per_epoch to create_train_state"
