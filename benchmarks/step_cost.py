@@ -76,7 +76,7 @@ def jax_stepper(method, shape, activation, mode):
     return run
 
 
-def torch_steppers(shape, activation, lam):
+def torch_steppers(shape, activation, strength):
     """Plain and DREG layer-scope (torch.func.jvp, one Rademacher probe) Adam steps."""
     import torch
     from torch.func import functional_call, jvp
@@ -108,7 +108,7 @@ def torch_steppers(shape, activation, lam):
                     penalty = penalty + jv.pow(2).sum(1).mean() / width
                 else:
                     h = block(h)
-            loss = ce(head(h), y) + lam * penalty
+            loss = ce(head(h), y) + strength * penalty
             loss.backward()
             opt.step()
 

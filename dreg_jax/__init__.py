@@ -1,15 +1,22 @@
 """dreg_jax: DREG (per-layer forward-mode Jacobian penalties) and ChainzRule networks in JAX.
 
-The flat public API re-exports the penalties, layers and training helpers.
+The flat public API: the names in ``__all__``. Everything else (``dreg_jax.penalties.*``
+helpers, ``dreg_jax.engine``, ``dreg_jax.data``, ``dreg_jax.analysis``) is reached through
+its subpackage.
 """
 from dreg_jax.layers import (
     ACTIVATIONS,
     GELU_CUBIC_FIT,
     MLP,
+    Activation,
     ChainzRule,
+    NNXActivation,
+    call_key,
     cubic_value_and_derivative,
     get_activation,
+    jacobian_terms,
     submodule_fns,
+    term_widths,
 )
 from dreg_jax.penalties import (
     DEFAULT_IGPEN_LAMBDA,
@@ -33,19 +40,42 @@ from dreg_jax.penalties import (
     representation_noise_ratio,
     strength_multiplier,
     unit_sphere,
+    warn_if_penalty_dominates,
 )
 from dreg_jax.training import (
     DEFAULT_STRENGTHS,
+    REGISTRY,
     REGULARIZERS,
     ModelConfig,
     OptimizerConfig,
+    Regularizer,
     RegularizerConfig,
     TrainConfig,
     TrainState,
     create_train_state,
     eval_step,
     fit,
+    get_regularizer,
     train_step,
 )
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # any-model DREG
+    "jacobian_terms", "term_widths", "call_key", "Activation", "NNXActivation",
+    "submodule_fns", "layer_jacobian_sq_norms", "layer_widths", "elementwise_value_and_derivative",
+    # penalties
+    "dreg_penalty", "warn_if_penalty_dominates", "input_gradient_penalty",
+    "network_jacobian_penalty", "coherent_strong_regularization", "CoherentRegularizationState",
+    "strength_multiplier", "representation_noise_ratio", "rademacher", "unit_sphere",
+    "DEFAULT_LAMBDA", "DEFAULT_IGPEN_LAMBDA", "DEFAULT_JACOBIAN_LAMBDA", "DEFAULT_SCOPE",
+    "SCOPES", "SCALINGS", "LAYER_ESTIMATORS", "SCHEDULES", "NOISE_REPRESENTATIONS",
+    # layers
+    "ChainzRule", "MLP", "ACTIVATIONS", "GELU_CUBIC_FIT", "cubic_value_and_derivative",
+    "get_activation",
+    # regularizers and training
+    "Regularizer", "REGISTRY", "REGULARIZERS", "DEFAULT_STRENGTHS", "get_regularizer",
+    "ModelConfig", "OptimizerConfig", "RegularizerConfig", "TrainConfig", "TrainState",
+    "create_train_state", "train_step", "eval_step", "fit",
+]

@@ -41,6 +41,8 @@ def check_float_array(x, name: str, *, min_ndim: int = 1, exact_ndim: int | None
             f"{name} must have at least {min_ndim} dimensions (batch, features...), "
             f"got shape {tuple(x.shape)}"
         )
+    if x.ndim >= 1 and x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): a batch mean needs >= 1 row")
     if is_concrete(x):
         finite = np.isfinite(np.asarray(x, dtype=np.float32))
         if not finite.all():

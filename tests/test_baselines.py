@@ -22,7 +22,7 @@ def per_example_loss(x):
 
 
 def test_igpen_matches_per_example_gradients():
-    mean_loss, penalty = dreg_jax.input_gradient_penalty(per_example_loss, X, lam=0.3)
+    mean_loss, penalty = dreg_jax.input_gradient_penalty(per_example_loss, X, strength=0.3)
     chex.assert_trees_all_close(mean_loss, per_example_loss(X).mean(), rtol=1e-6)
     grads = [jax.grad(lambda row, i=i: per_example_loss(X.at[i].set(row))[i])(X[i]) for i in range(4)]
     expected = 0.3 * np.mean([np.sum(np.asarray(g) ** 2) for g in grads])
@@ -30,9 +30,9 @@ def test_igpen_matches_per_example_gradients():
 
 
 def test_igpen_aux_returns_logits_without_changing_values():
-    m1, p1 = dreg_jax.input_gradient_penalty(per_example_loss, X, lam=0.3)
+    m1, p1 = dreg_jax.input_gradient_penalty(per_example_loss, X, strength=0.3)
     m2, p2, logits = dreg_jax.input_gradient_penalty(
-        lambda x: (per_example_loss(x), net(x)), X, lam=0.3, has_aux=True)
+        lambda x: (per_example_loss(x), net(x)), X, strength=0.3, has_aux=True)
     chex.assert_trees_all_close((m1, p1), (m2, p2))
     chex.assert_trees_all_close(logits, net(X))
 
@@ -51,10 +51,10 @@ def test_igpen_is_differentiable_twice():
 def test_network_jacobian_penalty_matches_jacrev_frobenius():
     full = jax.vmap(jax.jacrev(lambda row: net(row[None])[0]))(X)
     frob = np.mean(np.sum(np.asarray(full) ** 2, axis=(1, 2)))
-    y, pen = dreg_jax.network_jacobian_penalty(net, X, jax.random.key(2), lam=0.2, num_projections=6000)
+    y, pen = dreg_jax.network_jacobian_penalty(net, X, jax.random.key(2), strength=0.2, num_projections=6000)
     chex.assert_trees_all_close(y, net(X), rtol=1e-6)
-    np.testing.assert_allclose(pen, 0.1 * frob, rtol=0.04)  # lam/2 * ||J||_F^2, sampled
-    _, single = dreg_jax.network_jacobian_penalty(net, X, jax.random.key(2), lam=0.2)
+    np.testing.assert_allclose(pen, 0.1 * frob, rtol=0.04)  # strength/2 * ||J||_F^2, sampled
+    _, single = dreg_jax.network_jacobian_penalty(net, X, jax.random.key(2), strength=0.2)
     assert np.isfinite(single) and single > 0
 
 

@@ -102,11 +102,11 @@ def test_penalty_gradient_matches_finite_differences(x64, scaling):
 
 def test_penalty_formula_width_scaling():
     sq = jnp.array([6.0, 12.0])
-    np.testing.assert_allclose(dreg_jax.dreg_penalty(sq, (3, 4), lam=0.5, scaling="width"), 0.5 * (2.0 + 3.0))
-    np.testing.assert_allclose(dreg_jax.dreg_penalty(sq, scaling="none", lam=0.5), 9.0)
-    np.testing.assert_allclose(dreg_jax.dreg_penalty(sq, lam=0.5), 9.0)  # default: raw sum
+    np.testing.assert_allclose(dreg_jax.dreg_penalty(sq, (3, 4), strength=0.5, scaling="width"), 0.5 * (2.0 + 3.0))
+    np.testing.assert_allclose(dreg_jax.dreg_penalty(sq, scaling="none", strength=0.5), 9.0)
+    np.testing.assert_allclose(dreg_jax.dreg_penalty(sq, strength=0.5), 9.0)  # default: raw sum
     np.testing.assert_allclose(
-        dreg_jax.dreg_penalty(sq, (3, 4), lam=1.0, scaling="width", layer_weights=jnp.array([1.0, 0.0])), 2.0
+        dreg_jax.dreg_penalty(sq, (3, 4), strength=1.0, scaling="width", layer_weights=jnp.array([1.0, 0.0])), 2.0
     )
     np.testing.assert_allclose(dreg_jax.dreg_penalty(sq, (1, 1)), 10**-2.5 * 18, rtol=1e-6)
 
@@ -139,7 +139,7 @@ def test_vmap_over_batch_and_lambda():
     chex.assert_trees_all_close(per_example.mean(0), whole, rtol=1e-6)
     _, sq = dreg_jax.layer_jacobian_sq_norms(fns, x, key)
     lams = jnp.array([0.0, 1e-3, 1e-2])
-    pens = jax.vmap(lambda lam: dreg_jax.dreg_penalty(sq, (6, 3), lam=lam, scaling="width"))(lams)
+    pens = jax.vmap(lambda strength: dreg_jax.dreg_penalty(sq, (6, 3), strength=strength, scaling="width"))(lams)
     chex.assert_trees_all_close(pens, lams * (sq[0] / 6 + sq[1] / 3), rtol=1e-6)
 
 

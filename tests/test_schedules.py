@@ -89,7 +89,7 @@ def test_step_penalty_is_lambda0_times_multiplier(schedule):
     state = dreg_jax.create_train_state(cfg, jax.random.key(1), 6, 3, total_steps=8)
     for t in range(4):
         new_state, m = dreg_jax.train_step(state, BATCH, jax.random.key(t), cfg)
-        raw = dreg_jax.dreg_penalty(m["jacobian_sq_norms"], lam=1.0)
+        raw = dreg_jax.dreg_penalty(m["jacobian_sq_norms"], strength=1.0)
         if schedule == "noise_inverse":
             # recompute the penultimate representation independently with the plain layers
             h = BATCH["x"]

@@ -47,8 +47,8 @@ def test_vmap_over_seeds_and_strengths_equals_loop():
     seeds = jnp.arange(3)
     lams = jnp.array([0.0, 1e-2, 1e-1])
 
-    def one(seed, lam):
-        state = dreg_jax.create_train_state(cfg, jax.random.key(seed), 6, 3, strength=lam)
+    def one(seed, strength):
+        state = dreg_jax.create_train_state(cfg, jax.random.key(seed), 6, 3, strength=strength)
         for t in range(3):
             state, metrics = dreg_jax.train_step(state, BATCH, jax.random.fold_in(jax.random.key(seed), t), cfg)
         return state.params, metrics["loss"]

@@ -22,11 +22,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dreg_jax.analysis.stats import average_ranks, bonferroni, paired_wilcoxon, win_rates  # noqa: E402
+from dreg_jax.training.regularizers import REGISTRY, REGULARIZERS  # noqa: E402
 
 REGIMES = ("clean", "noise", "scarcity", "overall")
-REG_ORDER = ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg", "coherent")
-SHORT = {"none": "none", "weight_decay": "WD", "spectral_norm": "SN", "igpen": "IGPen",
-         "jacobian": "JacReg", "dreg": "DREG", "coherent": "Coherent"}
+REG_ORDER = REGULARIZERS  # report order and labels come from the regularizer registry
+SHORT = {name: r.label for name, r in REGISTRY.items()}
 
 
 def flatten(records):

@@ -10,6 +10,7 @@ from dreg_jax.penalties.dreg import (
     SCALINGS,
     SCOPES,
     dreg_penalty,
+    warn_if_penalty_dominates,
 )
 from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA, input_gradient_penalty
 from dreg_jax.penalties.layer_jacobian import (

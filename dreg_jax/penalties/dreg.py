@@ -40,12 +40,14 @@ Scopes (where the Jacobian is taken, chosen by the model pass, not here):
 """
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from dreg_jax._checks import check_choice
+from dreg_jax._checks import check_choice, is_concrete
 
 DEFAULT_LAMBDA = 10 ** -2.5
 SCOPES = ("activation", "layer")
@@ -56,28 +58,51 @@ LAYER_ESTIMATORS = ("probe", "exact")
 
 
 def dreg_penalty(
-    sq_norms: jax.Array,
-    widths: Sequence[int] | None = None,
+    sq_norms: jax.Array | Mapping[str, jax.Array],
+    widths: Sequence[int] | Mapping[str, int] | None = None,
     *,
-    lam: float | jax.Array = DEFAULT_LAMBDA,
+    strength: float | jax.Array = DEFAULT_LAMBDA,
     scaling: str = "none",
     layer_weights: jax.Array | None = None,
+    data_loss: jax.Array | None = None,
 ) -> jax.Array:
     r"""Returns :math:`\lambda \sum_l w_l s_l / c_l` (see the module docstring).
 
     Args:
-      sq_norms: ``(L,)`` per-layer squared-Jacobian terms :math:`s_l`.
-      widths: the ``L`` output widths :math:`d_l`; required for ``scaling="width"``
-        (``dreg_jax.layer_widths`` or ``MLP.hidden`` give them), ignored otherwise.
-      lam: :math:`\lambda`, default :math:`10^{-2.5}`; may be a traced scalar (vmap over lambda).
+      sq_norms: ``(L,)`` per-layer squared-Jacobian terms :math:`s_l`, or the ``terms`` dict
+        of :func:`dreg_jax.jacobian_terms` (its values, in order).
+      widths: the ``L`` output widths :math:`d_l` (a sequence, or a dict with the keys of
+        ``sq_norms``); required for ``scaling="width"`` (``dreg_jax.layer_widths``,
+        ``dreg_jax.term_widths`` or ``MLP.hidden`` give them), ignored otherwise.
+      strength: :math:`\lambda \ge 0`, default :math:`10^{-2.5}`; may be a traced scalar (vmap over lambda).
       scaling: ``"none"`` (default, raw sum) or ``"width"`` (divide each term by its width).
       layer_weights: optional ``(L,)`` weights :math:`w_l`, default all ones.
+      data_loss: optional data loss of the same step; the first time a penalty larger than it
+        is computed, a ``UserWarning`` says so, once per process (see the README's coefficient
+        guidance). Under ``jit`` the check runs as a host callback.
 
     Returns:
-      A scalar penalty, in the dtype of ``sq_norms``.
+      A scalar penalty, float32 or wider (float64 under x64 for float64 terms).
     """
     check_choice("scaling", scaling, SCALINGS)
+    if isinstance(sq_norms, Mapping):
+        if not sq_norms:
+            raise ValueError("sq_norms is an empty dict: jacobian_terms selected no layer")
+        if isinstance(widths, Mapping):
+            missing = [k for k in sq_norms if k not in widths]
+            if missing:
+                raise ValueError(f"widths has no entry for {missing}; pass dreg_jax.term_widths(...) "
+                                 "with the same layers as jacobian_terms")
+            widths = [widths[k] for k in sq_norms]
+        sq_norms = jnp.stack([jnp.asarray(v) for v in sq_norms.values()])
     sq_norms = jnp.asarray(sq_norms)
+    if not jnp.issubdtype(sq_norms.dtype, jnp.floating):  # integers would truncate lambda to 0
+        sq_norms = sq_norms.astype(jnp.float32)
+    sq_norms = sq_norms.astype(jnp.promote_types(sq_norms.dtype, jnp.float32))
+    if is_concrete(strength):
+        lam_value = np.asarray(strength, dtype=np.float64)
+        if lam_value.ndim != 0 or not np.isfinite(lam_value) or lam_value < 0:
+            raise ValueError(f"strength must be a finite scalar >= 0, got {strength!r}")
     if sq_norms.ndim != 1:
         raise ValueError(f"sq_norms must be a 1-D array of per-layer terms, got shape {sq_norms.shape}")
     num_layers = sq_norms.shape[0]
@@ -101,4 +126,35 @@ def dreg_penalty(
                 f"layer_weights must have shape ({num_layers},), got {layer_weights.shape}"
             )
         terms = terms * layer_weights
-    return jnp.asarray(lam, dtype=terms.dtype) * jnp.sum(terms)
+    penalty = jnp.asarray(strength, dtype=terms.dtype) * jnp.sum(terms)
+    if data_loss is not None:
+        warn_if_penalty_dominates(penalty, data_loss)
+    return penalty
+
+
+_WARNED = []
+
+
+def _warn_once(penalty, data_loss):
+    if _WARNED:
+        return
+    penalty, data_loss = float(np.mean(penalty)), float(np.mean(data_loss))
+    if penalty > data_loss:
+        _WARNED.append(True)
+        warnings.warn(
+            f"the DREG penalty ({penalty:.4g}) exceeds the data loss ({data_loss:.4g}): the "
+            "regularizer dominates training. The raw sum grows with the number of units per term "
+            "(conv feature maps, sequence positions, deep stacks): use scaling='width' or a smaller "
+            "strength (README, 'Choosing lambda'). This warning is shown once per process.",
+            UserWarning, stacklevel=3,
+        )
+
+
+def warn_if_penalty_dominates(penalty, data_loss):
+    """Warns once per process when ``penalty > data_loss`` (a host callback under ``jit``)."""
+    if _WARNED:
+        return
+    if is_concrete(penalty) and is_concrete(data_loss):
+        _warn_once(penalty, data_loss)
+    else:
+        jax.debug.callback(_warn_once, penalty, data_loss)

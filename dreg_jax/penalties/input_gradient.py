@@ -23,7 +23,7 @@ def input_gradient_penalty(
     per_example_loss_fn: Callable,
     x: jax.Array,
     *,
-    lam: float | jax.Array = DEFAULT_IGPEN_LAMBDA,
+    strength: float | jax.Array = DEFAULT_IGPEN_LAMBDA,
     has_aux: bool = False,
 ):
     """Mean loss and the input-gradient penalty from one forward and one backward pass.
@@ -32,7 +32,7 @@ def input_gradient_penalty(
       per_example_loss_fn: ``x -> (batch,)`` losses, closed over params and labels; with
         ``has_aux`` it returns ``(losses, aux)`` (e.g. the logits, to avoid a second forward).
       x: ``(batch, ...)`` inputs.
-      lam: penalty weight :math:`\\lambda`.
+      strength: penalty weight :math:`\\lambda`.
       has_aux: whether ``per_example_loss_fn`` returns auxiliary data.
 
     Returns:
@@ -47,5 +47,5 @@ def input_gradient_penalty(
         return jnp.sum(losses), aux
 
     (loss_sum, aux), grad_x = jax.value_and_grad(total, has_aux=True)(x)
-    penalty = jnp.asarray(lam, jnp.float32) * row_sq_norm_mean(grad_x[None])
+    penalty = jnp.asarray(strength, jnp.float32) * row_sq_norm_mean(grad_x[None])
     return (loss_sum / x.shape[0], penalty) + ((aux,) if has_aux else ())

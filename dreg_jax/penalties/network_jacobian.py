@@ -32,7 +32,7 @@ def network_jacobian_penalty(
     x: jax.Array,
     key: jax.Array,
     *,
-    lam: float | jax.Array = DEFAULT_JACOBIAN_LAMBDA,
+    strength: float | jax.Array = DEFAULT_JACOBIAN_LAMBDA,
     num_projections: int = 1,
 ):
     """Network output and the random-projection Jacobian penalty from one forward pass.
@@ -41,7 +41,7 @@ def network_jacobian_penalty(
       apply_fn: ``x -> (batch, C)`` outputs (logits), closed over the parameters.
       x: ``(batch, ...)`` inputs.
       key: PRNG key for the projections.
-      lam: :math:`\\lambda_{JR}`.
+      strength: :math:`\\lambda_{JR}`.
       num_projections: :math:`n_{proj}`.
 
     Returns:
@@ -56,4 +56,4 @@ def network_jacobian_penalty(
     v = unit_sphere(key, (num_projections,) + y.shape, y.dtype)
     vjps = jax.vmap(lambda p: vjp_fn(p)[0])(v)  # (n_proj, batch, ...)
     frob_sq = num_out * row_sq_norm_mean(vjps)
-    return y, 0.5 * jnp.asarray(lam, jnp.float32) * frob_sq
+    return y, 0.5 * jnp.asarray(strength, jnp.float32) * frob_sq

@@ -7,8 +7,15 @@ from dreg_jax.training.config import (
     RegularizerConfig,
     TrainConfig,
 )
+from dreg_jax.training.regularizers import (
+    REGISTRY,
+    LossTerms,
+    Regularizer,
+    get_regularizer,
+)
 from dreg_jax.training.fit import FitResult, epoch_batch_indices, fit
 from dreg_jax.training.train import (
+    LossContext,
     TrainState,
     build_model,
     build_optimizer,

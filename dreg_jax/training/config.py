@@ -11,33 +11,16 @@ from dreg_jax._checks import check_choice
 from dreg_jax.layers.activations import check_activation
 from dreg_jax.layers.chainzrule import INITS
 from dreg_jax.penalties.dreg import (
-    DEFAULT_LAMBDA,
     DEFAULT_SCOPE,
     LAYER_ESTIMATORS,
     SCALINGS,
     SCOPES,
 )
-from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA
-from dreg_jax.penalties.network_jacobian import DEFAULT_JACOBIAN_LAMBDA
 from dreg_jax.penalties.schedules import DEFAULT_WARMUP_FRACTION, NOISE_REPRESENTATIONS, SCHEDULES
+from dreg_jax.training.regularizers import DEFAULT_STRENGTHS, REGULARIZERS, get_regularizer
 
-#: Regularizer names and their default strengths (None: the kind has no strength).
-#: weight_decay: optax.adamw's default decoupled decay, 1e-4.
-#: spectral_norm: flax.linen.SpectralNorm, one power-iteration step per training step.
-#: igpen: 1e-2 on the mean squared input-gradient norm (Drucker & LeCun style).
-#: jacobian: lambda_JR = 1e-2, n_proj = 1 (Hoffman et al. 2019 defaults).
-#: dreg: 10**-2.5, fixed, no per-dataset tuning (the DREG study).
-#: coherent: strong coupled L2 of 1e-2 (100x the WD default) while coherence >= 0.5.
-DEFAULT_STRENGTHS = {
-    "none": None,
-    "weight_decay": 1e-4,
-    "spectral_norm": None,
-    "igpen": DEFAULT_IGPEN_LAMBDA,
-    "jacobian": DEFAULT_JACOBIAN_LAMBDA,
-    "dreg": DEFAULT_LAMBDA,
-    "coherent": 1e-2,
-}
-REGULARIZERS = tuple(DEFAULT_STRENGTHS)
+# The regularizer kinds, their labels and default strengths live in one place:
+# dreg_jax.training.regularizers.REGISTRY (DEFAULT_STRENGTHS and REGULARIZERS derive from it).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +58,7 @@ class RegularizerConfig:
     coherent_threshold: float = 0.5
 
     def validate(self):
-        check_choice("regularizer", self.kind, REGULARIZERS)
+        get_regularizer(self.kind)
         check_choice("dreg_scope", self.dreg_scope, SCOPES)
         check_choice("dreg_scaling", self.dreg_scaling, SCALINGS)
         check_choice("layer_estimator", self.layer_estimator, LAYER_ESTIMATORS)
@@ -97,7 +80,7 @@ class RegularizerConfig:
     def resolved_strength(self) -> float:
         if self.strength is not None:
             return float(self.strength)
-        default = DEFAULT_STRENGTHS[self.kind]
+        default = get_regularizer(self.kind).default_strength
         return 0.0 if default is None else float(default)
 
 

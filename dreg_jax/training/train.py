@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,23 +16,16 @@ from flax import struct
 from flax.training import train_state
 
 from dreg_jax.layers.mlp import MLP
-from dreg_jax.penalties.coherent import coherent_strong_regularization
-from dreg_jax.penalties.dreg import dreg_penalty
-from dreg_jax.penalties.input_gradient import input_gradient_penalty
-from dreg_jax.penalties.network_jacobian import network_jacobian_penalty
-from dreg_jax.penalties.schedules import (
-    LENGTH_SCHEDULES,
-    representation_noise_ratio,
-    strength_multiplier,
-)
+from dreg_jax.penalties.schedules import LENGTH_SCHEDULES
 from dreg_jax.training.config import TrainConfig
+from dreg_jax.training.regularizers import cross_entropy, get_regularizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 class TrainState(train_state.TrainState):
     batch_stats: Any = struct.field(default_factory=dict)
-    reg_strength: jax.Array = 0.0  # lambda_0, an array so it can be vmapped over
+    strength: jax.Array = 0.0  # lambda_0, an array so it can be vmapped over
     total_steps: jax.Array = 0  # T of the lambda schedule (warmup / cosine)
 
 
@@ -42,7 +35,7 @@ def build_model(config: TrainConfig, num_classes: int) -> MLP:
         hidden=tuple(m.hidden),
         num_classes=num_classes,
         activation=m.activation,
-        spectral_norm=config.regularizer.kind == "spectral_norm",
+        spectral_norm=get_regularizer(config.regularizer.kind).spectral_norm,
         chainzrule_per_feature=m.chainzrule_per_feature,
         chainzrule_init=m.chainzrule_init,
         chainzrule_input_bound=m.chainzrule_input_bound,
@@ -51,25 +44,11 @@ def build_model(config: TrainConfig, num_classes: int) -> MLP:
 
 
 def build_optimizer(config: TrainConfig, learning_rate, strength) -> optax.GradientTransformation:
-    """Adam, with the optimizer-side regularizers folded in; hyperparameters injected as arrays.
-
-    ``weight_decay`` is decoupled (AdamW, ``optax.adamw``); ``coherent`` adds strong coupled L2
-    before Adam while gradients are coherent (``coherent_strong_regularization``).
+    """Adam, with the optimizer side of the configured regularizer folded in (its
+    :attr:`Regularizer.optimizer`); hyperparameters injected as arrays so they can be vmapped.
     """
     reg = config.regularizer
-    if reg.kind == "weight_decay":
-        return optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, weight_decay=strength)
-    if reg.kind == "coherent":
-        def coherent_adam(learning_rate, l2):
-            return optax.chain(
-                coherent_strong_regularization(
-                    l2=l2, l1=reg.coherent_l1, decay=reg.coherent_decay,
-                    threshold=reg.coherent_threshold,
-                ),
-                optax.adam(learning_rate),
-            )
-        return optax.inject_hyperparams(coherent_adam)(learning_rate=learning_rate, l2=strength)
-    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+    return get_regularizer(reg.kind).optimizer(reg, learning_rate, strength)
 
 
 def create_train_state(
@@ -96,7 +75,7 @@ def create_train_state(
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
         tx=build_optimizer(config, learning_rate, strength),
-        reg_strength=jnp.asarray(strength, jnp.float32),
+        strength=jnp.asarray(strength, jnp.float32),
         total_steps=jnp.asarray(0 if total_steps is None else total_steps, jnp.int32),
     )
 
@@ -105,18 +84,24 @@ def _variables(state: TrainState, params):
     return {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
 
 
-def _cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+class LossContext(NamedTuple):
+    """What a regularizer's loss hook reads (:attr:`Regularizer.loss`)."""
+
+    state: TrainState
+    variables: dict
+    x: jax.Array
+    y: jax.Array
+    key: jax.Array
+    config: TrainConfig
+    apply: Callable  # (*args, **kwargs) -> (model output, mutable-collection updates)
 
 
 def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
-    """Data loss + penalty for the configured regularizer.
+    """Data loss + penalty for the configured regularizer (its :attr:`Regularizer.loss`).
 
     Returns:
       ``(loss, (aux_metrics, new_batch_stats))``.
     """
-    reg = config.regularizer
-    x, y = batch["x"], batch["y"]
     variables = _variables(state, params)
     mutable = ["batch_stats"] if state.batch_stats else False
 
@@ -124,53 +109,13 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
         out = state.apply_fn(variables, *args, mutable=mutable, **kwargs)
         return out if mutable else (out, {})
 
-    sq_norms = None
-    schedule_metrics = {}
-    if reg.kind == "dreg":
-        (logits, sq_norms, h), updates = apply(
-            x, key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes,
-            layer_estimator=reg.layer_estimator, update_stats=True, return_representation=True,
-            method=MLP.forward_with_jacobian_terms,
-        )
-        data_loss = jnp.mean(_cross_entropy(logits, y))
-        noise_ratio = None
-        if reg.strength_schedule == "noise_inverse":
-            rep = h if reg.noise_representation == "penultimate" else x
-            noise_ratio = representation_noise_ratio(jax.lax.stop_gradient(rep), y, logits.shape[-1])
-            schedule_metrics["representation_noise"] = noise_ratio
-        multiplier = strength_multiplier(
-            reg.strength_schedule, state.step, state.total_steps,
-            warmup_fraction=reg.warmup_fraction, noise_ratio=noise_ratio,
-        )
-        schedule_metrics["strength_multiplier"] = multiplier
-        penalty = dreg_penalty(
-            sq_norms, config.model.hidden, lam=state.reg_strength * multiplier, scaling=reg.dreg_scaling
-        )
-    elif reg.kind == "igpen":
-        def per_example(inp):
-            logits = state.apply_fn(variables, inp)
-            return _cross_entropy(logits, y), logits
-
-        data_loss, penalty, logits = input_gradient_penalty(
-            per_example, x, lam=state.reg_strength, has_aux=True
-        )
-        updates = {}
-    elif reg.kind == "jacobian":
-        logits, penalty = network_jacobian_penalty(
-            lambda inp: state.apply_fn(variables, inp), x, key, lam=state.reg_strength
-        )
-        updates = {}
-        data_loss = jnp.mean(_cross_entropy(logits, y))
-    else:  # none, weight_decay, coherent (optimizer side), spectral_norm (in the model)
-        logits, updates = apply(x, update_stats=True)
-        data_loss = jnp.mean(_cross_entropy(logits, y))
-        penalty = jnp.zeros([], jnp.float32)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
-    metrics = {"loss": data_loss + penalty, "data_loss": data_loss, "penalty": penalty,
-               "accuracy": accuracy, **schedule_metrics}
-    if sq_norms is not None:
-        metrics["jacobian_sq_norms"] = sq_norms
-    return data_loss + penalty, (metrics, updates.get("batch_stats", state.batch_stats))
+    ctx = LossContext(state, variables, batch["x"], batch["y"], key, config, apply)
+    terms = get_regularizer(config.regularizer.kind).loss(ctx)
+    accuracy = jnp.mean(jnp.argmax(terms.logits, -1) == batch["y"])
+    loss = terms.data_loss + terms.penalty
+    metrics = {"loss": loss, "data_loss": terms.data_loss, "penalty": terms.penalty,
+               "accuracy": accuracy, **terms.metrics}
+    return loss, (metrics, terms.batch_stats_updates.get("batch_stats", state.batch_stats))
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -192,7 +137,7 @@ def eval_step(state: TrainState, batch, config: TrainConfig):
         method=MLP.forward_with_jacobian_terms,
     )
     return {
-        "loss": jnp.mean(_cross_entropy(logits, batch["y"])),
+        "loss": jnp.mean(cross_entropy(logits, batch["y"])),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
         "jacobian_sq_norms": sq_norms,
     }

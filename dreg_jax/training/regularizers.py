@@ -1,0 +1,170 @@
+r"""Regularizers as objects: one :class:`Regularizer` per kind, read by the whole project.
+
+A regularizer says its name, its short label (reports, plots), its default strength with the
+source of that default, and how it changes the three places a regularizer can act:
+
+* the model (``spectral_norm`` wraps every Dense in ``flax.linen.SpectralNorm``);
+* the optimizer (``weight_decay`` is AdamW's decoupled decay, ``coherent`` adds
+  gradient-coherent strong L2/L1 before Adam);
+* the loss (``dreg``, ``igpen``, ``jacobian`` add a penalty to the data loss).
+
+The MLP builder, :func:`dreg_jax.training.train_step`, the engine, the CLI and the studies all
+read :data:`REGISTRY`, so a new baseline is one :class:`Regularizer` added here. The coefficient
+is called ``strength`` everywhere in the code (``RegularizerConfig.strength``,
+``RunHParams.strength``, ``TrainState.strength``, the penalties' ``strength=`` argument); the
+docs write it :math:`\lambda`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dreg_jax.penalties.coherent import coherent_strong_regularization
+from dreg_jax.penalties.dreg import DEFAULT_LAMBDA, dreg_penalty
+from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA, input_gradient_penalty
+from dreg_jax.penalties.network_jacobian import DEFAULT_JACOBIAN_LAMBDA, network_jacobian_penalty
+from dreg_jax.penalties.schedules import representation_noise_ratio, strength_multiplier
+
+
+class LossTerms(NamedTuple):
+    """What a regularizer's loss hook returns."""
+
+    logits: jax.Array
+    data_loss: jax.Array
+    penalty: jax.Array
+    batch_stats_updates: dict
+    metrics: dict
+
+
+def cross_entropy(logits, labels):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def _plain_loss(ctx) -> LossTerms:
+    logits, updates = ctx.apply(ctx.x, update_stats=True)
+    return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), jnp.zeros([], jnp.float32), updates, {})
+
+
+def _dreg_loss(ctx) -> LossTerms:
+    from dreg_jax.layers.mlp import MLP  # the MLP's own pass computes the terms
+
+    reg, state = ctx.config.regularizer, ctx.state
+    (logits, sq_norms, h), updates = ctx.apply(
+        ctx.x, ctx.key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes,
+        layer_estimator=reg.layer_estimator, update_stats=True, return_representation=True,
+        method=MLP.forward_with_jacobian_terms,
+    )
+    metrics = {}
+    noise_ratio = None
+    if reg.strength_schedule == "noise_inverse":
+        rep = h if reg.noise_representation == "penultimate" else ctx.x
+        noise_ratio = representation_noise_ratio(jax.lax.stop_gradient(rep), ctx.y, logits.shape[-1])
+        metrics["representation_noise"] = noise_ratio
+    multiplier = strength_multiplier(
+        reg.strength_schedule, state.step, state.total_steps,
+        warmup_fraction=reg.warmup_fraction, noise_ratio=noise_ratio,
+    )
+    metrics["strength_multiplier"] = multiplier
+    metrics["jacobian_sq_norms"] = sq_norms
+    penalty = dreg_penalty(sq_norms, ctx.config.model.hidden, strength=state.strength * multiplier,
+                           scaling=reg.dreg_scaling)
+    return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), penalty, updates, metrics)
+
+
+def _igpen_loss(ctx) -> LossTerms:
+    def per_example(inp):
+        logits = ctx.state.apply_fn(ctx.variables, inp)
+        return cross_entropy(logits, ctx.y), logits
+
+    data_loss, penalty, logits = input_gradient_penalty(
+        per_example, ctx.x, strength=ctx.state.strength, has_aux=True
+    )
+    return LossTerms(logits, data_loss, penalty, {}, {})
+
+
+def _jacobian_loss(ctx) -> LossTerms:
+    logits, penalty = network_jacobian_penalty(
+        lambda inp: ctx.state.apply_fn(ctx.variables, inp), ctx.x, ctx.key, strength=ctx.state.strength
+    )
+    return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), penalty, {}, {})
+
+
+def _adamw(reg_config, learning_rate, strength):
+    del reg_config
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, weight_decay=strength)
+
+
+def _coherent_adam(reg_config, learning_rate, strength):
+    def coherent_adam(learning_rate, l2):
+        return optax.chain(
+            coherent_strong_regularization(
+                l2=l2, l1=reg_config.coherent_l1, decay=reg_config.coherent_decay,
+                threshold=reg_config.coherent_threshold,
+            ),
+            optax.adam(learning_rate),
+        )
+    return optax.inject_hyperparams(coherent_adam)(learning_rate=learning_rate, l2=strength)
+
+
+def _adam(reg_config, learning_rate, strength):
+    del reg_config, strength
+    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularizer:
+    """One regularizer kind.
+
+    Attributes:
+      name: the config name (``RegularizerConfig.kind``, ``--regularizers``).
+      label: short label for tables and plots.
+      default_strength: the strength used when a config gives none (None: no strength).
+      source: where the default comes from.
+      loss: ``ctx -> LossTerms``; ``ctx`` carries ``state, variables, x, y, key, config, apply``.
+      optimizer: ``(RegularizerConfig, learning_rate, strength) -> GradientTransformation``.
+      spectral_norm: whether the model's Dense layers are spectrally normalized.
+    """
+
+    name: str
+    label: str
+    default_strength: float | None
+    source: str
+    loss: Callable = _plain_loss
+    optimizer: Callable = _adam
+    spectral_norm: bool = False
+
+
+REGISTRY: dict[str, Regularizer] = {r.name: r for r in (
+    Regularizer("none", "none", None, "no regularization"),
+    Regularizer("weight_decay", "WD", 1e-4, "optax.adamw's default decoupled decay", optimizer=_adamw),
+    Regularizer("spectral_norm", "SN", None,
+                "Miyato et al. 2018; flax.linen.SpectralNorm, one power-iteration step per train step",
+                spectral_norm=True),
+    Regularizer("igpen", "IGPen", DEFAULT_IGPEN_LAMBDA,
+                "Drucker & LeCun 1992 style double backprop on the mean squared input gradient",
+                loss=_igpen_loss),
+    Regularizer("jacobian", "JacReg", DEFAULT_JACOBIAN_LAMBDA,
+                "Hoffman et al. 2019: lambda_JR = 1e-2, one random projection", loss=_jacobian_loss),
+    Regularizer("dreg", "DREG", DEFAULT_LAMBDA, "the DREG study: 10^-2.5, fixed, no per-dataset tuning",
+                loss=_dreg_loss),
+    Regularizer("coherent", "Coherent", 1e-2,
+                "strong coupled L2 of 100x the WD default while gradient coherence >= 0.5",
+                optimizer=_coherent_adam),
+)}
+
+#: Names in report order, and ``name -> default strength`` (None: the kind has no strength).
+REGULARIZERS = tuple(REGISTRY)
+DEFAULT_STRENGTHS = {name: r.default_strength for name, r in REGISTRY.items()}
+
+
+def get_regularizer(name: str) -> Regularizer:
+    """The :class:`Regularizer` called ``name`` (a ValueError lists the valid names)."""
+    if name not in REGISTRY:
+        from dreg_jax._checks import check_choice
+
+        check_choice("regularizer", name, REGULARIZERS)
+    return REGISTRY[name]
