@@ -171,7 +171,8 @@ class _Recorder:
         else:
             y, h_probe = None, h
         v = rademacher(jax.random.fold_in(k_call, 0), (probes,) + h_probe.shape, h.dtype)
-        tiled = jnp.concatenate([h_probe] * probes) if probes > 1 else h_probe
+        tiled = h_probe if probes == 1 else jnp.broadcast_to(
+            h_probe[None], (probes,) + h_probe.shape).reshape((-1,) + h_probe.shape[1:])
         v = v.reshape(tiled.shape)
         if y is not None:  # row-subsampled: a side pass on the sampled rows only
             self.passthrough += 1
