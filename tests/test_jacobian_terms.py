@@ -388,3 +388,39 @@ def test_nnx_errors_list_paths():
         dreg_jax.jacobian_terms(model, None, x, key=jax.random.key(0), layers=["blocks/3"])
     with pytest.raises(TypeError, match="variables=None"):
         dreg_jax.jacobian_terms(model, {"params": {}}, x, key=jax.random.key(0), layers=["head"])
+
+
+# ---------------------------------------------------------------- dreg_penalty on term dicts
+def test_dreg_penalty_on_term_dicts_widths_and_bad_values():
+    model, variables, x, _ = setup_linen("cnn")
+    layers = ["conv1", "conv2", "fc"]
+    _, terms = dreg_jax.jacobian_terms(model, variables, x, layers=layers, estimator="exact")
+    widths = dreg_jax.term_widths(model, variables, x, layers=layers, estimator="exact")
+    assert widths == {"conv1": 4 * 4 * 4, "conv2": 4 * 4 * 5, "fc": 7}
+    raw = sum(float(v) for v in terms.values())
+    np.testing.assert_allclose(dreg_jax.dreg_penalty(terms, strength=0.1), 0.1 * raw, rtol=1e-6)
+    scaled = sum(float(terms[k]) / widths[k] for k in layers)
+    np.testing.assert_allclose(dreg_jax.dreg_penalty(terms, widths, strength=0.1, scaling="width"), 0.1 * scaled, rtol=1e-6)
+    # integers are promoted, never truncated; bad coefficients are refused
+    np.testing.assert_allclose(dreg_jax.dreg_penalty(jnp.array([1, 2, 3]), strength=0.5), 3.0)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite scalar >= 0"):
+            dreg_jax.dreg_penalty(terms, strength=bad)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_dominance_warning_fires_once(jit, monkeypatch):
+    from dreg_jax.penalties import dreg as dreg_module
+
+    monkeypatch.setattr(dreg_module, "_WARNED", [])
+    fn = lambda s, d: dreg_jax.dreg_penalty(s, strength=1.0, data_loss=d)
+    fn = jax.jit(fn) if jit else fn
+    with pytest.warns(UserWarning, match="exceeds the data loss") as record:
+        for _ in range(3):
+            jax.block_until_ready(fn(jnp.array([2.0, 3.0]), jnp.array(1.0)))
+    assert len([w for w in record if "exceeds the data loss" in str(w.message)]) == 1
+    monkeypatch.setattr(dreg_module, "_WARNED", [])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        jax.block_until_ready(fn(jnp.array([0.1]), jnp.array(1.0)))  # smaller: silent

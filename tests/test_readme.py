@@ -1,44 +1,57 @@
-"""The README's example is real code: extract it and run it."""
+"""The README's examples are real code: each "DREG in ..." section is extracted and run."""
 import pathlib
 import re
+import warnings
 
+import jax
 import numpy as np
+import pytest
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+SECTIONS = ["DREG in your linen model", "DREG in your NNX model", "DREG in a transformer", "DREG in a CNN"]
 
 
-def python_blocks():
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def section_block(title):
+    text = README.read_text()
+    match = re.search(rf"### {re.escape(title)}\n(.*?)```python\n(.*?)```", text, flags=re.S)
+    assert match, f"README lost its '{title}' example"
+    return match.group(2)
 
 
-def test_readme_flax_example_runs_and_penalizes():
-    blocks = python_blocks()
-    assert blocks, "README lost its python example"
+def dreg_lines(block):
+    return [line for line in block.splitlines() if "# DREG" in line]
+
+
+@pytest.mark.parametrize("title", SECTIONS)
+def test_readme_section_runs_and_penalizes(title):
+    block = section_block(title)
+    assert 1 <= len(dreg_lines(block)) <= 5, "the change to a plain training step is at most five lines"
     namespace = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    grads = namespace["grads"]
-    leaves = [np.asarray(g) for g in __import__("jax").tree_util.tree_leaves(grads)]
-    assert leaves and all(np.isfinite(g).all() for g in leaves)
-    # the penalty is really part of the loss: it is positive and changes the gradient
-    loss_fn, params, x, y, key = (namespace[k] for k in ("loss_fn", "params", "x", "y", "key"))
-    import optax
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dominance warning may fire on the toy data
+        exec(compile(block, f"README.md: {title}", "exec"), namespace)
+    import dreg_jax
 
-    model = namespace["model"]
-    plain = optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": params}, x), y).mean()
-    assert float(loss_fn(params, x, y, key)) > float(plain)
-    # and the chain of submodules reproduces the model's own forward pass
-    fns = namespace["dreg_jax"].submodule_fns(model, {"params": params}, ["blocks.0", "blocks.1", "head"])
-    h = x
-    for f in fns:
-        h = f(h)
-    np.testing.assert_allclose(h, model.apply({"params": params}, x), rtol=1e-6)
-
-
-def test_submodule_fns_names_unknown_submodules():
-    import pytest
-    ns = {}
-    exec(compile(python_blocks()[0], "README.md", "exec"), ns)
-    with pytest.raises(ValueError, match="blocks_0, blocks_1, head.*addressed as"):
-        ns["dreg_jax"].submodule_fns(ns["model"], {"params": ns["params"]}, ["blocks.0", "tail"])
-    with pytest.raises(ValueError, match="index below 2"):
-        ns["dreg_jax"].submodule_fns(ns["model"], {"params": ns["params"]}, ["blocks.5"])
+    if "nnx" in title.lower():
+        from flax import nnx
+        model = namespace["model"]
+        assert np.isfinite(float(namespace["loss"]))
+        params = nnx.state(model, nnx.Param)
+        assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(params))
+        _, terms = dreg_jax.jacobian_terms(model, None, namespace["x"], key=namespace["key"],
+                                           layers=["blocks/0", "blocks/1"])
+    else:
+        params = namespace["params"]
+        assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(params))
+        loss_fn = namespace["loss_fn"]
+        args = [a for a in ("x", "tokens", "y", "key") if a in loss_fn.__code__.co_varnames[:loss_fn.__code__.co_argcount]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            total = float(loss_fn(params, *(namespace[a] for a in args)))
+        inp = namespace.get("tokens", namespace.get("x"))
+        logits = namespace["model"].apply({"params": params}, inp)
+        import optax
+        plain = float(optax.softmax_cross_entropy_with_integer_labels(logits, namespace["y"]).mean())
+        assert total > plain  # the penalty is part of the loss
+        terms = {"any": total - plain}
+    assert terms and all(float(v) > 0 for v in terms.values())
