@@ -25,7 +25,7 @@ import jax
 
 import dreg_jax
 from dreg_jax.engine import EngineOptions, RunHParams
-from dreg_jax.engine.grid import compile_grid, prepare_inputs
+from dreg_jax.engine.grid import compile_grid, place
 from dreg_jax.data import load_dataset
 from dreg_jax.engine.sweep import engine_data
 
@@ -65,7 +65,7 @@ def main(argv=None):
         )
         hp = lambda seeds: RunHParams.stack(
             [RunHParams(s, 1e-3, cfg.regularizer.resolved_strength(), 1.0, 0.0, 0.0) for s in seeds])
-        single_inputs = [prepare_inputs(hp([s]), data)[:2] for s in range(max(args.seeds))]
+        single_inputs = [place(hp([s]), data) for s in range(max(args.seeds))]
         single = compile_grid(cfg, classes, options, *single_inputs[0])
         jax.block_until_ready(single(*single_inputs[0]))
         ds = load_dataset(dataset)
@@ -79,7 +79,7 @@ def main(argv=None):
               f"{'vs python':>11}{'/ N':>6}{'vs scan':>9}{'/ N':>6}")
         for n in args.seeds:
             loop = lambda: [single(*single_inputs[s]) for s in range(n)]
-            inputs = prepare_inputs(hp(range(n)), data)[:2]
+            inputs = place(hp(range(n)), data)
             program = compile_grid(cfg, classes, options, *inputs)
             jax.block_until_ready(program(*inputs))
             # the Python loop is linear in N by construction: time N<=4 in full, extrapolate above

@@ -6,6 +6,7 @@ therefore eager-only; the training engine validates the data once, before compil
 """
 from __future__ import annotations
 
+import difflib
 from typing import Iterable
 
 import jax
@@ -18,10 +19,25 @@ def is_concrete(x) -> bool:
 
 
 def check_choice(name: str, value: str, valid: Iterable[str]) -> str:
-    """Raise a ValueError listing the valid choices when ``value`` is not one of them."""
+    """Raise a ValueError (with a did-you-mean) listing the valid choices when ``value`` is not one."""
     valid = tuple(valid)
     if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(valid)}")
+        close = difflib.get_close_matches(str(value), valid, n=1) if isinstance(value, str) else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        shown = ", ".join(valid) if len(valid) <= 20 else ", ".join(valid[:20]) + f", ... ({len(valid)} in all)"
+        raise ValueError(f"unknown {name} {value!r}{hint}; expected one of: {shown}")
+    return value
+
+
+def check_finite_scalar(value, name: str, *, minimum: float | None = None, strict: bool = False):
+    """A concrete scalar must be finite (and >= / > ``minimum``); tracers pass unchecked."""
+    if not is_concrete(value):
+        return value
+    v = np.asarray(value, dtype=np.float64)
+    bound_ok = minimum is None or (v > minimum if strict else v >= minimum)
+    if v.ndim != 0 or not np.isfinite(v) or not bound_ok:
+        rule = "" if minimum is None else f" {'>' if strict else '>='} {minimum:g}"
+        raise ValueError(f"{name} must be a finite scalar{rule}, got {value!r}")
     return value
 
 

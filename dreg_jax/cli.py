@@ -30,23 +30,32 @@ def _enable_compilation_cache():
 
 def _load_mapping(path: pathlib.Path) -> dict:
     if not path.exists():
-        raise SystemExit(f"config file {path} does not exist")
+        raise ValueError(f"config file {path} does not exist")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        mapping = yaml.safe_load(text) or {}
-    else:
-        mapping = json.loads(text)
+            mapping = yaml.safe_load(text)
+        else:
+            mapping = json.loads(text)
+    except Exception as err:  # noqa: BLE001 - yaml.YAMLError / json.JSONDecodeError, one line
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        reason = getattr(err, "problem", None) or getattr(err, "msg", None) or str(err)
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}{at}: {reason}") from None
+    if mapping is None or mapping == {}:
+        raise ValueError(f"config file {path} is empty; give at least one sweep key "
+                         "(e.g. datasets: [digits])")
     if not isinstance(mapping, dict):
-        raise SystemExit(f"{path} must hold a mapping of sweep keys, got {type(mapping).__name__}")
+        raise ValueError(f"{path} must hold a mapping of sweep keys, got {type(mapping).__name__}")
     return mapping
 
 
 def _sweep_config(args):
     from dreg_jax.engine import SweepConfig
 
-    mapping = _load_mapping(args.config) if args.config else {}
+    mapping = dict(_load_mapping(args.config)) if args.config else {}
     for field in ("datasets", "activations", "regularizers", "seeds", "fractions", "label_noise",
                   "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope",
                   "strength_schedules", "featurizer"):
@@ -69,11 +78,18 @@ def cmd_sweep(args) -> int:
     records = run_sweep(specs, args.results, chunk_size=args.chunk_size, mesh=mesh,
                         options=EngineOptions(per_epoch_diagnostics=not args.no_epoch_diagnostics))
     print(summary_table(records))
-    failed = [r for r in records if r["status"] == "failed"]
-    for r in failed:
-        print(f"failed: run {r['run_id']} at step {r['fail_step']} ({r['spec']['dataset']}, "
-              f"{r['spec']['config']['regularizer']['kind']}, seed {r['spec']['seed']})")
-    print(f"{len(records)} runs ({len(failed)} failed) in {time.perf_counter() - start:.1f}s")
+    bad = [r for r in records if r["status"] != "ok"]
+    for r in bad:
+        s, hp = r["spec"], r.get("hparams") or {}
+        step = r.get("fail_step") if r["status"] == "failed" else r.get("diverge_step")
+        print(f"{r['status']}: run {r['run_id']} at step {step} ({s['dataset']}, "
+              f"{s['config']['model']['activation']}, {s['config']['regularizer']['kind']}, seed {s['seed']}, "
+              f"learning rate {hp.get('learning_rate', s['config']['optimizer']['learning_rate'])}, "
+              f"strength {hp.get('strength', s['config']['regularizer']['strength'])}, "
+              f"fraction {s['data_fraction']})")
+    failed = sum(r["status"] == "failed" for r in records)
+    diverged = sum(r["status"] == "diverged" for r in records)
+    print(f"{len(records)} runs ({failed} failed, {diverged} diverged) in {time.perf_counter() - start:.1f}s")
     return 0
 
 
@@ -87,6 +103,8 @@ def cmd_train(args) -> int:
         setattr(args, plural, None if value is None else [value])
     for noise in ("label_noise", "input_noise"):
         setattr(args, noise, None if getattr(args, noise) is None else [getattr(args, noise)])
+    if args.out is not None:  # fail before training, not after it (the run would be lost)
+        _check_output_path(args.out)
     sweep = _sweep_config(args)
     if args.strength is not None:
         import dataclasses
@@ -101,9 +119,12 @@ def cmd_train(args) -> int:
     start = time.perf_counter()
     final, curves = train_many(RunHParams.stack([spec.hparams()]), data, spec.config, num_classes,
                                EngineOptions())
-    metrics = {k: v[0].tolist() for k, v in final.items()}
-    out = {"run_id": spec.run_id, "spec": spec.to_dict(), "metrics": metrics,
-           "curves": {k: v[0].tolist() for k, v in curves.items()},
+    from dreg_jax.engine.sweep import _status, _to_json
+
+    metrics = {k: _to_json(v[0]) for k, v in final.items()}
+    status = _status(metrics["fail_step"], metrics["diverge_step"])
+    out = {"run_id": spec.run_id, "spec": spec.to_dict(), "status": status, "metrics": metrics,
+           "curves": {k: _to_json(v[0]) for k, v in curves.items()},
            "seconds": time.perf_counter() - start}
     print(f"run {spec.run_id}: {spec.dataset} {spec.config.model.activation} "
           f"{spec.config.regularizer.kind}, {spec.config.epochs} epochs, {out['seconds']:.1f}s")
@@ -113,11 +134,26 @@ def cmd_train(args) -> int:
     print(f"  jacobian terms   {[round(v, 4) for v in metrics['jacobian_sq_norms']]}")
     if metrics["fail_step"] >= 0:
         print(f"  FAILED: non-finite loss at step {metrics['fail_step']}")
+    elif metrics["diverge_step"] >= 0:
+        print(f"  DIVERGED: data loss exploded at step {metrics['diverge_step']}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
+        args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
         print(f"wrote {args.out}")
-    return 1 if metrics["fail_step"] >= 0 else 0
+    return 0 if status == "ok" else 1
+
+
+def _check_output_path(path: pathlib.Path):
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a directory; give a file name, e.g. {path / 'run.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with open(path, "a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as err:
+        raise ValueError(f"--out {path} cannot be written: {err.strerror or err}") from None
 
 
 def cmd_data(args) -> int:
@@ -158,23 +194,49 @@ def cmd_data(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage text lists ~100 dataset names)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _dataset_name(text: str) -> str:
+    from dreg_jax.data import check_dataset
+
+    try:
+        return check_dataset(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from dreg_jax.data import DATASETS
     from dreg_jax.data.registry import FEATURIZERS
     from dreg_jax.layers.activations import ACTIVATIONS
     from dreg_jax.penalties.schedules import SCHEDULES
     from dreg_jax.training.config import REGULARIZERS
 
-    parser = argparse.ArgumentParser(prog="dreg-jax", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dreg-jax", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    dataset_help = "a dataset name (`dreg-jax data list`: 10 offline sets, public TFDS names)"
 
     def grid_options(p, plural: bool):
         if plural:
-            p.add_argument("--datasets", nargs="+", choices=DATASETS)
+            p.add_argument("--datasets", nargs="+", type=_dataset_name, metavar="NAME", help=dataset_help)
             p.add_argument("--activations", nargs="+", choices=ACTIVATIONS)
             p.add_argument("--regularizers", nargs="+", choices=REGULARIZERS)
-            p.add_argument("--seeds", type=int, help="number of seeds (0..n-1)")
+            p.add_argument("--seeds", type=_positive_int, help="number of seeds (0..n-1)")
             p.add_argument("--fractions", nargs="+", type=float, help="training fractions in (0, 1]")
             p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float)
             p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float)
@@ -182,15 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--strength-schedules", dest="strength_schedules", nargs="+", choices=SCHEDULES,
                            help="lambda schedules for the dreg runs (default constant)")
         p.add_argument("--hidden", nargs="+", type=int, help="hidden widths, e.g. 64 64 64")
-        p.add_argument("--epochs", type=int)
-        p.add_argument("--batch-size", dest="batch_size", type=int)
+        p.add_argument("--epochs", type=_positive_int)
+        p.add_argument("--batch-size", dest="batch_size", type=_positive_int)
         p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"])
         p.add_argument("--featurizer", choices=FEATURIZERS,
                        help="text features: hashed n-grams (default) or minilm (needs the encoder extra)")
         p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")
 
     p_train = sub.add_parser("train", help="train one run and print its metrics")
-    p_train.add_argument("--dataset", choices=DATASETS, default="digits")
+    p_train.add_argument("--dataset", type=_dataset_name, default="digits", metavar="NAME", help=dataset_help)
     p_train.add_argument("--activation", choices=ACTIVATIONS, default="chainzrule")
     p_train.add_argument("--regularizer", choices=REGULARIZERS, default="dreg")
     p_train.add_argument("--seed", type=int, default=0)
@@ -208,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep = sub.add_parser("sweep", help="run a resumable factorial grid of runs")
     grid_options(p_sweep, plural=True)
     p_sweep.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results/sweep.jsonl"))
-    p_sweep.add_argument("--chunk-size", dest="chunk_size", type=int, default=64,
+    p_sweep.add_argument("--chunk-size", dest="chunk_size", type=_positive_int, default=64,
                          help="max runs per compiled program call")
     p_sweep.add_argument("--no-epoch-diagnostics", action="store_true",
                          help="compute tau only at the end (faster)")
@@ -232,7 +294,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as err:  # one clear line, not a traceback
+    except (ValueError, TypeError, RuntimeError, OSError) as err:  # one clear line, not a traceback
         print(f"dreg-jax: error: {err}", file=sys.stderr)
         return 2
 

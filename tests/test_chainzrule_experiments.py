@@ -1,7 +1,8 @@
-"""Each ChainzRule experiment's quick profile end to end: runs, report.md, figures."""
+"""Each ChainzRule experiment's quick profile end to end: runs, report.md, figures (slow suite)."""
 import pytest
 
 
+@pytest.mark.slow  # studies: `make test-slow`
 @pytest.mark.parametrize("script,figures,sections,extra", [
     ("chainzrule_fractions", ["accuracy_vs_fraction.png"], ["pima: test accuracy", "Beside the paper", "SVM"], []),
     ("chainzrule_robustness", ["robustness_digits.png"], ["mean corruption accuracy", "pixelate", "Bonferroni"], []),

@@ -12,6 +12,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 
 import numpy as np
 
@@ -95,10 +96,27 @@ def _read_split(source, text: bool):
     return values, labels
 
 
+def _records_on_disk(builder, split: str) -> int:
+    """Records actually stored in the split's array_record shards (independent of the metadata)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    total = 0
+    for shard in sorted(pathlib.Path(builder.data_dir).glob(f"*-{split}.array_record-*")):
+        reader = ArrayRecordReader(str(shard))
+        try:
+            total += reader.num_records()
+        finally:
+            reader.close()
+    return total
+
+
 def _read(builder, text: bool):
     out = {}
     for split in ("train", "test"):
         expected = builder.info.splits[split].num_examples
+        stored = _records_on_disk(builder, split)
+        if stored != expected:
+            raise OSError(f"{split}: shards hold {stored} records, the metadata says {expected}")
         values, labels = _read_split(builder.as_data_source(split=split), text)
         if len(labels) != expected or expected == 0:
             raise OSError(f"{split}: read {len(labels)} examples, expected {expected}")
@@ -110,15 +128,18 @@ def read_offline(name: str, num_classes: int, num_features: int | None, data_dir
     """Prepares (once) and reads ``name``: ``{"train": (x or texts, y), "test": (...)}``."""
     data_dir = pathlib.Path(data_dir or default_data_dir())
     cls = builder_class(name, num_classes, num_features)
+    prepared_dir = data_dir / cls.name / VERSION
     for attempt in (0, 1):
-        builder = cls(data_dir=str(data_dir), file_format="array_record")
-        try:
+        try:  # the builder reads dataset_info.json when made: a damaged one fails here
+            builder = cls(data_dir=str(data_dir), file_format="array_record")
             builder.download_and_prepare()
             return _read(builder, num_features is None)
         except Exception as err:  # noqa: BLE001 - any failure to read means a bad directory
             if attempt:
                 raise OSError(f"dataset {name!r} could not be built in {data_dir}: {err}") from err
-            logging.getLogger(__name__).warning("rebuilding %s: %s", name, err)
-            shutil.rmtree(pathlib.Path(builder.data_dir), ignore_errors=True)
-            for partial in (data_dir / builder.name).glob("incomplete*"):
+            reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+            print(f"dreg_jax: prepared dataset {name!r} in {prepared_dir} is damaged ({reason}); "
+                  "rebuilding it", file=sys.stderr)
+            shutil.rmtree(prepared_dir, ignore_errors=True)
+            for partial in (data_dir / cls.name).glob("incomplete*"):
                 shutil.rmtree(partial, ignore_errors=True)

@@ -18,6 +18,7 @@ sentence encoder, optional extra).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import os
 import pathlib
@@ -122,8 +123,10 @@ def check_dataset(name: str) -> str:
     if name not in REGISTRY:
         offline = ", ".join(OFFLINE)
         public = ", ".join(n for n in PUBLIC if "/" not in n or n == "glue/sst2")
+        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(
-            f"unknown dataset {name!r}; offline: {offline}; download (tensorflow-datasets): "
+            f"unknown dataset {name!r}{hint}; offline: {offline}; download (tensorflow-datasets): "
             f"{public}, cifar10_corrupted/<corruption>_<1..5>"
         )
     return name

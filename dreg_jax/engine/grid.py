@@ -3,8 +3,12 @@
 ``train_many`` vmaps :func:`train_run` over a batch of :class:`RunHParams` and jits the
 result (compiled once per structure, cached). With a ``mesh`` the run axis is sharded over
 the mesh's ``"runs"`` axis (``NamedSharding(mesh, P("runs"))``) and the dataset replicated:
-the same code uses 1 CPU, 8 GPUs or a TPU slice. The run count is padded to a multiple of the
-device count (the padding repeats the last run; its results are dropped).
+the same code uses 1 CPU, 8 GPUs or a TPU slice. Runs go through the program in
+blocks of exactly ``options.vmap_width`` (rounded up to a multiple of the device count); the
+last block is padded by repeating its last run, and the padding's results are dropped. One
+width for every call makes a run's floating-point bits independent of how many runs share its
+call, of the chunking and of the point a sweep was resumed from (a different vmap width can
+change the last bits: XLA vectorizes differently).
 
 Multi-host: call ``jax.distributed.initialize()`` at the start of every host's process (same
 command on each host; on TPU pods and SLURM/Open MPI clusters it needs no arguments, elsewhere
@@ -54,21 +58,37 @@ def _signature(tree):
                  for a in jax.tree_util.tree_leaves(tree))
 
 
-def prepare_inputs(hparams: RunHParams, data: EngineData, mesh: Mesh | None = None,
-                   pad_to: int | None = None):
-    """Pads the run axis (to ``pad_to`` and to a multiple of the mesh size) and places arrays."""
-    num_runs = int(np.shape(hparams.seed)[0])
-    target = max(num_runs, pad_to or 0)
+def block_width(options: EngineOptions, mesh: Mesh | None = None) -> int:
+    """The vmap width of every call: ``options.vmap_width`` rounded up to the mesh size."""
+    width = options.vmap_width
+    if width < 1:
+        raise ValueError(f"vmap_width must be >= 1, got {width}")
     if mesh is not None and mesh.size > 1:
-        target += (-target) % mesh.size
-    if target > num_runs:  # padding repeats the last run; its results are dropped
-        hparams = jax.tree_util.tree_map(
-            lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], target - num_runs, axis=0)]), hparams
-        )
+        width += (-width) % mesh.size
+    return width
+
+
+def run_blocks(hparams: RunHParams, width: int):
+    """``hparams`` cut into blocks of exactly ``width`` runs (the last padded with its last run)."""
+    num_runs = int(np.shape(hparams.seed)[0])
+    if num_runs < 1:
+        raise ValueError("no runs: hparams has an empty run axis")
+    blocks = []
+    for start in range(0, num_runs, width):
+        block = jax.tree_util.tree_map(lambda a: a[start:start + width], hparams)
+        short = width - int(np.shape(block.seed)[0])
+        if short:
+            block = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], short, axis=0)]), block)
+        blocks.append(block)
+    return blocks
+
+
+def place(hparams: RunHParams, data: EngineData, mesh: Mesh | None = None):
+    """Shards the run axis over the mesh and replicates the data (no-op without a mesh)."""
     if mesh is not None and mesh.size > 1:
         hparams = jax.device_put(hparams, NamedSharding(mesh, P("runs")))
         data = jax.device_put(data, NamedSharding(mesh, P()))
-    return hparams, data, num_runs
+    return hparams, data
 
 
 def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, hparams, data):
@@ -91,10 +111,15 @@ def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, 
 
 
 def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
-               options: EngineOptions = EngineOptions(), mesh: Mesh | None = None,
-               pad_to: int | None = None):
+               options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
     """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves)."""
     config.validate()
-    hparams, data, num_runs = prepare_inputs(hparams, data, mesh, pad_to)
-    final, curves = compile_grid(config, num_classes, options, hparams, data)(hparams, data)
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:num_runs], (final, curves))
+    hparams.validate()
+    num_runs = int(np.shape(hparams.seed)[0])
+    width = block_width(options, mesh)
+    outputs = []
+    for block in run_blocks(hparams, width):
+        block, placed = place(block, data, mesh)
+        program = compile_grid(config, num_classes, options, block, placed)
+        outputs.append(jax.tree_util.tree_map(np.asarray, program(block, placed)))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_runs], *outputs)

@@ -1,4 +1,4 @@
-"""One training run, end to end, as a pure function: ``lax.scan`` over epochs and steps.
+r"""One training run, end to end, as a pure function: ``lax.scan`` over epochs and steps.
 
 ``train_run(hparams, data, config, num_classes, options)`` depends on the run only through
 ``hparams`` (seed, learning rate, strength, data fraction, label noise, input noise), all
@@ -14,6 +14,16 @@ examples in a fresh random order each epoch (same compute budget for every fract
 
 A run whose loss or gradient becomes non-finite is marked with the first such step
 (``fail_step``, -1 when none); the other runs of the grid are unaffected.
+
+A run **diverges** (``diverge_step``, -1 when none) at the first step whose training data loss
+(cross-entropy, penalty excluded) exceeds
+
+.. math:: \text{DIVERGENCE_FACTOR} \cdot \max(\log C,\; \ell_0),
+
+ten times the worse of chance level (:math:`\log C` for ``C`` classes) and the run's own
+first-step data loss: a run that learned nothing stays near :math:`\log C`, one whose updates
+blow up (e.g. learning rate 1e6) passes :math:`10 \log C` within a few steps while its loss
+stays finite. Sweeps record such runs with status ``diverged``.
 """
 from __future__ import annotations
 
@@ -31,6 +41,9 @@ from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.train import create_train_state, eval_step, train_step
 
 
+DIVERGENCE_FACTOR = 10.0
+
+
 class RunHParams(NamedTuple):
     """Numeric per-run values; each a scalar (or a leading run axis when vmapped)."""
 
@@ -40,6 +53,24 @@ class RunHParams(NamedTuple):
     data_fraction: jax.Array
     label_noise: jax.Array
     input_noise: jax.Array
+
+    def validate(self) -> "RunHParams":
+        """Checks concrete values: finite, learning rate > 0, strength >= 0, fraction in (0, 1]."""
+        values = {f: np.asarray(getattr(self, f), np.float64) for f in self._fields}
+        for name, v in values.items():
+            if not np.isfinite(v).all():
+                raise ValueError(f"RunHParams.{name} must be finite, got {getattr(self, name)}")
+        checks = (("learning_rate", values["learning_rate"] > 0, "> 0"),
+                  ("strength", values["strength"] >= 0, ">= 0"),
+                  ("data_fraction", (values["data_fraction"] > 0) & (values["data_fraction"] <= 1), "in (0, 1]"),
+                  ("label_noise", (values["label_noise"] >= 0) & (values["label_noise"] < 1), "in [0, 1)"),
+                  ("input_noise", values["input_noise"] >= 0, ">= 0"),
+                  ("seed", (values["seed"] >= 0) & (values["seed"] < 2**32) & (values["seed"] % 1 == 0),
+                   "an integer in [0, 2**32)"))
+        for name, ok, rule in checks:
+            if not np.all(ok):
+                raise ValueError(f"RunHParams.{name} must be {rule}, got {getattr(self, name)}")
+        return self
 
     @classmethod
     def stack(cls, rows) -> "RunHParams":
@@ -64,6 +95,9 @@ class EngineData(NamedTuple):
 class EngineOptions:
     diag_size: int = 128  # evaluation examples for the per-example gradient diagnostics
     per_epoch_diagnostics: bool = True  # tau and Jacobian terms every epoch (else final only)
+    # Runs per compiled call. Every call has exactly this vmap width (the last block padded), so
+    # a run's bits depend only on its config and this width, never on chunking or resume point.
+    vmap_width: int = 8
 
 
 def run_keys(seed):
@@ -102,14 +136,19 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     x_train = data.x_train + hp.input_noise * jax.random.normal(k_noise, data.x_train.shape)
     positions = jnp.arange(steps * batch).reshape(steps, batch)
 
+    chance = math.log(num_classes)
+
     def one_step(carry, inputs):
-        state, prev_norm, fail_step, step, peak = carry
+        state, prev_norm, fail_step, step, peak, first_loss, diverge_step = carry
         idx, k = inputs
         state, m = train_step(state, {"x": x_train[idx], "y": y_train[idx]}, k, config)
         finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
         fail_step = jnp.where((fail_step < 0) & ~finite, step, fail_step)
+        first_loss = jnp.where(step == 0, m["data_loss"], first_loss)
+        exploded = m["data_loss"] > DIVERGENCE_FACTOR * jnp.maximum(chance, first_loss)
+        diverge_step = jnp.where((diverge_step < 0) & exploded, step, diverge_step)
         vol = volatility(m["grad_norm"], prev_norm, step)
-        carry = (state, m["grad_norm"], fail_step, step + 1, jnp.maximum(peak, vol))
+        carry = (state, m["grad_norm"], fail_step, step + 1, jnp.maximum(peak, vol), first_loss, diverge_step)
         schedule = {k: m[k] for k in ("strength_multiplier", "representation_noise") if k in m}
         return carry, (m["loss"], m["accuracy"], m["penalty"], vol, m["grad_norm"], schedule)
 
@@ -128,8 +167,9 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         return carry, curves
 
     carry0 = (state, jnp.zeros([], jnp.float32), jnp.array(-1, jnp.int32),
-              jnp.array(0, jnp.int32), jnp.zeros([], jnp.float32))
-    (state, _, fail_step, _, peak), curves = jax.lax.scan(
+              jnp.array(0, jnp.int32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
+              jnp.array(-1, jnp.int32))
+    (state, _, fail_step, _, peak, _, diverge_step), curves = jax.lax.scan(
         one_epoch, carry0, jax.random.split(k_loop, config.epochs)
     )
     # the last epoch's evaluation is the final one (no second copy of the eval program)
@@ -139,7 +179,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         diag_x = data.x_test[: options.diag_size]
         final.update(tau=gradient_tail_ratio(state, diag_x),
                      tau_input=gradient_tail_ratio(state, diag_x, variant="input"))
-    final.update(fail_step=fail_step, volatility_peak=peak, train_examples=num_included)
+    final.update(fail_step=fail_step, diverge_step=diverge_step, volatility_peak=peak,
+                 train_examples=num_included)
     if data.x_robust.shape[0] > 0:
         robust = jax.vmap(
             lambda xr: eval_step(state, {"x": xr, "y": data.y_test}, config)["accuracy"]

@@ -6,11 +6,15 @@
   a group, trained in chunks by :func:`dreg_jax.engine.train_many` (one compiled program per
   group, vmapped over seeds, fractions, noise levels, learning rates and strengths).
 * After each chunk its records are appended to the results file with one ``os.write`` and an
-  ``fsync``. A SIGKILL can at worst leave a partial last line: on the next start it is cut off
-  (that run is redone), finished runs are skipped, nothing is duplicated or lost. An exclusive
+  ``fsync``. A SIGKILL can at worst leave a partial last line: on the next start it is set
+  aside (that run is redone); a complete last row that only lacks its newline is kept; finished
+  runs are skipped, nothing is duplicated or lost. An exclusive
   ``flock`` keeps two sweeps from writing the same file at once.
-* A run with a non-finite loss/gradient gets ``status: "failed"`` and ``fail_step``; the rest
-  of the grid finishes.
+* A run with a non-finite loss/gradient gets ``status: "failed"`` and ``fail_step``; one whose
+  data loss explodes gets ``status: "diverged"`` and ``diverge_step`` (criterion in
+  :mod:`dreg_jax.engine.run`); the rest of the grid finishes.
+* Rows are strict JSON (non-finite values are ``null``). On load every row is validated; a line
+  that is not a valid row is moved to ``<file>.rejected`` with a message naming file and line.
 """
 from __future__ import annotations
 
@@ -18,13 +22,16 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import difflib
 import fcntl
 import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 import pathlib
+import sys
 import time
 from typing import Iterable, Sequence
 
@@ -35,7 +42,7 @@ from tqdm.auto import tqdm
 
 from dreg_jax._checks import check_choice
 from dreg_jax.data.registry import FEATURIZERS, check_dataset, load_dataset
-from dreg_jax.engine.grid import compile_grid, prepare_inputs
+from dreg_jax.engine.grid import block_width, compile_grid, place, run_blocks
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
     REGULARIZERS,
@@ -119,37 +126,120 @@ class RunSpec:
                           self.label_noise, self.input_noise)
 
 
-class ResultsFile:
-    """Append-only JSON-lines results with crash repair; see the module docstring."""
+STATUSES = ("ok", "failed", "diverged")
 
-    def __init__(self, path):
+
+def record_problem(record) -> str | None:
+    """Why ``record`` is not a valid results row (None when it is)."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a results row (an object)"
+    for field, kind in (("run_id", str), ("spec", dict), ("status", str), ("metrics", dict)):
+        if field not in record:
+            return f"row has no {field!r}"
+        if not isinstance(record[field], kind):
+            return f"row field {field!r} is a {type(record[field]).__name__}, expected {kind.__name__}"
+    if record["status"] not in STATUSES:
+        return f"row status {record['status']!r} is not one of {', '.join(STATUSES)}"
+    if record["status"] == "ok" and "test_accuracy" not in record["metrics"]:
+        return "ok row has no metrics.test_accuracy"
+    try:
+        run_id = RunSpec.from_dict(record["spec"]).run_id
+    except (KeyError, TypeError, ValueError) as err:
+        return f"row spec cannot be read ({type(err).__name__}: {err})"
+    if run_id != record["run_id"]:
+        return f"row spec hashes to {run_id}, not its run_id {record['run_id']}"
+    return None
+
+
+class ResultsFile:
+    """Append-only JSON-lines results with crash repair; see the module docstring.
+
+    ``load`` keeps every valid row. A line that is not a valid row (torn write, garbage,
+    binary bytes, a row without metrics, ...) is moved to ``<file>.rejected`` (one JSON object
+    per line: line number, reason, text) with a message naming the file and line, and the
+    results file is rewritten without it, so the run it shadowed is used or redone.
+    """
+
+    def __init__(self, path, *, log=None):
         self.path = pathlib.Path(path)
+        self.rejected_path = self.path.with_name(self.path.name + ".rejected")
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+
+    def check_writable(self):
+        """Raise now (before any compute) if results cannot be appended to this path."""
+        if self.path.is_dir():
+            raise OSError(f"results path {self.path} is a directory; pass a file, e.g. {self.path / 'results.jsonl'}")
+        if self.path.exists() and not self.path.stat().st_mode & 0o222:
+            raise OSError(f"results file {self.path} is read-only; make it writable (chmod u+w) or "
+                          "pass another --results file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as err:
+            raise OSError(f"results file {self.path} cannot be written: {err.strerror or err}") from None
 
     def load(self) -> dict:
-        """``run_id -> record`` of every complete line (a partial last line is cut off)."""
+        """``run_id -> record`` of every valid row (the first, if a run appears twice)."""
         if not self.path.exists():
             return {}
         raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            cut = raw.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:  # drop the torn write; that run is redone
-                f.truncate(cut)
-            raw = raw[:cut]
-        records = {}
-        for number, line in enumerate(raw.decode().splitlines(), 1):
+        lines = raw.split(b"\n")
+        unterminated = lines.pop() if lines else b""  # b"" when the file ends with a newline
+        records, kept, rejected = {}, [], []
+        numbered = [(n, line, True) for n, line in enumerate(lines, 1)]
+        if unterminated.strip():
+            numbered.append((len(lines) + 1, unterminated, False))
+        for number, line, terminated in numbered:
             if not line.strip():
+                kept.append(line)
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+                problem = record_problem(record)
+            except UnicodeDecodeError:
+                problem = "binary bytes, not UTF-8 text"
             except json.JSONDecodeError as err:
-                raise ValueError(f"{self.path}:{number} is not valid JSON ({err}); fix or remove that line") from err
-            records.setdefault(record["run_id"], record)
+                problem = ("an unterminated last line that does not parse (a write cut short)"
+                           if not terminated else f"not valid JSON ({err.msg} at column {err.colno})")
+            if problem:
+                rejected.append((number, line, problem))
+                continue
+            kept.append(line)
+            if record["run_id"] in records:
+                continue  # a duplicate of a run already loaded: harmless, left in place
+            records[record["run_id"]] = record
+        if rejected:
+            self._set_aside(rejected)
+            self._rewrite(kept)
+        elif unterminated.strip():  # a valid last row without its newline: keep it, terminate it
+            with open(self.path, "ab") as f:
+                f.write(b"\n")
+            self.log(f"{self.path}:{len(lines) + 1}: valid last row had no trailing newline; added one")
         return records
+
+    def _set_aside(self, rejected):
+        with open(self.rejected_path, "a", encoding="utf-8") as f:
+            for number, line, problem in rejected:
+                f.write(json.dumps({"file": str(self.path), "line": number, "reason": problem,
+                                    "text": line.decode("utf-8", errors="backslashreplace"),
+                                    "set_aside_at": _now()}) + "\n")
+        for number, _, problem in rejected:
+            self.log(f"{self.path}:{number}: {problem}; moved to {self.rejected_path} "
+                     "(the run is redone if this sweep contains it)")
+
+    def _rewrite(self, lines):
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        data = b"".join(line + b"\n" for line in lines if line.strip())
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def append(self, records: Sequence[dict]):
         if not records:
             return
-        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+        data = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records).encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -159,6 +249,10 @@ class ResultsFile:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
 def engine_data(name: str, featurizer: str = "hashed") -> tuple[EngineData, int]:
@@ -171,8 +265,21 @@ def engine_data(name: str, featurizer: str = "hashed") -> tuple[EngineData, int]
 
 
 def _to_json(value):
+    """Plain JSON values; non-finite floats become null (strict JSON has no NaN)."""
     value = np.asarray(value)
-    return value.item() if value.ndim == 0 else value.tolist()
+    return _finite_or_none(value.item() if value.ndim == 0 else value.tolist())
+
+
+def _finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def _status(fail_step: int, diverge_step: int) -> str:
+    return "failed" if fail_step >= 0 else "diverged" if diverge_step >= 0 else "ok"
 
 
 def _records(chunk, final, curves, seconds, robust_names):
@@ -181,27 +288,39 @@ def _records(chunk, final, curves, seconds, robust_names):
         metrics = {k: _to_json(v[i]) for k, v in final.items()}
         if "robust_accuracy_per_set" in metrics:
             metrics["robust_accuracy_per_set"] = dict(zip(robust_names, metrics["robust_accuracy_per_set"]))
-        fail_step = int(metrics.pop("fail_step"))
+        fail_step, diverge_step = int(metrics.pop("fail_step")), int(metrics.pop("diverge_step"))
         out.append({
             "run_id": spec.run_id,
             "spec": spec.to_dict(),
-            "status": "failed" if fail_step >= 0 else "ok",
+            "hparams": {k: _to_json(v) for k, v in spec.hparams()._asdict().items()},
+            "status": _status(fail_step, diverge_step),
             "fail_step": fail_step if fail_step >= 0 else None,
+            "diverge_step": diverge_step if diverge_step >= 0 else None,
             "metrics": metrics,
             "curves": {k: _to_json(v[i]) for k, v in curves.items()},
             "seconds": seconds / len(chunk),
-            "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "finished_at": _now(),
         })
     return out
 
 
 def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
               options: EngineOptions = EngineOptions(), mesh=None, progress: bool = True) -> list[dict]:
-    """Runs every spec not yet in ``results_path``; returns the records of all ``specs``."""
+    """Runs every spec not yet in ``results_path``; returns the records of all ``specs``.
+
+    ``chunk_size`` is the number of runs trained and written per results append; each chunk
+    runs in blocks of ``options.vmap_width`` (see :func:`dreg_jax.engine.grid.run_blocks`), so
+    the results do not depend on it.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     specs = [s.validate() for s in specs]  # every config checked before anything compiles
+    if not specs:
+        raise ValueError("the sweep has no runs")
     unique = list({s.run_id: s for s in specs}.values())
     results = ResultsFile(results_path)
-    results.path.parent.mkdir(parents=True, exist_ok=True)
+    results.check_writable()  # a bad results path fails now, not after the first chunk
+    width = block_width(options, mesh)
     with open(results.path.with_name(results.path.name + ".lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,35 +331,32 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         groups = collections.defaultdict(list)
         for s in pending:
             groups[s.structure()].append(s)
-        chunks = []  # (dataset, featurizer, config, specs, padded size)
+        chunks = []  # (dataset, featurizer, config, specs)
         for ((dataset, featurizer), config), members in groups.items():
-            n_chunks = -(-len(members) // chunk_size)
-            size = -(-len(members) // n_chunks)  # balanced chunks share one compiled program
-            chunks += [(dataset, featurizer, config, members[i:i + size], size)
-                       for i in range(0, len(members), size)]
+            chunks += [(dataset, featurizer, config, members[i:i + chunk_size])
+                       for i in range(0, len(members), chunk_size)]
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",
                    unit="run", disable=not progress)
 
         def prepared(item):
-            dataset, featurizer, config, chunk, size = item
+            dataset, featurizer, config, chunk = item
             data, num_classes = engine_data(dataset, featurizer)
-            hp, data, _ = prepare_inputs(RunHParams.stack(s.hparams() for s in chunk), data, mesh, size)
-            return hp, data, num_classes, compile_grid(config, num_classes, options, hp, data)
+            blocks = [place(b, data, mesh) for b in run_blocks(RunHParams.stack(s.hparams() for s in chunk), width)]
+            return blocks, num_classes, compile_grid(config, num_classes, options, *blocks[0])
 
         # compile up to COMPILE_AHEAD programs in background threads while one runs
         with concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_AHEAD) as pool:
             futures = [pool.submit(prepared, item) for item in chunks[:COMPILE_AHEAD]]
             for i, item in enumerate(chunks):
-                dataset, featurizer, config, chunk, _ = item
+                dataset, featurizer, config, chunk = item
                 bar.set_postfix_str(f"{dataset} {config.model.activation} {config.regularizer.kind}")
                 t0 = time.perf_counter()
-                hp, data, num_classes, program = futures[i].result()
+                blocks, num_classes, program = futures[i].result()
                 if i + COMPILE_AHEAD < len(chunks):
                     futures.append(pool.submit(prepared, chunks[i + COMPILE_AHEAD]))
                 futures[i] = None  # let finished programs' inputs be freed
-                final, curves = jax.tree_util.tree_map(
-                    lambda a: np.asarray(a)[: len(chunk)], program(hp, data)
-                )
+                outputs = [jax.tree_util.tree_map(np.asarray, program(hp, data)) for hp, data in blocks]
+                final, curves = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[: len(chunk)], *outputs)
                 robust_names = list(load_dataset(dataset, featurizer=featurizer).robust)
                 records = _records(chunk, final, curves, time.perf_counter() - t0, robust_names)
                 results.append(records)
@@ -251,7 +367,8 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
 
 
 def summary_table(records: Sequence[dict]) -> str:
-    """Mean +- std of test (and robust) accuracy per (dataset, activation, regularizer, fraction, noise)."""
+    """Mean +- std of test (and robust) accuracy of the ok runs per (dataset, activation,
+    regularizer, fraction, noise); failed and diverged runs are counted apart."""
     cells = collections.defaultdict(list)
     for r in records:
         s, c = r["spec"], r["spec"]["config"]
@@ -259,17 +376,74 @@ def summary_table(records: Sequence[dict]) -> str:
                s["data_fraction"], s["label_noise"], s["input_noise"])
         cells[key].append(r)
     header = (f"{'dataset':<14}{'activation':<12}{'regularizer':<15}{'frac':>6}{'lnoise':>8}"
-              f"{'inoise':>8}{'runs':>6}{'failed':>8}{'test acc %':>16}{'robust acc %':>16}")
+              f"{'inoise':>8}{'runs':>6}{'failed':>8}{'diverged':>9}{'test acc %':>16}{'robust acc %':>16}")
     lines = [header, "-" * len(header)]
     for key in sorted(cells):
         rs = cells[key]
         ok = [r for r in rs if r["status"] == "ok"]
+        diverged = sum(r["status"] == "diverged" for r in rs)
         acc = [100 * r["metrics"]["test_accuracy"] for r in ok]
         rob = [100 * r["metrics"]["robust_accuracy"] for r in ok if "robust_accuracy" in r["metrics"]]
         fmt = lambda v: f"{np.mean(v):6.2f} +- {np.std(v):5.2f}" if v else f"{'n/a':>15}"
         lines.append(f"{key[0]:<14}{key[1]:<12}{key[2]:<15}{key[3]:>6.2f}{key[4]:>8.2f}{key[5]:>8.2f}"
-                     f"{len(rs):>6}{len(rs) - len(ok):>8}{fmt(acc):>16}{fmt(rob):>16}")
+                     f"{len(rs):>6}{len(rs) - len(ok) - diverged:>8}{diverged:>9}{fmt(acc):>16}{fmt(rob):>16}")
     return "\n".join(lines)
+
+
+_NAME_LISTS = ("datasets", "activations", "regularizers", "strength_schedules")
+_NUMBER_LISTS = ("fractions", "label_noise", "input_noise", "learning_rates")
+_POSITIVE_INTS = ("epochs", "batch_size")
+_NAMES = ("dreg_scope", "featurizer")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _coerce_field(key, value):
+    """Checks a sweep key's value type (lists where lists are expected); returns it as a tuple."""
+    as_list = list(value) if isinstance(value, (list, tuple)) else [value]
+    if key in _NAME_LISTS:
+        if not as_list or not all(isinstance(v, str) for v in as_list):
+            raise ValueError(f"{key} must be a name or a list of names, got {value!r}")
+        return tuple(as_list)
+    if key in _NUMBER_LISTS:
+        if not as_list or not all(_is_number(v) and math.isfinite(v) for v in as_list):
+            raise ValueError(f"{key} must be a finite number or a list of them, got {value!r}")
+        return tuple(float(v) for v in as_list)
+    if key == "seeds":
+        if _is_int(value) and value >= 1:
+            return int(value)
+        if isinstance(value, (list, tuple)) and value and all(_is_int(v) and 0 <= v < 2**32 for v in value):
+            return tuple(int(v) for v in value)
+        raise ValueError(f"seeds must be a positive count (0..n-1) or a list of integer seeds, got {value!r}")
+    if key == "hidden":
+        if not as_list or not all(_is_int(v) and v >= 1 for v in as_list):
+            raise ValueError(f"hidden must be a list of positive integer widths, got {value!r}")
+        return tuple(int(v) for v in as_list)
+    if key in _POSITIVE_INTS:
+        if not (_is_int(value) and value >= 1):
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        return int(value)
+    if key in _NAMES:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a name, got {value!r}")
+        return value
+    if key == "strengths":
+        if not isinstance(value, dict):
+            raise ValueError(f"strengths must map regularizer names to strengths, got {value!r}")
+        out = {}
+        for name, v in value.items():
+            vs = list(v) if isinstance(v, (list, tuple)) else [v]
+            if not vs or not all(_is_number(x) and math.isfinite(x) and x >= 0 for x in vs):
+                raise ValueError(f"strengths[{name!r}] must be a finite number >= 0 or a list of them, got {v!r}")
+            out[name] = [float(x) for x in vs] if isinstance(v, (list, tuple)) else float(v)
+        return out
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,12 +468,17 @@ class SweepConfig:
 
     @classmethod
     def from_mapping(cls, mapping: dict) -> "SweepConfig":
+        """A config from a YAML/JSON mapping, every value type-checked (one-line errors)."""
+        if not isinstance(mapping, dict):
+            raise ValueError(f"a sweep config is a mapping of keys, got {type(mapping).__name__}")
         valid = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(mapping) - valid)
         if unknown:
-            raise ValueError(f"unknown sweep key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")
-        listy = {k: tuple(v) if isinstance(v, list) else v for k, v in mapping.items()}
-        return cls(**listy)
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
+                     for k in unknown]
+            raise ValueError(f"unknown sweep key(s) {unknown}; valid keys: {', '.join(sorted(valid))}"
+                             + (f"; {', '.join(h for h in hints if 'did you mean' in h)}" if any('did you mean' in h for h in hints) else ""))
+        return cls(**{k: _coerce_field(k, v) for k, v in mapping.items()})
 
     def expand(self) -> list[RunSpec]:
         for kind in self.strengths:

@@ -58,6 +58,8 @@ def cubic_value_and_derivative(z, coefficients, input_bound=None):
     Returns:
       ``(p, dp)`` with the shape and dtype of ``z``.
     """
+    if not jnp.issubdtype(jnp.asarray(z).dtype, jnp.floating):  # ints would truncate the coefficients
+        z = jnp.asarray(z, jnp.promote_types(coefficients.dtype, jnp.float32))
     a = coefficients.astype(z.dtype)
     a0, a1, a2, a3 = a[:, 0], a[:, 1], a[:, 2], a[:, 3]
     if input_bound is None:
@@ -88,6 +90,8 @@ class ChainzRule(nn.Module):
     def value_and_derivative(self, z):
         """``(p(z), p'(z))`` from one elementwise pass (the activation-scope DREG term)."""
         check_choice("ChainzRule coefficient_init", self.coefficient_init, INITS)
+        if not jnp.issubdtype(z.dtype, jnp.floating):  # integer coefficients would truncate to 0
+            z = z.astype(jnp.promote_types(self.param_dtype, jnp.float32))
         base = GELU_CUBIC_FIT if self.coefficient_init == "gelu" else IDENTITY_COEFFS
         features = z.shape[-1] if self.per_feature else 1
         coefficients = self.param(

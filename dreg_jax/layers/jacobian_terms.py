@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dreg_jax._checks import check_choice, check_positive_int
+from dreg_jax._checks import check_choice, check_positive_int, is_concrete
 from dreg_jax.layers.chainzrule import ChainzRule
 from dreg_jax.layers.elementwise import Activation, NNXActivation
 from dreg_jax.penalties.layer_jacobian import row_sq_norm_mean
@@ -296,6 +296,16 @@ def _check_input(h, path):
     if h.shape[0] == 0:
         raise ValueError(f"submodule {path!r} receives an empty batch {tuple(h.shape)}: a batch "
                          "mean needs at least one row")
+
+
+def _check_model_input(x):
+    """Eager checks of the model input: a batch axis with rows, finite floats (ints are tokens)."""
+    if not hasattr(x, "shape") or getattr(x, "ndim", 0) < 1:
+        raise ValueError(f"x must be an array with a leading batch axis, got {type(x).__name__}")
+    if x.shape[0] == 0:
+        raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): a batch mean needs >= 1 row")
+    if jnp.issubdtype(x.dtype, jnp.floating) and is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("x contains NaN/inf; clean or impute the data before computing DREG terms")
 
 
 def _check_output(y, batch, path):
@@ -547,6 +557,7 @@ def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str
     if scope == "layer" and estimator == "probe" and key is None:
         raise ValueError('the probe estimator draws Rademacher probes: pass key=jax.random.key(...)')
     key = jax.random.key(0) if key is None else key
+    _check_model_input(x)
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise TypeError("an NNX model carries its own state: pass variables=None")

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dreg_jax._checks import check_finite_scalar
+
 
 class CoherentRegularizationState(NamedTuple):
     count: jax.Array  # int32 steps seen
@@ -54,6 +56,8 @@ def coherent_strong_regularization(
     Returns:
       An optax ``GradientTransformation`` that needs ``params`` in ``update``.
     """
+    check_finite_scalar(l2, "l2", minimum=0.0)
+    check_finite_scalar(l1, "l1", minimum=0.0)
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"decay must be in [0, 1), got {decay}")
     if not 0.0 <= threshold <= 1.0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from dreg_jax._checks import check_choice
+from dreg_jax._checks import check_choice, check_finite_scalar, check_positive_int
 from dreg_jax.layers.activations import check_activation
 from dreg_jax.layers.chainzrule import INITS
 from dreg_jax.penalties.dreg import (
@@ -36,8 +36,8 @@ class ModelConfig:
         check_activation(self.activation)
         check_choice("chainzrule_init", self.chainzrule_init, INITS)
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float64"))
-        if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"hidden must be non-empty positive widths, got {self.hidden}")
+        if not self.hidden or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in self.hidden):
+            raise ValueError(f"hidden must be non-empty positive integer widths, got {self.hidden}")
         return self
 
 
@@ -71,10 +71,9 @@ class RegularizerConfig:
             )
         if not 0.0 < self.warmup_fraction <= 1.0:
             raise ValueError(f"warmup_fraction must be in (0, 1], got {self.warmup_fraction}")
-        if self.num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {self.num_probes}")
-        if self.strength is not None and self.strength < 0:
-            raise ValueError(f"strength must be >= 0, got {self.strength}")
+        check_positive_int(self.num_probes, "num_probes")
+        if self.strength is not None:
+            check_finite_scalar(self.strength, "strength", minimum=0.0)
         return self
 
     def resolved_strength(self) -> float:
@@ -89,8 +88,7 @@ class OptimizerConfig:
     learning_rate: float = 1e-3  # Adam
 
     def validate(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        check_finite_scalar(self.learning_rate, "learning_rate", minimum=0.0, strict=True)
         return self
 
 
@@ -106,6 +104,6 @@ class TrainConfig:
         self.model.validate()
         self.regularizer.validate()
         self.optimizer.validate()
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
         return self
