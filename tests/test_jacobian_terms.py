@@ -424,3 +424,16 @@ def test_dominance_warning_fires_once(jit, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         jax.block_until_ready(fn(jnp.array([0.1]), jnp.array(1.0)))  # smaller: silent
+
+
+def test_concrete_constants_inside_jit_are_fine():
+    """Data closed over by a jitted step is concrete at trace time: checks must not branch on tracers."""
+    model, variables, x, _ = setup_linen("residual_mlp")
+    terms = jnp.array([1.0, 2.0])
+
+    @jax.jit
+    def step(v):
+        out, t = dreg_jax.jacobian_terms(model, v, x, key=jax.random.key(0), layers=["mlp0"])
+        return dreg_jax.dreg_penalty(terms) + dreg_jax.dreg_penalty(t)
+
+    assert np.isfinite(float(step(variables)))

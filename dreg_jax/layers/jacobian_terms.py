@@ -62,6 +62,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dreg_jax._checks import check_choice, check_positive_int, is_concrete
@@ -304,7 +305,8 @@ def _check_model_input(x):
         raise ValueError(f"x must be an array with a leading batch axis, got {type(x).__name__}")
     if x.shape[0] == 0:
         raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): a batch mean needs >= 1 row")
-    if jnp.issubdtype(x.dtype, jnp.floating) and is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    # numpy, not jnp: a concrete closure constant inside a trace would give a tracer
+    if jnp.issubdtype(x.dtype, jnp.floating) and is_concrete(x) and not np.isfinite(np.asarray(x, np.float32)).all():
         raise ValueError("x contains NaN/inf; clean or impute the data before computing DREG terms")
 
 

@@ -99,7 +99,7 @@ def dreg_penalty(
     if not jnp.issubdtype(sq_norms.dtype, jnp.floating):  # integers would truncate lambda to 0
         sq_norms = sq_norms.astype(jnp.float32)
     sq_norms = sq_norms.astype(jnp.promote_types(sq_norms.dtype, jnp.float32))
-    if is_concrete(sq_norms) and not bool(jnp.all(jnp.isfinite(sq_norms))):
+    if is_concrete(sq_norms) and not np.isfinite(np.asarray(sq_norms, np.float64)).all():
         raise ValueError(f"sq_norms holds NaN/inf ({sq_norms}); the layer terms diverged or the input "
                          "was not finite")
     if is_concrete(strength):
