@@ -61,6 +61,15 @@ from dreg_jax.training import (
 
 __version__ = "0.1.0"
 
+
+def load_results(path):
+    """A sweep's results JSONL as a ``pandas.DataFrame``, one flat row per run
+    (:func:`dreg_jax.analysis.results.load_results`; imported on use: pandas is heavy)."""
+    from dreg_jax.analysis.results import load_results as _load
+
+    return _load(path)
+
+
 __all__ = [
     # any-model DREG
     "jacobian_terms", "term_widths", "call_key", "Activation", "NNXActivation",
@@ -78,4 +87,6 @@ __all__ = [
     "Regularizer", "REGISTRY", "REGULARIZERS", "DEFAULT_STRENGTHS", "get_regularizer",
     "ModelConfig", "OptimizerConfig", "RegularizerConfig", "TrainConfig", "TrainState",
     "create_train_state", "train_step", "eval_step", "fit",
+    # results
+    "load_results",
 ]

@@ -56,6 +56,16 @@ def _sweep_config(args):
     from dreg_jax.engine import SweepConfig
 
     mapping = dict(_load_mapping(args.config)) if args.config else {}
+    if getattr(args, "csv", None) is not None:  # your own data: checked, split, registered by name
+        from dreg_jax.data import from_csv, register_dataset
+
+        if not args.target:
+            raise ValueError("--csv needs --target COLUMN (the label column)")
+        ds = from_csv(args.csv, args.target, test_csv=args.test_csv, seed=args.split_seed)
+        register_dataset(ds)
+        print(f"{ds.name}: {len(ds.x_train)} train / {len(ds.x_val)} validation / {len(ds.x_test)} test rows, "
+              f"{ds.num_features} features, classes {list(ds.label_names)}")
+        args.datasets = [ds.name]
     for field in ("datasets", "activations", "regularizers", "seeds", "fractions", "label_noise",
                   "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope",
                   "strength_schedules", "featurizer"):
@@ -116,6 +126,9 @@ def cmd_train(args) -> int:
     from dreg_jax.engine.sweep import engine_data
 
     data, num_classes = engine_data(spec.dataset, spec.featurizer)
+    print(f"training {spec.dataset} {spec.config.model.activation} {spec.config.regularizer.kind} for "
+          f"{spec.config.epochs} epochs as one compiled program (compiling takes ~5-30 s on a CPU) ...",
+          flush=True)
     start = time.perf_counter()
     final, curves = train_many(RunHParams.stack([spec.hparams()]), data, spec.config, num_classes,
                                EngineOptions())
@@ -128,7 +141,7 @@ def cmd_train(args) -> int:
            "seconds": time.perf_counter() - start}
     print(f"run {spec.run_id}: {spec.dataset} {spec.config.model.activation} "
           f"{spec.config.regularizer.kind}, {spec.config.epochs} epochs, {out['seconds']:.1f}s")
-    for k in ("test_accuracy", "test_loss", "robust_accuracy", "tau", "volatility_peak"):
+    for k in ("test_accuracy", "validation_accuracy", "test_loss", "robust_accuracy", "tau", "volatility_peak"):
         if k in metrics:
             print(f"  {k:<16} {metrics[k]:.4f}")
     print(f"  jacobian terms   {[round(v, 4) for v in metrics['jacobian_sq_norms']]}")
@@ -154,6 +167,28 @@ def _check_output_path(path: pathlib.Path):
             path.unlink()
     except OSError as err:
         raise ValueError(f"--out {path} cannot be written: {err.strerror or err}") from None
+
+
+def cmd_results(args) -> int:
+    from dreg_jax.analysis.results import load_results
+    from dreg_jax.engine import ResultsFile, summary_table
+
+    frame = load_results(args.file)
+    print(summary_table(list(ResultsFile(args.file).load().values())))
+    print(f"{len(frame)} runs, {frame.shape[1]} columns")
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from dreg_jax.analysis.results import plot_results
+
+    for path in plot_results(args.file, args.out):
+        print(f"wrote {path}")
+    return 0
 
 
 def cmd_data(args) -> int:
@@ -250,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--featurizer", choices=FEATURIZERS,
                        help="text features: hashed n-grams (default) or minilm (needs the encoder extra)")
         p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")
+        p.add_argument("--csv", type=pathlib.Path, help="your own data: a CSV with a header row (replaces the dataset)")
+        p.add_argument("--target", help="the label column of --csv")
+        p.add_argument("--test-csv", dest="test_csv", type=pathlib.Path,
+                       help="a test CSV with the same columns (default: a stratified 20%% of --csv)")
+        p.add_argument("--split-seed", dest="split_seed", type=int, default=0,
+                       help="seed of the test/validation splits of --csv")
 
     p_train = sub.add_parser("train", help="train one run and print its metrics")
     p_train.add_argument("--dataset", type=_dataset_name, default="digits", metavar="NAME", help=dataset_help)
@@ -275,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--no-epoch-diagnostics", action="store_true",
                          help="compute tau only at the end (faster)")
     p_sweep.set_defaults(func=cmd_sweep)
+
+    p_results = sub.add_parser("results", help="a sweep's results: summary table, flat CSV")
+    p_results.add_argument("file", type=pathlib.Path, help="a results JSONL written by sweep")
+    p_results.add_argument("--csv", type=pathlib.Path, help="write one flat row per run to this CSV")
+    p_results.set_defaults(func=cmd_results)
+    p_plot = sub.add_parser("plot", help="accuracy-by-regularizer and learning-curve PNGs of a sweep")
+    p_plot.add_argument("file", type=pathlib.Path, help="a results JSONL written by sweep")
+    p_plot.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/plots"))
+    p_plot.set_defaults(func=cmd_plot)
 
     p_data = sub.add_parser("data", help="list or inspect the datasets")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)

@@ -10,4 +10,5 @@ from dreg_jax.data.registry import (
     check_dataset,
     load_dataset,
 )
+from dreg_jax.data.user import from_arrays, from_csv, register_dataset
 from dreg_jax.data.scarcity import stratified_fraction_mask, symmetric_label_noise

@@ -95,6 +95,8 @@ for _corruption in ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_bl
 
 REGISTRY = {**OFFLINE, **PUBLIC}
 DATASETS = tuple(REGISTRY)
+#: Datasets registered in this process by ``dreg_jax.data.register_dataset`` (name -> Dataset).
+USER_DATASETS: dict = {}
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -113,6 +115,10 @@ class Dataset:
     robust: dict  # set name -> (m, d) perturbed, standardized x_test
     info: DatasetInfo | None = None
     raw_test: object = None  # raw test images ([0, 1]) or texts, for plots
+    x_val: np.ndarray | None = None  # validation split (user data: carved from training)
+    y_val: np.ndarray | None = None
+    label_names: tuple | None = None  # class index -> original label (user data)
+    feature_names: tuple | None = None  # column names, one-hot columns as "column=value"
 
     @property
     def num_features(self) -> int:
@@ -120,7 +126,7 @@ class Dataset:
 
 
 def check_dataset(name: str) -> str:
-    if name not in REGISTRY:
+    if name not in REGISTRY and name not in USER_DATASETS:
         offline = ", ".join(OFFLINE)
         public = ", ".join(n for n in PUBLIC if "/" not in n or n == "glue/sst2")
         close = difflib.get_close_matches(str(name), DATASETS, n=1)
@@ -254,4 +260,6 @@ def load_dataset(name: str, data_dir=None, featurizer: str = "hashed") -> Datase
     """
     check_dataset(name)
     check_choice("featurizer", featurizer, FEATURIZERS)
+    if name in USER_DATASETS:
+        return USER_DATASETS[name]
     return _load(name, None if data_dir is None else str(data_dir), featurizer)

@@ -115,6 +115,7 @@ def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_c
     """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves)."""
     config.validate()
     hparams.validate()
+    data.check(num_classes)
     num_runs = int(np.shape(hparams.seed)[0])
     width = block_width(options, mesh)
     outputs = []

@@ -88,7 +88,38 @@ class EngineData(NamedTuple):
     y_train: jax.Array  # (n,) int32
     x_test: jax.Array  # (m, d)
     y_test: jax.Array  # (m,)
-    x_robust: jax.Array  # (sets, m, d) perturbed copies of x_test (labels y_test); sets may be 0
+    x_robust: jax.Array | None = None  # (sets, m, d) perturbed copies of x_test (labels y_test)
+    x_val: jax.Array | None = None  # (v, d) validation split (None or 0 rows: not evaluated)
+    y_val: jax.Array | None = None
+
+    def check(self, num_classes: int) -> "EngineData":
+        """Eager checks before compiling: shapes, finite features, labels in [0, num_classes)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        splits = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
+        if self.x_val is not None:
+            splits.append(("validation", self.x_val, self.y_val))
+        width = None
+        for split, x, y in splits:
+            x, y = np.asarray(x), np.asarray(y)
+            if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+                raise ValueError(f"{split}: x must be (rows, features) and y (rows,), got {x.shape} and {y.shape}")
+            if width is not None and x.shape[1] != width:
+                raise ValueError(f"{split} has {x.shape[1]} features, train has {width}")
+            width = x.shape[1]
+            if not np.issubdtype(x.dtype, np.floating):
+                raise TypeError(f"x_{split} must be floating, got {x.dtype}; cast it (x.astype(np.float32))")
+            bad = np.argwhere(~np.isfinite(x))
+            if bad.size:
+                raise ValueError(f"x_{split} has {len(bad)} NaN/inf value(s), the first at row {bad[0][0]}, "
+                                 f"column {bad[0][1]}; clean or impute the data first")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise TypeError(f"y_{split} must hold integer class labels, got {y.dtype}")
+            if y.size and (y.min() < 0 or y.max() >= num_classes):
+                raise ValueError(f"y_{split} labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+        if len(np.asarray(self.x_train)) == 0:
+            raise ValueError("x_train has no rows")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +212,10 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                      tau_input=gradient_tail_ratio(state, diag_x, variant="input"))
     final.update(fail_step=fail_step, diverge_step=diverge_step, volatility_peak=peak,
                  train_examples=num_included)
-    if data.x_robust.shape[0] > 0:
+    if data.x_val is not None and data.x_val.shape[0] > 0:
+        val = eval_step(state, {"x": data.x_val, "y": data.y_val}, config)
+        final.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
+    if data.x_robust is not None and data.x_robust.shape[0] > 0:
         robust = jax.vmap(
             lambda xr: eval_step(state, {"x": xr, "y": data.y_test}, config)["accuracy"]
         )(data.x_robust)

@@ -257,11 +257,18 @@ def _now():
 
 def engine_data(name: str, featurizer: str = "hashed") -> tuple[EngineData, int]:
     ds = load_dataset(name, featurizer=featurizer)
+    return dataset_engine_data(ds), ds.num_classes
+
+
+def dataset_engine_data(ds) -> EngineData:
+    """The engine's arrays of a :class:`dreg_jax.data.Dataset` (built-in or your own)."""
     robust = (np.stack(list(ds.robust.values())) if ds.robust
               else np.zeros((0,) + ds.x_test.shape, np.float32))
-    data = EngineData(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), jnp.asarray(ds.x_test),
-                      jnp.asarray(ds.y_test), jnp.asarray(robust))
-    return data, ds.num_classes
+    has_val = ds.x_val is not None and len(ds.x_val) > 0
+    return EngineData(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train), jnp.asarray(ds.x_test),
+                      jnp.asarray(ds.y_test), jnp.asarray(robust),
+                      jnp.asarray(ds.x_val) if has_val else None,
+                      jnp.asarray(ds.y_val) if has_val else None)
 
 
 def _to_json(value):
@@ -366,27 +373,39 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
     return [done[s.run_id] for s in specs]
 
 
+SUMMARY_KEYS = ("dataset", "activation", "regularizer", "data_fraction", "label_noise", "input_noise",
+                "learning_rate", "strength", "hidden", "epochs", "batch_size", "dreg_scope",
+                "strength_schedule", "featurizer")
+_SHORT = {"data_fraction": "frac", "label_noise": "lnoise", "input_noise": "inoise", "learning_rate": "lr",
+          "regularizer": "regularizer", "strength_schedule": "schedule", "batch_size": "batch"}
+
+
 def summary_table(records: Sequence[dict]) -> str:
-    """Mean +- std of test (and robust) accuracy of the ok runs per (dataset, activation,
-    regularizer, fraction, noise); failed and diverged runs are counted apart."""
+    """Mean +- std of test (and robust) accuracy of the ok runs, grouped by dataset, activation,
+    regularizer and every other config field that differs between the runs (learning rate,
+    strength, fraction, noise, ...); failed and diverged runs are counted apart."""
+    from dreg_jax.analysis.results import flat_row
+
+    rows = [(flat_row(r), r) for r in records]
+    always = ("dataset", "activation", "regularizer")
+    keys = [k for k in SUMMARY_KEYS if k in always or len({str(f.get(k)) for f, _ in rows}) > 1]
     cells = collections.defaultdict(list)
-    for r in records:
-        s, c = r["spec"], r["spec"]["config"]
-        key = (s["dataset"], c["model"]["activation"], c["regularizer"]["kind"],
-               s["data_fraction"], s["label_noise"], s["input_noise"])
-        cells[key].append(r)
-    header = (f"{'dataset':<14}{'activation':<12}{'regularizer':<15}{'frac':>6}{'lnoise':>8}"
-              f"{'inoise':>8}{'runs':>6}{'failed':>8}{'diverged':>9}{'test acc %':>16}{'robust acc %':>16}")
+    for flat, r in rows:
+        cells[tuple(str(flat.get(k)) for k in keys)].append(r)
+    widths = [max(len(_SHORT.get(k, k)), *(len(c[i]) for c in cells)) + 2 for i, k in enumerate(keys)]
+    header = ("".join(f"{_SHORT.get(k, k):<{w}}" for k, w in zip(keys, widths))
+              + f"{'runs':>6}{'failed':>8}{'diverged':>9}{'test acc %':>16}{'robust acc %':>16}")
     lines = [header, "-" * len(header)]
-    for key in sorted(cells):
-        rs = cells[key]
+    for cell in sorted(cells):
+        rs = cells[cell]
         ok = [r for r in rs if r["status"] == "ok"]
+        failed = sum(r["status"] == "failed" for r in rs)
         diverged = sum(r["status"] == "diverged" for r in rs)
         acc = [100 * r["metrics"]["test_accuracy"] for r in ok]
-        rob = [100 * r["metrics"]["robust_accuracy"] for r in ok if "robust_accuracy" in r["metrics"]]
-        fmt = lambda v: f"{np.mean(v):6.2f} +- {np.std(v):5.2f}" if v else f"{'n/a':>15}"
-        lines.append(f"{key[0]:<14}{key[1]:<12}{key[2]:<15}{key[3]:>6.2f}{key[4]:>8.2f}{key[5]:>8.2f}"
-                     f"{len(rs):>6}{len(rs) - len(ok) - diverged:>8}{diverged:>9}{fmt(acc):>16}{fmt(rob):>16}")
+        rob = [100 * r["metrics"]["robust_accuracy"] for r in ok if r["metrics"].get("robust_accuracy") is not None]
+        fmt = lambda v: f"{np.mean(v):6.2f} +- {np.std(v):5.2f}" if v else f"{'n/a':>15}"  # noqa: E731
+        lines.append("".join(f"{c:<{w}}" for c, w in zip(cell, widths))
+                     + f"{len(rs):>6}{failed:>8}{diverged:>9}{fmt(acc):>16}{fmt(rob):>16}")
     return "\n".join(lines)
 
 

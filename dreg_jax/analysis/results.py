@@ -1,0 +1,131 @@
+"""A sweep's results as a flat table, and plots for any sweep.
+
+``load_results(path)`` reads a results JSONL (validated like a resumed sweep: bad lines are
+set aside with a message) into a ``pandas.DataFrame`` with one row per run:
+
+* the config, flattened: ``dataset, activation, hidden, regularizer, strength (resolved),
+  learning_rate, epochs, batch_size, seed, data_fraction, label_noise, input_noise,
+  dreg_scope, strength_schedule, featurizer`` and the rest of the regularizer fields;
+* ``run_id, status, fail_step, diverge_step, seconds``;
+* every final metric: scalars as they are, per-layer lists as ``jacobian_sq_norms_0, _1, ...``,
+  per-set robust accuracies as ``robust_accuracy/<set>``.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+CONFIG_COLUMNS = ("dataset", "activation", "hidden", "regularizer", "strength", "learning_rate",
+                  "epochs", "batch_size", "seed", "data_fraction", "label_noise", "input_noise")
+
+
+def flat_row(record: dict) -> dict:
+    """One results record as a flat dict (see the module docstring)."""
+    spec, config = record["spec"], record["spec"]["config"]
+    reg, model = config["regularizer"], config["model"]
+    hparams = record.get("hparams") or {}
+    row = {
+        "run_id": record["run_id"], "status": record["status"], "dataset": spec["dataset"],
+        "activation": model["activation"], "hidden": "x".join(map(str, model["hidden"])),
+        "regularizer": reg["kind"],
+        "strength": hparams.get("strength", reg.get("strength")),
+        "learning_rate": hparams.get("learning_rate", config["optimizer"]["learning_rate"]),
+        "epochs": config["epochs"], "batch_size": config["batch_size"], "seed": spec["seed"],
+        "data_fraction": spec["data_fraction"], "label_noise": spec["label_noise"],
+        "input_noise": spec["input_noise"], "featurizer": spec.get("featurizer", "hashed"),
+    }
+    row.update({k: v for k, v in reg.items() if k not in ("kind", "strength")})
+    row.update({k: v for k, v in model.items() if k not in ("hidden", "activation")})
+    row.update(fail_step=record.get("fail_step"), diverge_step=record.get("diverge_step"),
+               seconds=record.get("seconds"))
+    for name, value in record["metrics"].items():
+        if isinstance(value, list):
+            row.update({f"{name}_{i}": v for i, v in enumerate(value)})
+        elif isinstance(value, dict):
+            row.update({f"{name}/{k}": v for k, v in value.items()})
+        else:
+            row[name] = value
+    return row
+
+
+def load_results(path):
+    """``pandas.DataFrame`` of a results JSONL, one flat row per run (see the module docstring)."""
+    import pandas as pd
+
+    from dreg_jax.engine.sweep import ResultsFile
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ValueError(f"results file {path} does not exist")
+    records = ResultsFile(path).load()
+    if not records:
+        raise ValueError(f"results file {path} holds no valid run")
+    return pd.DataFrame([flat_row(r) for r in records.values()])
+
+
+def varying_columns(frame, candidates=None) -> list[str]:
+    """Config columns whose value differs between runs (what a summary must group by)."""
+    candidates = candidates or [c for c in frame.columns if c in CONFIG_COLUMNS or c in (
+        "dreg_scope", "strength_schedule", "featurizer", "layer_estimator", "dreg_scaling")]
+    return [c for c in candidates if c != "seed" and frame[c].astype(str).nunique() > 1]
+
+
+def plot_results(path, out_dir) -> list[pathlib.Path]:
+    """Accuracy by regularizer (per dataset) and mean learning curves, as PNGs in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dreg_jax.engine.sweep import ResultsFile
+
+    frame = load_results(path)
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    ok = frame[frame.status == "ok"]
+    groups = [c for c in varying_columns(ok) if c not in ("dataset", "regularizer")]
+    datasets = sorted(ok.dataset.unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        sub = ok[ok.dataset == dataset]
+        labels = sub[groups].astype(str).agg(" ".join, axis=1) if groups else None
+        keys = sorted(set(labels)) if groups else [""]
+        regs = list(dict.fromkeys(sub.regularizer))
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            part = sub if not groups else sub[labels == key]
+            means = [100 * part[part.regularizer == r].test_accuracy.mean() for r in regs]
+            errs = [100 * part[part.regularizer == r].test_accuracy.std(ddof=0) for r in regs]
+            ax.bar(np.arange(len(regs)) + j * width, means, width, yerr=errs, capsize=2, label=key or None)
+        ax.set_xticks(np.arange(len(regs)) + 0.4 - width / 2, regs, rotation=30)
+        ax.set_title(dataset)
+        ax.set_ylabel("test accuracy % (mean +- std over seeds)")
+        if groups:
+            ax.legend(fontsize=7, title=" ".join(groups), title_fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "accuracy_by_regularizer.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    records = [r for r in ResultsFile(path).load().values() if r["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    curves = {}
+    for r in records:
+        key = (r["spec"]["dataset"], r["spec"]["config"]["regularizer"]["kind"])
+        curves.setdefault(key, []).append(r["curves"])
+    for (dataset, reg), runs in sorted(curves.items()):
+        for ax, metric in zip(axes, ("train_loss", "test_accuracy")):
+            values = np.array([c[metric] for c in runs if metric in c], float)
+            if values.size:
+                ax.plot(np.arange(1, values.shape[1] + 1), np.nanmean(values, axis=0), label=f"{dataset} {reg}")
+    for ax, metric in zip(axes, ("train loss", "test accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    written.append(out_dir / "learning_curves.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written

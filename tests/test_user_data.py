@@ -1,0 +1,121 @@
+"""Your own data: from_arrays / from_csv checks and splits, the CLI on a CSV, results as a table."""
+import csv
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_wine
+
+import dreg_jax
+from dreg_jax.cli import main as cli_main
+from dreg_jax.data import from_arrays, from_csv
+from dreg_jax.engine import EngineData, RunHParams, train_many
+
+
+@pytest.fixture(scope="module")
+def wine_csv(tmp_path_factory):
+    x, y = load_wine(return_X_y=True)
+    names = list(load_wine().feature_names)
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("csv") / "wine.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names + ["region", "cultivar"])
+        for row, label in zip(x, y):
+            writer.writerow([f"{v:.4g}" for v in row] + [rng.choice(["north", "south"]),
+                                                          ["barolo", "grignolino", "barbera"][label]])
+    return path
+
+
+def test_from_arrays_splits_encodes_and_standardizes_with_training_stats():
+    x, y = load_wine(return_X_y=True)
+    labels = np.array(["a", "b", "c"])[y]
+    ds = from_arrays(x, labels, validation_fraction=0.1, test_fraction=0.2, seed=3)
+    assert ds.label_names == ("a", "b", "c") and ds.num_classes == 3
+    assert len(ds.x_train) + len(ds.x_val) + len(ds.x_test) == len(x)
+    for split in (ds.y_val, ds.y_test):  # stratified: every class in every split
+        assert set(np.unique(split)) == {0, 1, 2}
+    np.testing.assert_allclose(ds.x_train.mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(ds.x_train.std(axis=0), 1, atol=1e-4)
+    assert np.abs(ds.x_test.mean(axis=0)).max() > 1e-3  # test uses the training statistics
+    again = from_arrays(x, labels, validation_fraction=0.1, test_fraction=0.2, seed=3)
+    np.testing.assert_array_equal(again.x_test, ds.x_test)  # deterministic
+
+
+def test_from_arrays_refuses_bad_input_with_the_place():
+    x, y = load_wine(return_X_y=True)
+    bad = x.copy()
+    bad[17, 3] = np.nan
+    with pytest.raises(ValueError, match=r"column 3 \('x3'\) row 17 is nan"):
+        from_arrays(bad, y)
+    with pytest.raises(ValueError, match="labels must be >= 0"):
+        from_arrays(x, y - 1)
+    with pytest.raises(ValueError, match="y_test has label 5"):
+        from_arrays(x, y, x[:5], np.array([0, 1, 2, 5, 0]))
+    with pytest.raises(ValueError, match="178 rows but y_train has 10"):
+        from_arrays(x, y[:10])
+    with pytest.warns(UserWarning, match=r"constant training column\(s\) \['x0'\]"):
+        const = x.copy()
+        const[:, 0] = 1.0
+        from_arrays(const, y)
+
+
+def test_from_csv_categorical_and_string_labels(wine_csv):
+    ds = from_csv(wine_csv, "cultivar")
+    assert ds.label_names == ("barbera", "barolo", "grignolino")
+    assert ds.feature_names[-2:] == ("region=north", "region=south")
+    assert ds.num_features == 15 and ds.name == "csv:wine.csv"
+    with pytest.raises(ValueError, match="target column 'kind' is not in .*its columns: alcohol"):
+        from_csv(wine_csv, "kind")
+
+
+def test_csv_with_a_missing_cell_is_one_line_error(wine_csv, tmp_path, capsys):
+    lines = wine_csv.read_text().splitlines()
+    cells = lines[5].split(",")
+    cells[2] = ""
+    lines[5] = ",".join(cells)
+    broken = tmp_path / "broken.csv"
+    broken.write_text("\n".join(lines) + "\n")
+    assert cli_main(["train", "--csv", str(broken), "--target", "cultivar", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "column 'ash' line 6 is missing" in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_engine_refuses_nan_data_and_out_of_range_labels():
+    x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    y = np.arange(20, dtype=np.int32) % 2
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(4,)), epochs=1, batch_size=8)
+    hp = RunHParams.stack([RunHParams(0, 1e-3, 0.0, 1.0, 0.0, 0.0)])
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="x_train has 1 NaN/inf value.*row 3, column 1"):
+        train_many(hp, EngineData(jnp.asarray(bad), y, x, y), config, 2)
+    with pytest.raises(ValueError, match=r"y_test labels must lie in \[0, 2\), got \[0, 2\]"):
+        train_many(hp, EngineData(x, y, x, y + (y == 1)), config, 2)
+    final, _ = train_many(hp, EngineData(x, y, x, y), config, 2)  # no dummy x_robust needed
+    assert 0 <= final["test_accuracy"][0] <= 1
+
+
+def test_csv_sweep_results_table_and_plots(wine_csv, tmp_path, capsys):
+    results = tmp_path / "r.jsonl"
+    assert cli_main(["sweep", "--csv", str(wine_csv), "--target", "cultivar", "--regularizers", "none", "dreg",
+                     "--seeds", "2", "--epochs", "3", "--hidden", "8", "--learning-rates", "1e-3", "1e-2",
+                     "--no-epoch-diagnostics", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("dataset"))
+    assert " lr " in header and "frac" not in header  # grouped by what differs (lr), not by what does not
+    frame = dreg_jax.load_results(results)
+    assert len(frame) == 8 and set(frame.learning_rate) == {1e-3, 1e-2}
+    assert {"test_accuracy", "validation_accuracy", "regularizer", "strength", "seed",
+            "jacobian_sq_norms_0", "robust_accuracy_per_set/gaussian_1"} <= set(frame.columns)
+    assert all(isinstance(v, (int, float, str, bool, type(None))) or np.isscalar(v) for v in frame.iloc[0])
+    table = tmp_path / "flat.csv"
+    assert cli_main(["results", str(results), "--csv", str(table)]) == 0
+    assert table.read_text().count("\n") == 9
+    assert cli_main(["plot", str(results), "--out", str(tmp_path / "plots")]) == 0
+    for png in ("accuracy_by_regularizer.png", "learning_curves.png"):
+        assert (tmp_path / "plots" / png).stat().st_size > 5000
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert all(0 <= r["metrics"]["validation_accuracy"] <= 1 for r in rows)
