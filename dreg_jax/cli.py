@@ -341,7 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ImportError as err:  # the core install: say which extra to add
+        print(f"dreg-jax: error: {err}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, RuntimeError, OSError) as err:  # one clear line, not a traceback

@@ -55,3 +55,21 @@ def test_readme_section_runs_and_penalizes(title):
         assert total > plain  # the penalty is part of the loss
         terms = {"any": total - plain}
     assert terms and all(float(v) > 0 for v in terms.values())
+
+
+def test_readme_own_data_section_runs(tmp_path, monkeypatch, capsys):
+    block = section_block_h2("Your own data")
+    monkeypatch.chdir(tmp_path)  # it writes results/my_wine.jsonl
+    namespace = {}
+    exec(compile(block, "README.md: Your own data", "exec"), namespace)
+    frame = namespace["frame"]
+    assert len(frame) == 8 and set(frame.regularizer) == {"none", "dreg"}
+    assert frame.validation_accuracy.between(0, 1).all() and frame.test_accuracy.mean() > 0.8
+    assert "validation_accuracy" in capsys.readouterr().out
+
+
+def section_block_h2(title):
+    text = README.read_text()
+    match = re.search(rf"## {re.escape(title)}\n(.*?)```python\n(.*?)```", text, flags=re.S)
+    assert match, f"README lost its '{title}' example"
+    return match.group(2)

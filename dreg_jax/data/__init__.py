@@ -1,4 +1,7 @@
 """Datasets: offline TFDS builders, public TFDS names, messy transforms, scarcity masks."""
+from dreg_jax._extras import require_study_extra
+
+require_study_extra("dreg_jax.data (datasets, engine sweeps, the CLI and the studies)")
 from dreg_jax.data.registry import (
     DATASETS,
     OFFLINE,

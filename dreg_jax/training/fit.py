@@ -12,7 +12,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from dreg_jax._checks import check_float_array
 from dreg_jax.training.config import TrainConfig
@@ -62,7 +61,15 @@ def fit(config: TrainConfig, x_train, y_train, x_test, y_test, *, seed: int = 0,
     total_steps = config.epochs * math.ceil(len(x_train) / config.batch_size)
     state = create_train_state(config, init_key, x_train.shape[1], num_classes, total_steps=total_steps)
     history = {"train_loss": [], "train_accuracy": [], "penalty": []}
-    for _ in tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False):
+    epochs = range(config.epochs)
+    if progress:
+        try:  # tqdm comes with the study extra; the core install trains without a bar
+            from tqdm.auto import tqdm
+
+            epochs = tqdm(epochs, desc=desc, leave=False)
+        except ImportError:
+            pass
+    for _ in epochs:
         loop_key, perm_key = jax.random.split(loop_key)
         sums = None
         batches = epoch_batch_indices(perm_key, len(x_train), config.batch_size)
