@@ -73,3 +73,12 @@ def section_block_h2(title):
     match = re.search(rf"## {re.escape(title)}\n(.*?)```python\n(.*?)```", text, flags=re.S)
     assert match, f"README lost its '{title}' example"
     return match.group(2)
+
+
+def test_readme_own_model_section_trains_8_seeds(capsys):
+    namespace = {}
+    exec(compile(section_block_h2("Your own model"), "README.md: Your own model", "exec"), namespace)
+    final = namespace["final"]
+    assert final["test_accuracy"].shape == (8,) and final["test_accuracy"].mean() > 0.8
+    assert final["jacobian_sq_norms"].shape == (8, 2)  # the two marked activations, evaluated
+    assert "test accuracy per seed" in capsys.readouterr().out

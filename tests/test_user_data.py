@@ -2,6 +2,8 @@
 import csv
 import json
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from sklearn.datasets import load_wine
 import dreg_jax
 from dreg_jax.cli import main as cli_main
 from dreg_jax.data import from_arrays, from_csv
-from dreg_jax.engine import EngineData, RunHParams, train_many
+from dreg_jax.engine import EngineData, EngineOptions, RunHParams, RunSpec, SweepConfig, train_many
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +121,50 @@ def test_csv_sweep_results_table_and_plots(wine_csv, tmp_path, capsys):
         assert (tmp_path / "plots" / png).stat().st_size > 5000
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert all(0 <= r["metrics"]["validation_accuracy"] <= 1 for r in rows)
+
+
+class TinyCNN(nn.Module):
+    """A user CNN on flat rows of 4x4 images."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(-1, 4, 4, 1)
+        x = nn.Sequential([nn.Conv(3, (3, 3)), dreg_jax.Activation(nn.gelu)], name="conv")(x)
+        return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("scope", ["activation", "layer"])
+def test_user_cnn_over_4_seeds_equals_4_separate_runs(scope):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    y = (x[:, :8].sum(1) > 0).astype(np.int32)
+    data = EngineData(jnp.asarray(x[:48]), jnp.asarray(y[:48]), jnp.asarray(x[48:]), jnp.asarray(y[48:]))
+    config = dreg_jax.TrainConfig(
+        model=dreg_jax.ModelConfig(module=TinyCNN(), activation="custom", jacobian_layers=("conv",)),
+        regularizer=dreg_jax.RegularizerConfig(kind="dreg", dreg_scope=scope), epochs=2, batch_size=16)
+    runs = RunHParams.stack([RunHParams(s, 1e-2, 0.01, 1.0, 0.0, 0.0) for s in range(4)])
+    options = EngineOptions(per_epoch_diagnostics=False, vmap_width=4)
+    together, curves = train_many(runs, data, config, 2, options)
+    assert np.all(curves["penalty"] > 0)  # DREG acts on the user's module
+    for seed in range(4):
+        alone, _ = train_many(jax.tree_util.tree_map(lambda a: a[seed:seed + 1], runs), data, config, 2, options)
+        for key, value in alone.items():
+            np.testing.assert_array_equal(value[0], together[key][seed])
+
+
+def test_user_module_config_errors():
+    custom = dict(module=TinyCNN(), activation="custom")
+    with pytest.raises(ValueError, match="needs ModelConfig.jacobian_layers"):
+        dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(**custom),
+                             regularizer=dreg_jax.RegularizerConfig(kind="dreg", dreg_scope="layer")).validate()
+    with pytest.raises(ValueError, match="spectral_norm wraps the built-in MLP"):
+        dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(**custom),
+                             regularizer=dreg_jax.RegularizerConfig(kind="spectral_norm")).validate()
+    with pytest.raises(ValueError, match="activation must be 'custom'"):
+        dreg_jax.ModelConfig(module=TinyCNN()).validate()
+    with pytest.raises(ValueError, match="can only be given from Python"):
+        SweepConfig.from_mapping({"module": "TinyCNN"})
+    specs = SweepConfig(datasets=("iris",), module=TinyCNN(), regularizers=("none",), seeds=1).expand()
+    assert specs[0].config.model.activation == "custom"
+    assert "TinyCNN" in specs[0].to_dict()["config"]["model"]["module"]
+    assert RunSpec.from_dict(specs[0].to_dict()).run_id == specs[0].run_id

@@ -35,8 +35,9 @@ def flat_row(record: dict) -> dict:
         "data_fraction": spec["data_fraction"], "label_noise": spec["label_noise"],
         "input_noise": spec["input_noise"], "featurizer": spec.get("featurizer", "hashed"),
     }
-    row.update({k: v for k, v in reg.items() if k not in ("kind", "strength")})
-    row.update({k: v for k, v in model.items() if k not in ("hidden", "activation")})
+    scalar = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    row.update({k: scalar(v) for k, v in reg.items() if k not in ("kind", "strength")})
+    row.update({k: scalar(v) for k, v in model.items() if k not in ("hidden", "activation")})
     row.update(fail_step=record.get("fail_step"), diverge_step=record.get("diverge_step"),
                seconds=record.get("seconds"))
     for name, value in record["metrics"].items():

@@ -33,7 +33,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ from dreg_jax.data.registry import FEATURIZERS, check_dataset, load_dataset
 from dreg_jax.engine.grid import block_width, compile_grid, place, run_blocks
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
+    CUSTOM_ACTIVATION,
     REGULARIZERS,
     ModelConfig,
     OptimizerConfig,
@@ -60,6 +61,8 @@ _LATER_DEFAULTS = (  # (path to the mapping, field, default)
     (("config", "regularizer"), "warmup_fraction", 0.25),
     (("config", "regularizer"), "noise_representation", "penultimate"),
     ((), "featurizer", "hashed"),
+    (("config", "model"), "module", None),
+    (("config", "model"), "jacobian_layers", []),
 )
 COMPILE_AHEAD = 1  # programs compiled in a background thread while one runs
 
@@ -89,13 +92,20 @@ class RunSpec:
         return self
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON values; a user module is recorded as its repr (its class and attributes)."""
+        spec = self
+        module = self.config.model.module
+        if module is not None and not isinstance(module, str):
+            model = dataclasses.replace(self.config.model, module=repr(module))
+            spec = dataclasses.replace(self, config=dataclasses.replace(self.config, model=model))
+        return json.loads(json.dumps(dataclasses.asdict(spec)))
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
         c = d["config"]
         config = TrainConfig(
-            model=ModelConfig(**{**c["model"], "hidden": tuple(c["model"]["hidden"])}),
+            model=ModelConfig(**{**c["model"], "hidden": tuple(c["model"]["hidden"]),
+                                 "jacobian_layers": tuple(c["model"].get("jacobian_layers", ()))}),
             regularizer=RegularizerConfig(**c["regularizer"]),
             optimizer=OptimizerConfig(**c["optimizer"]),
             epochs=c["epochs"], batch_size=c["batch_size"],
@@ -448,6 +458,8 @@ def _coerce_field(key, value):
         if not (_is_int(value) and value >= 1):
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
         return int(value)
+    if key in ("module", "jacobian_layers"):
+        raise ValueError(f"{key} can only be given from Python (SweepConfig(module=..., jacobian_layers=...))")
     if key in _NAMES:
         if not isinstance(value, str):
             raise ValueError(f"{key} must be a name, got {value!r}")
@@ -484,6 +496,8 @@ class SweepConfig:
     dreg_scope: str = "activation"
     featurizer: str = "hashed"  # text datasets: "hashed" or "minilm"
     strength_schedules: tuple[str, ...] = ("constant",)  # DREG runs only; see penalties.schedules
+    module: Any = None  # your own linen module (Python only; see ModelConfig.module)
+    jacobian_layers: tuple[str, ...] = ()  # its submodules for dreg_scope="layer"
 
     @classmethod
     def from_mapping(cls, mapping: dict) -> "SweepConfig":
@@ -507,8 +521,9 @@ class SweepConfig:
             raise ValueError(f"strength_schedules {list(self.strength_schedules)} apply to the dreg regularizer "
                              f"only; add dreg to regularizers (got {list(self.regularizers)})")
         seeds = range(self.seeds) if isinstance(self.seeds, int) else self.seeds
+        activations = (CUSTOM_ACTIVATION,) if self.module is not None else self.activations
         specs = []
-        for ds, act, reg, lr in itertools.product(self.datasets, self.activations, self.regularizers,
+        for ds, act, reg, lr in itertools.product(self.datasets, activations, self.regularizers,
                                                   self.learning_rates):
             strengths = self.strengths.get(reg, None)
             strengths = strengths if isinstance(strengths, (list, tuple)) else [strengths]
@@ -517,7 +532,8 @@ class SweepConfig:
                 strengths, schedules, seeds, self.fractions, self.label_noise, self.input_noise
             ):
                 config = TrainConfig(
-                    model=ModelConfig(hidden=tuple(self.hidden), activation=act),
+                    model=ModelConfig(hidden=tuple(self.hidden), activation=act, module=self.module,
+                                      jacobian_layers=tuple(self.jacobian_layers)),
                     regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=self.dreg_scope,
                                                   strength_schedule=schedule),
                     optimizer=OptimizerConfig(learning_rate=lr),

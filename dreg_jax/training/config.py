@@ -6,6 +6,7 @@ vmapped (learning rate, regularization strength) are copied into the train state
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from dreg_jax._checks import check_choice, check_finite_scalar, check_positive_int
 from dreg_jax.layers.activations import check_activation
@@ -19,20 +20,54 @@ from dreg_jax.penalties.dreg import (
 from dreg_jax.penalties.schedules import DEFAULT_WARMUP_FRACTION, NOISE_REPRESENTATIONS, SCHEDULES
 from dreg_jax.training.regularizers import DEFAULT_STRENGTHS, REGULARIZERS, get_regularizer
 
+CUSTOM_ACTIVATION = "custom"  # ModelConfig.activation of a user module
+
 # The regularizer kinds, their labels and default strengths live in one place:
 # dreg_jax.training.regularizers.REGISTRY (DEFAULT_STRENGTHS and REGULARIZERS derive from it).
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The built-in MLP (``hidden``, ``activation``, ...) or your own linen ``module``.
+
+    ``module``: an unbound linen module mapping ``(batch, features)`` float inputs to
+    ``(batch, num_classes)`` logits (reshape inside it for images); the engine calls
+    ``module.apply(variables, x)``. DREG on it goes through :func:`dreg_jax.jacobian_terms`:
+    ``dreg_scope="activation"`` penalizes its marked activations (``dreg_jax.Activation``,
+    ``ChainzRule``), ``dreg_scope="layer"`` the submodules named in ``jacobian_layers``
+    (paths as in its params tree). ``hidden`` and the ChainzRule fields are then unused and
+    ``activation`` is ``"custom"``.
+    """
+
     hidden: tuple[int, ...] = (64, 64, 64)
     activation: str = "gelu"
     chainzrule_per_feature: bool = True
     chainzrule_init: str = "gelu"
     chainzrule_input_bound: float | None = 4.0
     dtype: str = "float32"
+    module: Any = None
+    jacobian_layers: tuple[str, ...] = ()
+
+    @property
+    def is_custom(self) -> bool:
+        return self.module is not None
 
     def validate(self):
+        if self.module is not None:
+            import flax.linen as nn
+
+            if not isinstance(self.module, nn.Module) or self.module.scope is not None:
+                raise TypeError(f"ModelConfig.module must be an unbound flax.linen module, got "
+                                f"{type(self.module).__name__}")
+            if self.activation != CUSTOM_ACTIVATION:
+                raise ValueError(f"with your own module, activation must be {CUSTOM_ACTIVATION!r} "
+                                 f"(got {self.activation!r}): the module defines its activations")
+            if isinstance(self.jacobian_layers, str) or not all(isinstance(p, str) and p for p in self.jacobian_layers):
+                raise ValueError(f"jacobian_layers must be a tuple of submodule paths, got {self.jacobian_layers!r}")
+            return self
+        if self.jacobian_layers:
+            raise ValueError("jacobian_layers selects submodules of your own module; the built-in MLP "
+                             "penalizes its hidden layers")
         check_activation(self.activation)
         check_choice("chainzrule_init", self.chainzrule_init, INITS)
         check_choice("dtype", self.dtype, ("float32", "bfloat16", "float64"))
@@ -104,6 +139,17 @@ class TrainConfig:
         self.model.validate()
         self.regularizer.validate()
         self.optimizer.validate()
+        reg = self.regularizer
+        if self.model.is_custom:
+            if get_regularizer(reg.kind).spectral_norm:
+                raise ValueError("spectral_norm wraps the built-in MLP's Dense layers; for your own module "
+                                 "wrap its layers in flax.linen.SpectralNorm and use regularizer 'none'")
+            if reg.kind == "dreg" and reg.dreg_scope == "layer" and not self.model.jacobian_layers:
+                raise ValueError('dreg_scope="layer" on your own module needs ModelConfig.jacobian_layers '
+                                 '(submodule paths, e.g. ("block0/ffn",))')
+            if reg.kind == "dreg" and reg.strength_schedule == "noise_inverse" and reg.noise_representation == "penultimate":
+                raise ValueError('noise_representation="penultimate" reads the built-in MLP\'s last hidden '
+                                 'layer; use noise_representation="input" with your own module')
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
         return self

@@ -45,19 +45,45 @@ def cross_entropy(logits, labels):
 
 
 def _plain_loss(ctx) -> LossTerms:
-    logits, updates = ctx.apply(ctx.x, update_stats=True)
+    kwargs = {} if ctx.config.model.is_custom else {"update_stats": True}  # MLP: SN power iteration
+    logits, updates = ctx.apply(ctx.x, **kwargs)
     return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), jnp.zeros([], jnp.float32), updates, {})
+
+
+def custom_model_terms(ctx, scope, estimator, num_probes):
+    """``(logits, sq_norms, widths, updates)`` of a user module through ``jacobian_terms``."""
+    from dreg_jax.layers.jacobian_terms import jacobian_terms
+
+    model = ctx.config.model
+    layers = model.jacobian_layers if scope == "layer" else None
+    mutable = ["batch_stats"] if "batch_stats" in ctx.variables else False
+    out, terms = jacobian_terms(model.module, ctx.variables, ctx.x, key=ctx.key, layers=layers, scope=scope,
+                                estimator=estimator, num_probes=num_probes, mutable=mutable)
+    logits, updates = out if mutable else (out, {})
+    widths = [1] * len(terms)
+    if ctx.config.regularizer.dreg_scaling == "width":
+        from dreg_jax.layers.jacobian_terms import term_widths
+
+        widths = list(term_widths(model.module, ctx.variables, ctx.x, layers=layers, scope=scope,
+                                  estimator=estimator).values())
+    return logits, jnp.stack(list(terms.values())), widths, updates
 
 
 def _dreg_loss(ctx) -> LossTerms:
     from dreg_jax.layers.mlp import MLP  # the MLP's own pass computes the terms
 
     reg, state = ctx.config.regularizer, ctx.state
-    (logits, sq_norms, h), updates = ctx.apply(
-        ctx.x, ctx.key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes,
-        layer_estimator=reg.layer_estimator, update_stats=True, return_representation=True,
-        method=MLP.forward_with_jacobian_terms,
-    )
+    if ctx.config.model.is_custom:
+        logits, sq_norms, widths, updates = custom_model_terms(ctx, reg.dreg_scope, reg.layer_estimator,
+                                                               reg.num_probes)
+        h = None
+    else:
+        (logits, sq_norms, h), updates = ctx.apply(
+            ctx.x, ctx.key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes,
+            layer_estimator=reg.layer_estimator, update_stats=True, return_representation=True,
+            method=MLP.forward_with_jacobian_terms,
+        )
+        widths = ctx.config.model.hidden
     metrics = {}
     noise_ratio = None
     if reg.strength_schedule == "noise_inverse":
@@ -70,7 +96,7 @@ def _dreg_loss(ctx) -> LossTerms:
     )
     metrics["strength_multiplier"] = multiplier
     metrics["jacobian_sq_norms"] = sq_norms
-    penalty = dreg_penalty(sq_norms, ctx.config.model.hidden, strength=state.strength * multiplier,
+    penalty = dreg_penalty(sq_norms, widths, strength=state.strength * multiplier,
                            scaling=reg.dreg_scaling)
     return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), penalty, updates, metrics)
 

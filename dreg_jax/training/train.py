@@ -29,8 +29,11 @@ class TrainState(train_state.TrainState):
     total_steps: jax.Array = 0  # T of the lambda schedule (warmup / cosine)
 
 
-def build_model(config: TrainConfig, num_classes: int) -> MLP:
+def build_model(config: TrainConfig, num_classes: int):
+    """The built-in MLP of ``config.model``, or the user's own ``config.model.module``."""
     m = config.model
+    if m.is_custom:
+        return m.module
     return MLP(
         hidden=tuple(m.hidden),
         num_classes=num_classes,
@@ -128,14 +131,29 @@ def train_step(state: TrainState, batch, key, config: TrainConfig):
     return state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
 
+def _custom_eval_terms(config, variables, x):
+    """A user module's logits and its marked activations' exact terms (none marked: ``(0,)``)."""
+    from dreg_jax.layers.jacobian_terms import jacobian_terms
+
+    module = config.model.module
+    try:
+        logits, terms = jacobian_terms(module, variables, x, scope="activation")
+    except ValueError as err:
+        if "found no marked activation" not in str(err):
+            raise
+        return module.apply(variables, x), jnp.zeros((0,), jnp.float32)
+    return logits, jnp.stack(list(terms.values()))
+
+
 @functools.partial(jax.jit, static_argnums=(2,))
 def eval_step(state: TrainState, batch, config: TrainConfig):
     """Loss, accuracy and the activation-scope per-layer Jacobian terms (a diagnostic)."""
-    del config  # structure is in the state's apply_fn; kept for a uniform signature
-    logits, sq_norms = state.apply_fn(
-        _variables(state, state.params), batch["x"], jacobian_scope="activation",
-        method=MLP.forward_with_jacobian_terms,
-    )
+    variables = _variables(state, state.params)
+    if config.model.is_custom:
+        logits, sq_norms = _custom_eval_terms(config, variables, batch["x"])
+    else:
+        logits, sq_norms = state.apply_fn(variables, batch["x"], jacobian_scope="activation",
+                                          method=MLP.forward_with_jacobian_terms)
     return {
         "loss": jnp.mean(cross_entropy(logits, batch["y"])),
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
