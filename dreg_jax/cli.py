@@ -68,7 +68,7 @@ def _sweep_config(args):
         args.datasets = [ds.name]
     for field in ("datasets", "activations", "regularizers", "seeds", "fractions", "label_noise",
                   "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope",
-                  "strength_schedules", "featurizer"):
+                  "strength_schedules", "featurizer", "validation_fraction"):
         value = getattr(args, field, None)
         if value is not None:
             mapping[field] = value
@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
     from dreg_jax.engine.run import RunHParams
     from dreg_jax.engine.sweep import engine_data
 
-    data, num_classes = engine_data(spec.dataset, spec.featurizer)
+    data, num_classes = engine_data(spec.dataset, spec.featurizer, spec.validation_fraction)
     print(f"training {spec.dataset} {spec.config.model.activation} {spec.config.regularizer.kind} for "
           f"{spec.config.epochs} epochs as one compiled program (compiling takes ~5-30 s on a CPU) ...",
           flush=True)
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--featurizer", choices=FEATURIZERS,
                        help="text features: hashed n-grams (default) or minilm (needs the encoder extra)")
         p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")
+        p.add_argument("--validation-fraction", dest="validation_fraction", type=float,
+                       help="built-in datasets: stratified share of the training split held out for "
+                            "validation (default 0: the published splits)")
         p.add_argument("--csv", type=pathlib.Path, help="your own data: a CSV with a header row (replaces the dataset)")
         p.add_argument("--target", help="the label column of --csv")
         p.add_argument("--test-csv", dest="test_csv", type=pathlib.Path,

@@ -168,3 +168,24 @@ def test_user_module_config_errors():
     assert specs[0].config.model.activation == "custom"
     assert "TinyCNN" in specs[0].to_dict()["config"]["model"]["module"]
     assert RunSpec.from_dict(specs[0].to_dict()).run_id == specs[0].run_id
+
+
+def test_builtin_validation_split_is_carved_deterministically_and_recorded(tmp_path):
+    from dreg_jax.data import load_dataset
+
+    full = load_dataset("wine")
+    ds = load_dataset("wine", validation_fraction=0.2)
+    again = load_dataset("wine", validation_fraction=0.2)
+    assert full.x_val is None  # 0 (the default) keeps the published splits
+    assert len(ds.x_train) + len(ds.x_val) == len(full.x_train)
+    np.testing.assert_array_equal(ds.x_val, again.x_val)
+    assert set(np.unique(ds.y_val)) == set(np.unique(full.y_train))  # stratified
+    train_rows = {r.tobytes() for r in ds.x_train}
+    assert not any(r.tobytes() in train_rows for r in ds.x_val)
+    specs = SweepConfig(datasets=("wine",), regularizers=("none",), seeds=2, epochs=2, hidden=(8,),
+                        validation_fraction=0.2).expand()
+    plain = SweepConfig(datasets=("wine",), regularizers=("none",), seeds=2, epochs=2, hidden=(8,)).expand()
+    assert specs[0].run_id != plain[0].run_id and "validation_fraction" not in json.dumps(plain[0].run_id)
+    from dreg_jax.engine import run_sweep
+    records = run_sweep(specs, tmp_path / "r.jsonl", progress=False, options=EngineOptions(per_epoch_diagnostics=False))
+    assert all(0 <= r["metrics"]["validation_accuracy"] <= 1 for r in records)

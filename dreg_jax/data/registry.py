@@ -249,17 +249,49 @@ def _load(name: str, data_dir, featurizer: str) -> Dataset:
     return _assemble(info, train, test, featurizer, data_dir)
 
 
-def load_dataset(name: str, data_dir=None, featurizer: str = "hashed") -> Dataset:
+VALIDATION_SEED = 20240  # the built-in sets' validation rows are the same for every run
+
+
+def carve_validation(ds: Dataset, fraction: float, seed: int = VALIDATION_SEED) -> Dataset:
+    """``ds`` with a stratified ``fraction`` of its training rows moved to ``x_val``/``y_val``.
+
+    Deterministic (``seed``). The features keep the standardization computed on the whole
+    training split (feature statistics only; no label reaches the training side).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return ds
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(ds.y_train), bool)
+    for c in np.unique(ds.y_train):
+        rows = np.flatnonzero(ds.y_train == c)
+        k = min(max(int(round(fraction * len(rows))), 1 if len(rows) >= 2 else 0), len(rows) - 1)
+        held[rng.permutation(rows)[:k]] = True
+    return dataclasses.replace(ds, x_train=ds.x_train[~held], y_train=ds.y_train[~held],
+                               x_val=ds.x_train[held], y_val=ds.y_train[held])
+
+
+def load_dataset(name: str, data_dir=None, featurizer: str = "hashed",
+                 validation_fraction: float = 0.0) -> Dataset:
     """Loads a registered dataset (offline: built once into ``data_dir``, then cached).
 
     Args:
-      name: a name from ``dreg_jax.data.DATASETS`` (``dreg-jax data list``).
+      name: a name from ``dreg_jax.data.DATASETS`` (``dreg-jax data list``), or one registered
+        by ``register_dataset``.
       data_dir: the TFDS data directory; default ``$DREG_JAX_DATA_DIR`` or
         ``~/.cache/dreg_jax/tfds``.
       featurizer: ``"hashed"`` or ``"minilm"`` for text datasets.
+      validation_fraction: a stratified share of the training split held out as the validation
+        split (deterministic, :func:`carve_validation`); 0 keeps the published splits as they are.
+        Your own datasets carry the validation split ``from_arrays`` made.
     """
     check_dataset(name)
     check_choice("featurizer", featurizer, FEATURIZERS)
     if name in USER_DATASETS:
+        if validation_fraction:
+            raise ValueError(f"{name!r} is your own dataset: its validation split was made by "
+                             "from_arrays/from_csv (validation_fraction there)")
         return USER_DATASETS[name]
-    return _load(name, None if data_dir is None else str(data_dir), featurizer)
+    ds = _load(name, None if data_dir is None else str(data_dir), featurizer)
+    return carve_validation(ds, validation_fraction)

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dreg_jax._checks import check_choice
-from dreg_jax.data.registry import FEATURIZERS, check_dataset, load_dataset
+from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset, load_dataset
 from dreg_jax.engine.grid import block_width, compile_grid, place, run_blocks
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
@@ -61,6 +61,7 @@ _LATER_DEFAULTS = (  # (path to the mapping, field, default)
     (("config", "regularizer"), "warmup_fraction", 0.25),
     (("config", "regularizer"), "noise_representation", "penultimate"),
     ((), "featurizer", "hashed"),
+    ((), "validation_fraction", 0.0),
     (("config", "model"), "module", None),
     (("config", "model"), "jacobian_layers", []),
 )
@@ -76,6 +77,7 @@ class RunSpec:
     label_noise: float = 0.0
     input_noise: float = 0.0
     featurizer: str = "hashed"  # text datasets: "hashed" n-grams or "minilm" (frozen encoder)
+    validation_fraction: float = 0.0  # built-in sets: training share held out for validation
 
     def validate(self) -> "RunSpec":
         check_dataset(self.dataset)
@@ -87,6 +89,11 @@ class RunSpec:
         if self.input_noise < 0.0:
             raise ValueError(f"input_noise must be >= 0, got {self.input_noise}")
         check_choice("featurizer", self.featurizer, FEATURIZERS)
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_fraction and self.dataset in USER_DATASETS:
+            raise ValueError(f"{self.dataset!r} is your own dataset: its validation split comes from "
+                             "from_arrays/from_csv; leave validation_fraction at 0")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         return self
@@ -128,7 +135,7 @@ class RunSpec:
         blank = dataclasses.replace(
             c, optimizer=OptimizerConfig(), regularizer=dataclasses.replace(c.regularizer, strength=None)
         )
-        return (self.dataset, self.featurizer), blank
+        return (self.dataset, self.featurizer, self.validation_fraction), blank
 
     def hparams(self) -> RunHParams:
         return RunHParams(self.seed, self.config.optimizer.learning_rate,
@@ -265,8 +272,8 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
 
-def engine_data(name: str, featurizer: str = "hashed") -> tuple[EngineData, int]:
-    ds = load_dataset(name, featurizer=featurizer)
+def engine_data(name: str, featurizer: str = "hashed", validation_fraction: float = 0.0) -> tuple[EngineData, int]:
+    ds = load_dataset(name, featurizer=featurizer, validation_fraction=validation_fraction)
     return dataset_engine_data(ds), ds.num_classes
 
 
@@ -348,16 +355,16 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         groups = collections.defaultdict(list)
         for s in pending:
             groups[s.structure()].append(s)
-        chunks = []  # (dataset, featurizer, config, specs)
-        for ((dataset, featurizer), config), members in groups.items():
-            chunks += [(dataset, featurizer, config, members[i:i + chunk_size])
+        chunks = []  # ((dataset, featurizer, validation_fraction), config, specs)
+        for (source, config), members in groups.items():
+            chunks += [(source, config, members[i:i + chunk_size])
                        for i in range(0, len(members), chunk_size)]
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",
                    unit="run", disable=not progress)
 
         def prepared(item):
-            dataset, featurizer, config, chunk = item
-            data, num_classes = engine_data(dataset, featurizer)
+            source, config, chunk = item
+            data, num_classes = engine_data(*source)
             blocks = [place(b, data, mesh) for b in run_blocks(RunHParams.stack(s.hparams() for s in chunk), width)]
             return blocks, num_classes, compile_grid(config, num_classes, options, *blocks[0])
 
@@ -365,7 +372,7 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         with concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_AHEAD) as pool:
             futures = [pool.submit(prepared, item) for item in chunks[:COMPILE_AHEAD]]
             for i, item in enumerate(chunks):
-                dataset, featurizer, config, chunk = item
+                (dataset, featurizer, _), config, chunk = item
                 bar.set_postfix_str(f"{dataset} {config.model.activation} {config.regularizer.kind}")
                 t0 = time.perf_counter()
                 blocks, num_classes, program = futures[i].result()
@@ -423,6 +430,7 @@ _NAME_LISTS = ("datasets", "activations", "regularizers", "strength_schedules")
 _NUMBER_LISTS = ("fractions", "label_noise", "input_noise", "learning_rates")
 _POSITIVE_INTS = ("epochs", "batch_size")
 _NAMES = ("dreg_scope", "featurizer")
+_FRACTIONS = ("validation_fraction",)
 
 
 def _is_int(value) -> bool:
@@ -458,6 +466,10 @@ def _coerce_field(key, value):
         if not (_is_int(value) and value >= 1):
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
         return int(value)
+    if key in _FRACTIONS:
+        if not (_is_number(value) and 0 <= value < 1):
+            raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
+        return float(value)
     if key in ("module", "jacobian_layers"):
         raise ValueError(f"{key} can only be given from Python (SweepConfig(module=..., jacobian_layers=...))")
     if key in _NAMES:
@@ -495,6 +507,7 @@ class SweepConfig:
     batch_size: int = 64
     dreg_scope: str = "activation"
     featurizer: str = "hashed"  # text datasets: "hashed" or "minilm"
+    validation_fraction: float = 0.0  # built-in sets: stratified training share held out (0: none)
     strength_schedules: tuple[str, ...] = ("constant",)  # DREG runs only; see penalties.schedules
     module: Any = None  # your own linen module (Python only; see ModelConfig.module)
     jacobian_layers: tuple[str, ...] = ()  # its submodules for dreg_scope="layer"
@@ -539,5 +552,6 @@ class SweepConfig:
                     optimizer=OptimizerConfig(learning_rate=lr),
                     epochs=self.epochs, batch_size=self.batch_size,
                 )
-                specs.append(RunSpec(ds, config, int(seed), float(frac), float(ln), float(inoise), self.featurizer))
+                specs.append(RunSpec(ds, config, int(seed), float(frac), float(ln), float(inoise), self.featurizer,
+                                     float(self.validation_fraction)))
         return [s.validate() for s in specs]
