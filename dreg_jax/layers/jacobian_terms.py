@@ -55,6 +55,7 @@ not supported: select them outside, or use the probe chain API.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Callable, Sequence
@@ -83,7 +84,7 @@ def call_key(key, call_index: int):
     return jax.random.fold_in(key, call_index)
 
 
-def _sq_norm_rows(tangents, batch: int):
+def _sq_norm_rows(tangents):
     """Mean over rows of the squared norm of a pytree of ``(rows, ...)`` tangents."""
     leaves = [t for t in jax.tree_util.tree_leaves(tangents) if jnp.issubdtype(t.dtype, jnp.inexact)]
     return sum(row_sq_norm_mean(t.reshape((1, t.shape[0]) + t.shape[1:])) for t in leaves)
@@ -156,13 +157,13 @@ class _Recorder:
         elif self.estimator == "exact":
             y, value = self._exact(path, module, call, h, rest, kwargs)
         else:
-            y, value = self._probe(path, module, call, h, rest, kwargs, k_call, index)
+            y, value = self._probe(path, module, call, h, rest, kwargs, k_call)
         _check_output(y, h.shape[0], path)
         entry[1] = value
         entry[2] = sum(math.prod(l.shape[1:]) for l in jax.tree_util.tree_leaves(y))
         return y
 
-    def _probe(self, path, module, call, h, rest, kwargs, k_call, index):
+    def _probe(self, path, module, call, h, rest, kwargs, k_call):
         batch, probes = h.shape[0], self.num_probes
         if self.row_fraction < 1.0:
             y = call(h, *rest, **kwargs)
@@ -181,7 +182,7 @@ class _Recorder:
                 _, jv, _ = self.adapter.jvp(module, call, tiled, v, rest, kwargs, side_pass=True, path=path)
             finally:
                 self.passthrough -= 1
-            return y, _sq_norm_rows(jv, tiled.shape[0])
+            return y, _sq_norm_rows(jv)
         start = len(self.entries)
         y_full, jv, nested = self.adapter.jvp(
             module, call, tiled, v, rest, kwargs, side_pass=False, path=path,
@@ -190,7 +191,7 @@ class _Recorder:
         for e, value in zip(self.entries[start:], nested):  # primal values of nested terms
             e[1] = value
         y = y_full if probes == 1 else jax.tree_util.tree_map(lambda a: a[:batch], y_full)
-        return y, _sq_norm_rows(jv, tiled.shape[0])
+        return y, _sq_norm_rows(jv)
 
     def _exact(self, path, module, call, h, rest, kwargs):
         if self.adapter.is_linear(module):
@@ -261,22 +262,24 @@ class _Recorder:
                 f"called in this forward pass; module types present: {', '.join(names)}"
             )
 
-    def terms(self) -> dict:
-        counts: dict[str, int] = {}
+    def _keys(self) -> list[str]:
+        """Entry keys in call order: the path, or ``path#k`` for a submodule called more than once."""
+        counts = collections.Counter(path for path, _, _ in self.entries)
+        seen: dict[str, int] = collections.defaultdict(int)
+        keys = []
         for path, _, _ in self.entries:
-            counts[path] = counts.get(path, 0) + 1
-        out, seen = {}, {}
-        for path, value, _ in self.entries:
             if counts[path] > 1:
-                i = seen.get(path, 0)
-                seen[path] = i + 1
-                path = f"{path}#{i}"
-            out[path] = value
-        return out
+                keys.append(f"{path}#{seen[path]}")
+                seen[path] += 1
+            else:
+                keys.append(path)
+        return keys
+
+    def terms(self) -> dict:
+        return {k: e[1] for k, e in zip(self._keys(), self.entries)}
 
     def widths(self) -> dict:
-        keys = list(self.terms())
-        return {k: e[2] for k, e in zip(keys, self.entries)}
+        return {k: e[2] for k, e in zip(self._keys(), self.entries)}
 
 
 def is_elementwise(module) -> bool:
@@ -560,47 +563,43 @@ def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str
         raise ValueError('the probe estimator draws Rademacher probes: pass key=jax.random.key(...)')
     key = jax.random.key(0) if key is None else key
     _check_model_input(x)
+    out, recorder = _run(model, variables, x, args, kwargs,
+                         (layers, scope, estimator, key, num_probes, row_fraction))
+    return out, recorder.terms()
+
+
+def _run(model, variables, x, args, kwargs, recorder_args):
+    """The model's forward pass with a recorder: ``(out, recorder)``, for linen or NNX."""
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise TypeError("an NNX model carries its own state: pass variables=None")
-        recorder = _Recorder(layers, scope, estimator, key, num_probes, row_fraction, _NNXAdapter())
-        out = _nnx_terms(model, x, args, kwargs, recorder)
-    elif isinstance(model, nn.Module):
+        recorder = _Recorder(*recorder_args, _NNXAdapter())
+        return _nnx_terms(model, x, args, kwargs, recorder), recorder
+    if isinstance(model, nn.Module):
         if model.scope is not None:
             raise TypeError("pass the unbound linen module (not model.bind(...)) and its variables")
-        if not isinstance(variables, dict) and not hasattr(variables, "keys"):
+        if not hasattr(variables, "keys"):
             raise TypeError(f"variables must be the model's variable dict, got {type(variables).__name__}")
-        recorder = _Recorder(layers, scope, estimator, key, num_probes, row_fraction, _LinenAdapter())
-        out = _linen_terms(model, variables, x, args, kwargs, recorder)
-    else:
-        raise TypeError(f"model must be a flax linen or NNX module, got {type(model).__name__}")
-    return out, recorder.terms()
+        recorder = _Recorder(*recorder_args, _LinenAdapter())
+        return _linen_terms(model, variables, x, args, kwargs, recorder), recorder
+    raise TypeError(f"model must be a flax linen or NNX module, got {type(model).__name__}")
 
 
 def term_widths(model, variables, x, *args, layers=None, scope: str = "layer",
                 estimator: str = "probe", **kwargs) -> dict:
-    """Output width (units per example) of every term's submodule call, from shapes only.
+    """Output width (units per example) of every term's submodule call.
 
-    The ``widths`` argument of ``dreg_penalty(terms, widths, scaling="width")``.
+    The ``widths`` argument of ``dreg_penalty(terms, widths, scaling="width")``. For linen it
+    runs on shapes only (``jax.eval_shape``); an NNX model runs one forward pass.
     """
+    recorder_args = (_check_layers(layers, scope), scope, estimator, jax.random.key(0), 1, 1.0)
+    if isinstance(model, nnx.Module):
+        return _run(model, variables, x, args, kwargs, recorder_args)[1].widths()
     found = {}
 
     def shapes(x, *args):
-        recorder_out = _widths_pass(model, variables, x, args, kwargs, layers, scope, estimator)
-        found.update(recorder_out)
+        found.update(_run(model, variables, x, args, kwargs, recorder_args)[1].widths())
         return 0
 
-    jax.eval_shape(shapes, x, *args) if not isinstance(model, nnx.Module) else shapes(x, *args)
+    jax.eval_shape(shapes, x, *args)
     return found
-
-
-def _widths_pass(model, variables, x, args, kwargs, layers, scope, estimator):
-    layers = _check_layers(layers, scope)
-    key = jax.random.key(0)
-    if isinstance(model, nnx.Module):
-        recorder = _Recorder(layers, scope, estimator, key, 1, 1.0, _NNXAdapter())
-        _nnx_terms(model, x, args, kwargs, recorder)
-    else:
-        recorder = _Recorder(layers, scope, estimator, key, 1, 1.0, _LinenAdapter())
-        _linen_terms(model, variables, x, args, kwargs, recorder)
-    return recorder.widths()
