@@ -11,9 +11,10 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SECTIONS = ["DREG in your linen model", "DREG in your NNX model", "DREG in a transformer", "DREG in a CNN"]
 
 
-def section_block(title):
+def section_block(title, level=3):
+    """The first python block under the README heading ``title`` (``level`` #'s)."""
     text = README.read_text()
-    match = re.search(rf"### {re.escape(title)}\n(.*?)```python\n(.*?)```", text, flags=re.S)
+    match = re.search(rf"{'#' * level} {re.escape(title)}\n(.*?)```python\n(.*?)```", text, flags=re.S)
     assert match, f"README lost its '{title}' example"
     return match.group(2)
 
@@ -58,7 +59,7 @@ def test_readme_section_runs_and_penalizes(title):
 
 
 def test_readme_own_data_section_runs(tmp_path, monkeypatch, capsys):
-    block = section_block_h2("Your own data")
+    block = section_block("Your own data", level=2)
     monkeypatch.chdir(tmp_path)  # it writes results/my_wine.jsonl
     namespace = {}
     exec(compile(block, "README.md: Your own data", "exec"), namespace)
@@ -68,16 +69,10 @@ def test_readme_own_data_section_runs(tmp_path, monkeypatch, capsys):
     assert "validation_accuracy" in capsys.readouterr().out
 
 
-def section_block_h2(title):
-    text = README.read_text()
-    match = re.search(rf"## {re.escape(title)}\n(.*?)```python\n(.*?)```", text, flags=re.S)
-    assert match, f"README lost its '{title}' example"
-    return match.group(2)
-
 
 def test_readme_own_model_section_trains_8_seeds(capsys):
     namespace = {}
-    exec(compile(section_block_h2("Your own model"), "README.md: Your own model", "exec"), namespace)
+    exec(compile(section_block("Your own model", level=2), "README.md: Your own model", "exec"), namespace)
     final = namespace["final"]
     assert final["test_accuracy"].shape == (8,) and final["test_accuracy"].mean() > 0.8
     assert final["jacobian_sq_norms"].shape == (8, 2)  # the two marked activations, evaluated
