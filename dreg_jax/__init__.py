@@ -11,6 +11,7 @@ from dreg_jax.layers import (
     Activation,
     ChainzRule,
     NNXActivation,
+    NNXModel,
     call_key,
     cubic_value_and_derivative,
     get_activation,
@@ -72,7 +73,7 @@ def load_results(path):
 
 __all__ = [
     # any-model DREG
-    "jacobian_terms", "term_widths", "call_key", "Activation", "NNXActivation",
+    "jacobian_terms", "term_widths", "call_key", "Activation", "NNXActivation", "NNXModel",
     "submodule_fns", "layer_jacobian_sq_norms", "layer_widths", "elementwise_value_and_derivative",
     # penalties
     "dreg_penalty", "warn_if_penalty_dominates", "input_gradient_penalty",

@@ -3,6 +3,7 @@ import csv
 import json
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +190,50 @@ def test_builtin_validation_split_is_carved_deterministically_and_recorded(tmp_p
     from dreg_jax.engine import run_sweep
     records = run_sweep(specs, tmp_path / "r.jsonl", progress=False, options=EngineOptions(per_epoch_diagnostics=False))
     assert all(0 <= r["metrics"]["validation_accuracy"] <= 1 for r in records)
+
+
+class NNXNet(nnx.Module):
+    """A user NNX model on flat rows."""
+
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(16, 8, rngs=rngs)
+        self.act = dreg_jax.NNXActivation(nnx.gelu)
+        self.fc2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("scope", ["activation", "layer"])
+def test_user_nnx_model_over_4_seeds_equals_4_separate_runs(scope):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    y = (x[:, :8].sum(1) > 0).astype(np.int32)
+    data = EngineData(jnp.asarray(x[:48]), jnp.asarray(y[:48]), jnp.asarray(x[48:]), jnp.asarray(y[48:]))
+    config = dreg_jax.TrainConfig(
+        model=dreg_jax.ModelConfig(module=dreg_jax.NNXModel(NNXNet), activation="custom", jacobian_layers=("fc1",)),
+        regularizer=dreg_jax.RegularizerConfig(kind="dreg", dreg_scope=scope), epochs=6, batch_size=16)
+    runs = RunHParams.stack([RunHParams(s, 1e-2, 0.01, 1.0, 0.0, 0.0) for s in range(4)])
+    options = EngineOptions(vmap_width=4)
+    together, curves = train_many(runs, data, config, 2, options)
+    assert np.all(curves["penalty"] > 0) and together["jacobian_sq_norms"].shape == (4, 1)
+    assert np.all(curves["train_loss"][:, -1] < curves["train_loss"][:, 0]) and np.all(np.isfinite(together["tau"]))
+    assert len({float(a) for a in together["test_loss"]}) == 4  # seeds differ: per-run init
+    for seed in range(4):
+        alone, _ = train_many(jax.tree_util.tree_map(lambda a: a[seed:seed + 1], runs), data, config, 2, options)
+        for key, value in alone.items():
+            np.testing.assert_array_equal(value[0], together[key][seed])
+
+
+def test_nnx_model_with_extra_state_is_refused():
+    class WithDropout(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(16, 2, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.fc(x))
+
+    with pytest.raises(ValueError, match="keeps state other than nnx.Param"):
+        dreg_jax.NNXModel(WithDropout).init(jax.random.key(0))
+    assert repr(dreg_jax.NNXModel(NNXNet)) == "NNXModel(test_user_data.NNXNet)"

@@ -12,4 +12,5 @@ from dreg_jax.layers.jacobian_terms import (
     term_widths,
 )
 from dreg_jax.layers.mlp import MLP
+from dreg_jax.layers.nnx_model import NNXModel
 from dreg_jax.layers.submodules import submodule_fns

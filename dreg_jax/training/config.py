@@ -30,9 +30,9 @@ CUSTOM_ACTIVATION = "custom"  # ModelConfig.activation of a user module
 class ModelConfig:
     """The built-in MLP (``hidden``, ``activation``, ...) or your own linen ``module``.
 
-    ``module``: an unbound linen module mapping ``(batch, features)`` float inputs to
-    ``(batch, num_classes)`` logits (reshape inside it for images); the engine calls
-    ``module.apply(variables, x)``. DREG on it goes through :func:`dreg_jax.jacobian_terms`:
+    ``module``: an unbound linen module, or ``dreg_jax.NNXModel(factory)`` for an NNX module,
+    mapping ``(batch, features)`` float inputs to ``(batch, num_classes)`` logits (reshape
+    inside it for images); the engine calls ``module.apply(variables, x)``. DREG on it goes through :func:`dreg_jax.jacobian_terms`:
     ``dreg_scope="activation"`` penalizes its marked activations (``dreg_jax.Activation``,
     ``ChainzRule``), ``dreg_scope="layer"`` the submodules named in ``jacobian_layers``
     (paths as in its params tree). ``hidden`` and the ChainzRule fields are then unused and
@@ -56,9 +56,13 @@ class ModelConfig:
         if self.module is not None:
             import flax.linen as nn
 
-            if not isinstance(self.module, nn.Module) or self.module.scope is not None:
-                raise TypeError(f"ModelConfig.module must be an unbound flax.linen module, got "
-                                f"{type(self.module).__name__}")
+            from dreg_jax.layers.nnx_model import NNXModel
+
+            if isinstance(self.module, NNXModel):
+                pass
+            elif not isinstance(self.module, nn.Module) or self.module.scope is not None:
+                raise TypeError(f"ModelConfig.module must be an unbound flax.linen module or "
+                                f"dreg_jax.NNXModel(factory), got {type(self.module).__name__}")
             if self.activation != CUSTOM_ACTIVATION:
                 raise ValueError(f"with your own module, activation must be {CUSTOM_ACTIVATION!r} "
                                  f"(got {self.activation!r}): the module defines its activations")

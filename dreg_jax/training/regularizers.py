@@ -50,21 +50,33 @@ def _plain_loss(ctx) -> LossTerms:
     return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), jnp.zeros([], jnp.float32), updates, {})
 
 
+def user_module(module, variables):
+    """``(model, variables, kwargs)`` for ``jacobian_terms``: an NNXModel is merged with its params."""
+    from dreg_jax.layers.nnx_model import NNXModel
+
+    if isinstance(module, NNXModel):
+        return module.merge(variables["params"]), None, {}
+    return module, variables, {}
+
+
 def custom_model_terms(ctx, scope, estimator, num_probes):
     """``(logits, sq_norms, widths, updates)`` of a user module through ``jacobian_terms``."""
     from dreg_jax.layers.jacobian_terms import jacobian_terms
 
     model = ctx.config.model
     layers = model.jacobian_layers if scope == "layer" else None
+    module, variables, kwargs = user_module(model.module, ctx.variables)
     mutable = ["batch_stats"] if "batch_stats" in ctx.variables else False
-    out, terms = jacobian_terms(model.module, ctx.variables, ctx.x, key=ctx.key, layers=layers, scope=scope,
-                                estimator=estimator, num_probes=num_probes, mutable=mutable)
+    if mutable:
+        kwargs["mutable"] = mutable
+    out, terms = jacobian_terms(module, variables, ctx.x, key=ctx.key, layers=layers, scope=scope,
+                                estimator=estimator, num_probes=num_probes, **kwargs)
     logits, updates = out if mutable else (out, {})
     widths = [1] * len(terms)
     if ctx.config.regularizer.dreg_scaling == "width":
         from dreg_jax.layers.jacobian_terms import term_widths
 
-        widths = list(term_widths(model.module, ctx.variables, ctx.x, layers=layers, scope=scope,
+        widths = list(term_widths(module, variables, ctx.x, layers=layers, scope=scope,
                                   estimator=estimator).values())
     return logits, jnp.stack(list(terms.values())), widths, updates
 

@@ -135,13 +135,15 @@ def _custom_eval_terms(config, variables, x):
     """A user module's logits and its marked activations' exact terms (none marked: ``(0,)``)."""
     from dreg_jax.layers.jacobian_terms import jacobian_terms
 
-    module = config.model.module
+    from dreg_jax.training.regularizers import user_module
+
+    module, module_variables, _ = user_module(config.model.module, variables)
     try:
-        logits, terms = jacobian_terms(module, variables, x, scope="activation")
+        logits, terms = jacobian_terms(module, module_variables, x, scope="activation")
     except ValueError as err:
         if "found no marked activation" not in str(err):
             raise
-        return module.apply(variables, x), jnp.zeros((0,), jnp.float32)
+        return config.model.module.apply(variables, x), jnp.zeros((0,), jnp.float32)
     return logits, jnp.stack(list(terms.values()))
 
 
