@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 import dreg_jax
 
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomized: CI sees the same examples on every run
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = ["float32", "bfloat16", "int32", "bool", "float16"]
 TOL = {"float32": 1e-5, "float16": 2e-2, "bfloat16": 3e-2}
 
@@ -43,7 +44,10 @@ def check_tanh_term(x, compute):
                 or not np.isfinite(np.asarray(x, np.float64)).all())
         return
     ref = tanh_term_reference(np.asarray(x, np.float64))
-    np.testing.assert_allclose(float(term), ref, rtol=TOL[str(x.dtype)] * 4, atol=1e-6)
+    # low precision: 1 - tanh(z)^2 cancels for |z| >~ 2, so each slope carries an absolute error
+    # of a few eps (each squared slope is <= 1): bound the sum over the row's features by that
+    eps = float(jnp.finfo(x.dtype).eps) if str(x.dtype) in ("float16", "bfloat16") else 0.0
+    np.testing.assert_allclose(float(term), ref, rtol=TOL[str(x.dtype)] * 4, atol=1e-6 + 4 * eps * x.shape[1])
 
 
 @SETTINGS
@@ -102,7 +106,11 @@ def test_chainzrule(data, bound):
     a = np.asarray(dreg_jax.GELU_CUBIC_FIT, np.float64)
     with np.errstate(invalid="ignore"):  # inf inputs give nan references, compared only where finite
         ref = a[0] + a[1] * u + a[2] * u**2 + a[3] * u**3
+        # rounding bound of a polynomial: a few eps times the sum of its terms' magnitudes
+        scale = np.abs(a[0]) + np.abs(a[1] * u) + np.abs(a[2] * u**2) + np.abs(a[3] * u**3)
     finite = np.isfinite(ref)
     rtol = TOL.get(str(y.dtype), 1e-5) * 4
-    np.testing.assert_allclose(np.asarray(y, np.float64)[finite], ref[finite], rtol=rtol, atol=1e-4)
+    eps = float(jnp.finfo(y.dtype).eps)
+    got = np.asarray(y, np.float64)[finite]
+    assert np.all(np.abs(got - ref[finite]) <= rtol * np.abs(ref[finite]) + 8 * eps * scale[finite] + 1e-6)
     assert jnp.issubdtype(y.dtype, jnp.floating)
