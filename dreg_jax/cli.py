@@ -170,11 +170,12 @@ def _check_output_path(path: pathlib.Path):
 
 
 def cmd_results(args) -> int:
-    from dreg_jax.analysis.results import load_results
-    from dreg_jax.engine import ResultsFile, summary_table
+    from dreg_jax.analysis.results import load_records, results_frame
+    from dreg_jax.engine import summary_table
 
-    frame = load_results(args.file)
-    print(summary_table(list(ResultsFile(args.file).load().values())))
+    records = load_records(args.file)  # read (and repaired) once
+    frame = results_frame(records)
+    print(summary_table(records))
     print(f"{len(frame)} runs, {frame.shape[1]} columns")
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,14 @@ def test_csv_sweep_results_table_and_plots(wine_csv, tmp_path, capsys):
     assert all(0 <= r["metrics"]["validation_accuracy"] <= 1 for r in rows)
 
 
+def toy_engine_data(seed):
+    """64 rows of 16 features (4x4 images), label = sign of the first 8 features' sum; 48 train, 16 test."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    y = (x[:, :8].sum(1) > 0).astype(np.int32)
+    return EngineData(jnp.asarray(x[:48]), jnp.asarray(y[:48]), jnp.asarray(x[48:]), jnp.asarray(y[48:]))
+
+
 class TinyCNN(nn.Module):
     """A user CNN on flat rows of 4x4 images."""
 
@@ -136,10 +144,7 @@ class TinyCNN(nn.Module):
 
 @pytest.mark.parametrize("scope", ["activation", "layer"])
 def test_user_cnn_over_4_seeds_equals_4_separate_runs(scope):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, 16)).astype(np.float32)
-    y = (x[:, :8].sum(1) > 0).astype(np.int32)
-    data = EngineData(jnp.asarray(x[:48]), jnp.asarray(y[:48]), jnp.asarray(x[48:]), jnp.asarray(y[48:]))
+    data = toy_engine_data(seed=0)
     config = dreg_jax.TrainConfig(
         model=dreg_jax.ModelConfig(module=TinyCNN(), activation="custom", jacobian_layers=("conv",)),
         regularizer=dreg_jax.RegularizerConfig(kind="dreg", dreg_scope=scope), epochs=2, batch_size=16)
@@ -206,10 +211,7 @@ class NNXNet(nnx.Module):
 
 @pytest.mark.parametrize("scope", ["activation", "layer"])
 def test_user_nnx_model_over_4_seeds_equals_4_separate_runs(scope):
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(64, 16)).astype(np.float32)
-    y = (x[:, :8].sum(1) > 0).astype(np.int32)
-    data = EngineData(jnp.asarray(x[:48]), jnp.asarray(y[:48]), jnp.asarray(x[48:]), jnp.asarray(y[48:]))
+    data = toy_engine_data(seed=1)
     config = dreg_jax.TrainConfig(
         model=dreg_jax.ModelConfig(module=dreg_jax.NNXModel(NNXNet), activation="custom", jacobian_layers=("fc1",)),
         regularizer=dreg_jax.RegularizerConfig(kind="dreg", dreg_scope=scope), epochs=6, batch_size=16)

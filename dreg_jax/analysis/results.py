@@ -50,19 +50,29 @@ def flat_row(record: dict) -> dict:
     return row
 
 
-def load_results(path):
-    """``pandas.DataFrame`` of a results JSONL, one flat row per run (see the module docstring)."""
-    import pandas as pd
-
+def load_records(path) -> list[dict]:
+    """The valid records of a results JSONL (bad lines set aside as a resumed sweep does)."""
     from dreg_jax.engine.sweep import ResultsFile
 
     path = pathlib.Path(path)
     if not path.exists():
         raise ValueError(f"results file {path} does not exist")
-    records = ResultsFile(path).load()
+    records = list(ResultsFile(path).load().values())
     if not records:
         raise ValueError(f"results file {path} holds no valid run")
-    return pd.DataFrame([flat_row(r) for r in records.values()])
+    return records
+
+
+def results_frame(records) -> "pandas.DataFrame":  # noqa: F821
+    """One flat ``pandas.DataFrame`` row per record (see the module docstring)."""
+    import pandas as pd
+
+    return pd.DataFrame([flat_row(r) for r in records])
+
+
+def load_results(path):
+    """``pandas.DataFrame`` of a results JSONL, one flat row per run (see the module docstring)."""
+    return results_frame(load_records(path))
 
 
 def varying_columns(frame, candidates=None) -> list[str]:
@@ -79,9 +89,8 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dreg_jax.engine.sweep import ResultsFile
-
-    frame = load_results(path)
+    records = load_records(path)
+    frame = results_frame(records)
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -110,7 +119,7 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    records = [r for r in ResultsFile(path).load().values() if r["status"] == "ok"]
+    records = [r for r in records if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     curves = {}
     for r in records:

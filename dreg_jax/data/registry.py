@@ -249,6 +249,19 @@ def _load(name: str, data_dir, featurizer: str) -> Dataset:
     return _assemble(info, train, test, featurizer, data_dir)
 
 
+def stratified_holdout(y: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of a stratified ``fraction`` of rows: ``round(fraction n_c)`` per class,
+    at least one of a class with >= 2 rows, never all of a class."""
+    held = np.zeros(len(y), bool)
+    if fraction <= 0:
+        return held
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        k = min(max(int(round(fraction * len(rows))), 1 if len(rows) >= 2 else 0), len(rows) - 1)
+        held[rng.permutation(rows)[:k]] = True
+    return held
+
+
 VALIDATION_SEED = 20240  # the built-in sets' validation rows are the same for every run
 
 
@@ -262,12 +275,7 @@ def carve_validation(ds: Dataset, fraction: float, seed: int = VALIDATION_SEED) 
         raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
     if fraction == 0.0:
         return ds
-    rng = np.random.default_rng(seed)
-    held = np.zeros(len(ds.y_train), bool)
-    for c in np.unique(ds.y_train):
-        rows = np.flatnonzero(ds.y_train == c)
-        k = min(max(int(round(fraction * len(rows))), 1 if len(rows) >= 2 else 0), len(rows) - 1)
-        held[rng.permutation(rows)[:k]] = True
+    held = stratified_holdout(ds.y_train, fraction, np.random.default_rng(seed))
     return dataclasses.replace(ds, x_train=ds.x_train[~held], y_train=ds.y_train[~held],
                                x_val=ds.x_train[held], y_val=ds.y_train[held])
 

@@ -32,20 +32,8 @@ from dreg_jax.data.registry import (
     DatasetInfo,
     _vector_robust_sets,
     standardize,
+    stratified_holdout,
 )
-
-
-def _stratified_split(y: np.ndarray, fraction: float, rng: np.random.Generator):
-    """Boolean mask of a stratified ``fraction`` of rows (at least one per class with >= 2 rows)."""
-    held = np.zeros(len(y), bool)
-    if fraction <= 0:
-        return held
-    for c in np.unique(y):
-        rows = np.flatnonzero(y == c)
-        k = int(round(fraction * len(rows)))
-        k = min(max(k, 1 if len(rows) >= 2 else 0), len(rows) - 1)
-        held[rng.permutation(rows)[:k]] = True
-    return held
 
 
 def _encode_labels(y_train, y_test):
@@ -139,9 +127,9 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
         raise ValueError(f"need at least 2 classes, got {num_classes}")
     rng = np.random.default_rng(seed)
     if x_test is None:
-        test = _stratified_split(y_train, test_fraction, rng)
+        test = stratified_holdout(y_train, test_fraction, rng)
         x_train, x_test, y_train, y_test = x_train[~test], x_train[test], y_train[~test], y_train[test]
-    val = _stratified_split(y_train, validation_fraction, rng)
+    val = stratified_holdout(y_train, validation_fraction, rng)
     x_val, y_val = x_train[val], y_train[val]
     x_train, y_train = x_train[~val], y_train[~val]
     constant = [feature_names[c] for c in np.flatnonzero(x_train.std(axis=0) == 0)]

@@ -38,6 +38,7 @@ import numpy as np
 from dreg_jax.data.scarcity import stratified_fraction_mask, symmetric_label_noise
 from dreg_jax.engine.diagnostics import gradient_tail_ratio, tail_ratio, volatility
 from dreg_jax.training.config import TrainConfig
+from dreg_jax.training.fit import check_labels
 from dreg_jax.training.train import create_train_state, eval_step, train_step
 
 
@@ -113,10 +114,7 @@ class EngineData(NamedTuple):
             if bad.size:
                 raise ValueError(f"x_{split} has {len(bad)} NaN/inf value(s), the first at row {bad[0][0]}, "
                                  f"column {bad[0][1]}; clean or impute the data first")
-            if not np.issubdtype(y.dtype, np.integer):
-                raise TypeError(f"y_{split} must hold integer class labels, got {y.dtype}")
-            if y.size and (y.min() < 0 or y.max() >= num_classes):
-                raise ValueError(f"y_{split} labels must lie in [0, {num_classes}), got [{y.min()}, {y.max()}]")
+            check_labels(y, num_classes, f"y_{split}")
         if len(np.asarray(self.x_train)) == 0:
             raise ValueError("x_train has no rows")
         return self

@@ -51,12 +51,12 @@ def _plain_loss(ctx) -> LossTerms:
 
 
 def user_module(module, variables):
-    """``(model, variables, kwargs)`` for ``jacobian_terms``: an NNXModel is merged with its params."""
+    """``(model, variables)`` for ``jacobian_terms``: an NNXModel is merged with its params."""
     from dreg_jax.layers.nnx_model import NNXModel
 
     if isinstance(module, NNXModel):
-        return module.merge(variables["params"]), None, {}
-    return module, variables, {}
+        return module.merge(variables["params"]), None
+    return module, variables
 
 
 def custom_model_terms(ctx, scope, estimator, num_probes):
@@ -65,10 +65,9 @@ def custom_model_terms(ctx, scope, estimator, num_probes):
 
     model = ctx.config.model
     layers = model.jacobian_layers if scope == "layer" else None
-    module, variables, kwargs = user_module(model.module, ctx.variables)
+    module, variables = user_module(model.module, ctx.variables)
     mutable = ["batch_stats"] if "batch_stats" in ctx.variables else False
-    if mutable:
-        kwargs["mutable"] = mutable
+    kwargs = {"mutable": mutable} if mutable else {}
     out, terms = jacobian_terms(module, variables, ctx.x, key=ctx.key, layers=layers, scope=scope,
                                 estimator=estimator, num_probes=num_probes, **kwargs)
     logits, updates = out if mutable else (out, {})

@@ -137,7 +137,7 @@ def _custom_eval_terms(config, variables, x):
 
     from dreg_jax.training.regularizers import user_module
 
-    module, module_variables, _ = user_module(config.model.module, variables)
+    module, module_variables = user_module(config.model.module, variables)
     try:
         logits, terms = jacobian_terms(module, module_variables, x, scope="activation")
     except ValueError as err:
