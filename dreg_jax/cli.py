@@ -12,20 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
 
-CACHE_DIR = pathlib.Path(os.environ.get("DREG_JAX_CACHE", pathlib.Path.home() / ".cache" / "dreg_jax"))
-
-
-def _enable_compilation_cache():
-    """Persist compiled programs so a resumed or repeated sweep does not compile again."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _load_mapping(path: pathlib.Path) -> dict:
@@ -79,7 +69,9 @@ def cmd_sweep(args) -> int:
     from dreg_jax.engine import EngineOptions, run_mesh, run_sweep, summary_table
 
     specs = _sweep_config(args).expand()  # validated before anything compiles
-    _enable_compilation_cache()
+    from dreg_jax.engine import enable_compilation_cache
+
+    enable_compilation_cache()
     import jax
 
     mesh = run_mesh() if len(jax.devices()) > 1 else None

@@ -17,6 +17,7 @@ Usage: python experiments/chainzrule_fractions.py --profile quick|full [--out DI
 from __future__ import annotations
 
 from dreg_jax.analysis.experiments import (
+    compile_summary,
     NEURAL_MODELS,
     REFERENCE,
     by_model,
@@ -115,6 +116,7 @@ def main(argv=None):
     summary = write_report(acc, profile, out, time.perf_counter() - start)
     print(summary)
     print(f"wrote {out / 'report.md'}")
+    print(compile_summary())
     return acc
 
 

@@ -17,7 +17,7 @@ Usage: python experiments/chainzrule_robustness.py --profile quick|full [--out D
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models, wall_time_text
+from dreg_jax.analysis.experiments import compile_summary, NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models, wall_time_text
 
 fast_compile_flags()
 
@@ -131,6 +131,7 @@ def main(argv=None):
                                 out, not args.no_progress)
     print(write_report(records, p, out, time.perf_counter() - start))
     print(f"wrote {out / 'report.md'}")
+    print(compile_summary())
     return records
 
 

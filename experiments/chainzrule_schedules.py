@@ -18,7 +18,7 @@ Usage: python experiments/chainzrule_schedules.py --profile quick|full [--out DI
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import experiment_args, fast_compile_flags, wall_time_text
+from dreg_jax.analysis.experiments import compile_summary, experiment_args, fast_compile_flags, wall_time_text
 
 fast_compile_flags()
 
@@ -215,17 +215,18 @@ def _plots(groups, acc, datasets, clean, out):
 
 
 def main(argv=None):
-    from dreg_jax.cli import _enable_compilation_cache
+    from dreg_jax.engine import enable_compilation_cache
     from dreg_jax.engine import EngineOptions, run_sweep
 
     args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_schedules")
     p = PROFILES[args.profile]
-    _enable_compilation_cache()
+    enable_compilation_cache()
     start = time.perf_counter()
-    records = run_sweep(specs(p), out / "results.jsonl", progress=not args.no_progress,
+    records = run_sweep(specs(p), out / "results.jsonl", progress=not args.no_progress, report=False,
                         options=EngineOptions(per_epoch_diagnostics=False))
     print(write_report(records, p, out, time.perf_counter() - start))
     print(f"wrote {out / 'report.md'}")
+    print(compile_summary())
     return records
 
 

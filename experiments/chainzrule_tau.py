@@ -13,7 +13,7 @@ Usage: python experiments/chainzrule_tau.py --profile quick|full [--out DIR]
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import NEURAL_MODELS, experiment_args, by_model, fast_compile_flags, run_neural_models, wall_time_text
+from dreg_jax.analysis.experiments import compile_summary, NEURAL_MODELS, experiment_args, by_model, fast_compile_flags, run_neural_models, wall_time_text
 
 fast_compile_flags()
 
@@ -115,6 +115,7 @@ def main(argv=None):
                                 p["batch_size"], out, not args.no_progress, per_epoch_diagnostics=True)
     print(write_report(records, p, out, time.perf_counter() - start))
     print(f"wrote {out / 'report.md'}")
+    print(compile_summary())
     return records
 
 

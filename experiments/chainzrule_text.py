@@ -15,6 +15,7 @@ Usage: python experiments/chainzrule_text.py --profile quick|full [--featurizer 
 from __future__ import annotations
 
 from dreg_jax.analysis.experiments import (
+    compile_summary,
     NEURAL_MODELS,
     REFERENCE,
     by_model,
@@ -126,6 +127,7 @@ def main(argv=None):
     acc = accuracies(p, out, not args.no_progress, featurizer)
     print(write_report(acc, p, out, time.perf_counter() - start, featurizer))
     print(f"wrote {out / 'report.md'}")
+    print(compile_summary())
     return acc
 
 

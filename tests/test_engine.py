@@ -129,18 +129,26 @@ SHARDED = textwrap.dedent("""
     import jax, numpy as np
     import dreg_jax
     from dreg_jax.engine import EngineOptions, RunHParams, run_mesh, train_many
+    from dreg_jax.engine.grid import block_width, place, run_blocks
     from dreg_jax.engine.sweep import engine_data
+    from dreg_jax.training.config import Fold
     assert len(jax.devices()) == 8, jax.devices()
     data, classes = engine_data("wine")
+    # a folded program (2 activations x 2 regularizers), as the study's sweeps compile them
     cfg = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(16,), activation="gelu"),
-                               regularizer=dreg_jax.RegularizerConfig(kind="dreg"), epochs=2, batch_size=32)
-    hps = RunHParams.stack([RunHParams(s, 1e-3, 3e-3, 1.0, 0.0, 0.0) for s in range(5)])
-    opts = EngineOptions(diag_size=16)
+                               regularizer=dreg_jax.RegularizerConfig(kind="none"), epochs=2, batch_size=32,
+                               fold=Fold(("gelu", "tanh"), ("none", "dreg")))
+    hps = RunHParams.stack([RunHParams(s, 1e-3, 3e-3, 1.0, 0.0, 0.0, s % 2, s // 2 % 2) for s in range(5)])
+    opts = EngineOptions(diag_size=16, vmap_width=8)
+    mesh = run_mesh()
+    block, _ = place(run_blocks(hps, block_width(opts, mesh))[0], data, mesh)
     plain = train_many(hps, data, cfg, classes, opts)
-    sharded = train_many(hps, data, cfg, classes, opts, mesh=run_mesh())
+    sharded = train_many(hps, data, cfg, classes, opts, mesh=mesh)
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), plain, sharded)
     print(json.dumps({"max_diff": max(jax.tree_util.tree_leaves(diffs)),
-                      "runs": int(sharded[0]["test_accuracy"].shape[0])}))
+                      "runs": int(sharded[0]["test_accuracy"].shape[0]),
+                      "devices": len(block.seed.sharding.device_set),
+                      "per_device": [s.data.shape[0] for s in block.seed.addressable_shards]}))
 """)
 
 
@@ -150,6 +158,7 @@ def test_sharded_over_8_cpu_devices_equals_unsharded():
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["runs"] == 5  # 5 runs padded to 8 devices, padding dropped
+    assert result["devices"] == 8 and result["per_device"] == [1] * 8  # the run axis is split
     assert result["max_diff"] < 1e-4
 
 

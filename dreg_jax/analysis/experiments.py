@@ -20,14 +20,14 @@ def fast_compile_flags():
 def run_neural_models(datasets, fractions, seeds, hidden, epochs, batch_size, out: pathlib.Path,
                       progress: bool, per_epoch_diagnostics: bool = False, featurizer: str = "hashed"):
     """Every NEURAL_MODELS model on every dataset x fraction x seed; resumable in ``out``."""
-    from dreg_jax.cli import _enable_compilation_cache
+    from dreg_jax.engine import enable_compilation_cache
     from dreg_jax.engine import EngineOptions, SweepConfig, run_sweep
 
-    _enable_compilation_cache()
+    enable_compilation_cache()
     sweep = SweepConfig(datasets=tuple(datasets), activations=("chainzrule", "relu", "gelu"),
                         regularizers=("none", "dreg"), seeds=seeds, fractions=tuple(fractions),
                         hidden=tuple(hidden), epochs=epochs, batch_size=batch_size, featurizer=featurizer)
-    return run_sweep(sweep.expand(), out / "results.jsonl", progress=progress,
+    return run_sweep(sweep.expand(), out / "results.jsonl", progress=progress, report=False,
                      options=EngineOptions(per_epoch_diagnostics=per_epoch_diagnostics))
 
 
@@ -39,6 +39,14 @@ def by_model(records):
         name = NEURAL_MODELS[(c["model"]["activation"], c["regularizer"]["kind"])]
         groups[(s["dataset"], s["data_fraction"], name)].append(r)
     return groups
+
+
+def compile_summary() -> str:
+    """The line every study ends with: ``compiled programs: N, compile seconds: S, run seconds: R``
+    (everything this process compiled and ran)."""
+    from dreg_jax.engine.grid import PROCESS_STATS
+
+    return PROCESS_STATS.line()
 
 
 def experiment_args(argv, doc: str, profiles: dict, name: str, add_arguments=None, run_label=None):

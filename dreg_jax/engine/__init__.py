@@ -6,7 +6,8 @@ from dreg_jax.engine.diagnostics import (
     tail_ratio,
     volatility,
 )
-from dreg_jax.engine.grid import run_mesh, train_many
+from dreg_jax.engine.grid import CompileStats, enable_compilation_cache, run_mesh, train_many
+from dreg_jax.engine.grouping import BACKEND_COSTS, FOLD_MODES, plan_folds
 from dreg_jax.engine.run import (
     EngineData,
     EngineOptions,
@@ -15,4 +16,4 @@ from dreg_jax.engine.run import (
     train_run,
     training_mask,
 )
-from dreg_jax.engine.sweep import ResultsFile, RunSpec, SweepConfig, run_sweep, summary_table
+from dreg_jax.engine.sweep import ResultsFile, RunSpec, SweepConfig, plan_programs, run_sweep, summary_table

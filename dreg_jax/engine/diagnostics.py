@@ -27,22 +27,19 @@ import jax.numpy as jnp
 import optax
 
 from dreg_jax._checks import check_choice
+from dreg_jax.training.train import model_variables
 
 TAU_VARIANTS = ("param", "input")
-
-
-def _variables(state, params):
-    return {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
 
 
 def per_example_grad_norms(state, x, labels=None, variant: str = "param") -> jax.Array:
     """``(batch,)`` norms of per-example loss gradients (w.r.t. params or inputs)."""
     check_choice("tau variant", variant, TAU_VARIANTS)
     if labels is None:
-        labels = jnp.argmax(state.apply_fn(_variables(state, state.params), x), -1)
+        labels = jnp.argmax(state.apply_fn(model_variables(state, state.params), x), -1)
 
     def loss(params, xi, yi):
-        logits = state.apply_fn(_variables(state, params), xi[None]).astype(jnp.float32)
+        logits = state.apply_fn(model_variables(state, params), xi[None]).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yi[None])[0]
 
     if variant == "param":

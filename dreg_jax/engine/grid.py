@@ -19,8 +19,12 @@ the grid. Only process 0 should write the results file.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+import os
+import pathlib
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,15 +57,63 @@ _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 MAX_CACHED_EXECUTABLES = 8
 
 
+@dataclasses.dataclass
+class CompileStats:
+    """What a sweep spent compiling and running (printed at its end, :meth:`line`)."""
+
+    programs: int = 0  # programs built (compiled or loaded from the persistent cache)
+    compile_seconds: float = 0.0  # summed over the compile threads
+    run_seconds: float = 0.0  # executing the programs (including copying results to the host)
+
+    def line(self) -> str:
+        return (f"compiled programs: {self.programs}, compile seconds: {self.compile_seconds:.1f}, "
+                f"run seconds: {self.run_seconds:.1f}")
+
+
+#: Everything this process compiled and ran through the engine (the studies print it last).
+PROCESS_STATS = CompileStats()
+
+
+#: Where :func:`enable_compilation_cache` keeps compiled programs (``$DREG_JAX_CACHE/xla``).
+CACHE_DIR = pathlib.Path(os.environ.get("DREG_JAX_CACHE", pathlib.Path.home() / ".cache" / "dreg_jax"))
+
+
+def enable_compilation_cache(path=None, min_compile_seconds: float = 1.0) -> pathlib.Path | None:
+    """Persists compiled programs on disk, so a resumed or repeated sweep does not compile again.
+
+    Keeps a cache directory the user already configured (``jax_compilation_cache_dir``);
+    otherwise uses ``path`` (default ``$DREG_JAX_CACHE/xla``, ``~/.cache/dreg_jax/xla``).
+    ``DREG_JAX_COMPILATION_CACHE=0`` turns it off. Returns the directory (None when off).
+    """
+    if os.environ.get("DREG_JAX_COMPILATION_CACHE", "1") == "0":
+        return None
+    current = jax.config.jax_compilation_cache_dir
+    if current and path is None:
+        return pathlib.Path(current)
+    directory = pathlib.Path(path) if path is not None else CACHE_DIR / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    return directory
+
+
 def _signature(tree):
     return tuple((a.shape, str(a.dtype), str(getattr(a, "sharding", None)))
                  for a in jax.tree_util.tree_leaves(tree))
 
 
+#: Runs per compiled call when ``EngineOptions.vmap_width`` is None: on a CPU a wide block
+#: gains little (the cores are busy at 8); on an accelerator a call costs about the same up to
+#: thousands of runs, so the study's largest program (240 runs) runs in one call.
+DEFAULT_VMAP_WIDTH = {"cpu": 8, "gpu": 256, "tpu": 256}
+
+
 def block_width(options: EngineOptions, mesh: Mesh | None = None) -> int:
-    """The vmap width of every call: ``options.vmap_width`` rounded up to the mesh size."""
+    """The vmap width of every call: ``options.vmap_width`` (default per backend,
+    :data:`DEFAULT_VMAP_WIDTH`) rounded up to the mesh size."""
     width = options.vmap_width
-    if width < 1:
+    if width is None:
+        width = DEFAULT_VMAP_WIDTH.get(jax.default_backend(), 256)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
         raise ValueError(f"vmap_width must be >= 1, got {width}")
     if mesh is not None and mesh.size > 1:
         width += (-width) % mesh.size
@@ -91,19 +143,25 @@ def place(hparams: RunHParams, data: EngineData, mesh: Mesh | None = None):
     return hparams, data
 
 
-def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, hparams, data):
+def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, hparams, data,
+                 stats: CompileStats | None = None):
     """The compiled program for these (prepared) inputs; cached per structure and shapes.
 
-    Safe to call from a background thread, which lets a sweep compile the next group while
-    the current one runs.
+    Safe to call from background threads, which lets a sweep compile the next programs while
+    one runs. ``stats`` (optional) counts the program and its compile seconds.
     """
     key = (config, num_classes, options, _signature(hparams), _signature(data))
     with _LOCK:
         if key in _EXECUTABLES:
             _EXECUTABLES.move_to_end(key)
             return _EXECUTABLES[key]
+    t0 = time.perf_counter()
     program = _jitted(config, num_classes, options).lower(hparams, data).compile()
     with _LOCK:
+        seconds = time.perf_counter() - t0
+        for counter in {id(s): s for s in (stats, PROCESS_STATS) if s is not None}.values():
+            counter.programs += 1
+            counter.compile_seconds += seconds
         _EXECUTABLES[key] = program
         while len(_EXECUTABLES) > MAX_CACHED_EXECUTABLES:
             _EXECUTABLES.popitem(last=False)
@@ -112,9 +170,13 @@ def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, 
 
 def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
                options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
-    """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves)."""
+    """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves).
+
+    ``config.fold`` (a :class:`dreg_jax.training.config.Fold`) lets the runs differ in
+    activation and regularizer (``hparams.activation_index``/``regularizer_index``).
+    """
     config.validate()
-    hparams.validate()
+    hparams.validate().check_fold(config)
     data.check(num_classes)
     num_runs = int(np.shape(hparams.seed)[0])
     width = block_width(options, mesh)

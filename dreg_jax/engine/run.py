@@ -43,10 +43,17 @@ from dreg_jax.training.train import create_train_state, eval_step, train_step
 
 
 DIVERGENCE_FACTOR = 10.0
+#: Curves only DREG runs produce (in a folded program the other runs' values are NaN padding,
+#: left out of their records).
+DREG_CURVES = ("strength_multiplier", "representation_noise")
 
 
 class RunHParams(NamedTuple):
-    """Numeric per-run values; each a scalar (or a leading run axis when vmapped)."""
+    """Numeric per-run values; each a scalar (or a leading run axis when vmapped).
+
+    ``activation_index``/``regularizer_index`` pick the run's activation and regularizer in a
+    folded program (``TrainConfig.fold``); 0 otherwise.
+    """
 
     seed: jax.Array
     learning_rate: jax.Array
@@ -54,6 +61,8 @@ class RunHParams(NamedTuple):
     data_fraction: jax.Array
     label_noise: jax.Array
     input_noise: jax.Array
+    activation_index: jax.Array = 0
+    regularizer_index: jax.Array = 0
 
     def validate(self) -> "RunHParams":
         """Checks concrete values: finite, learning rate > 0, strength >= 0, fraction in (0, 1]."""
@@ -67,7 +76,11 @@ class RunHParams(NamedTuple):
                   ("label_noise", (values["label_noise"] >= 0) & (values["label_noise"] < 1), "in [0, 1)"),
                   ("input_noise", values["input_noise"] >= 0, ">= 0"),
                   ("seed", (values["seed"] >= 0) & (values["seed"] < 2**32) & (values["seed"] % 1 == 0),
-                   "an integer in [0, 2**32)"))
+                   "an integer in [0, 2**32)"),
+                  ("activation_index", (values["activation_index"] >= 0) & (values["activation_index"] % 1 == 0),
+                   "an integer >= 0"),
+                  ("regularizer_index", (values["regularizer_index"] >= 0) & (values["regularizer_index"] % 1 == 0),
+                   "an integer >= 0"))
         for name, ok, rule in checks:
             if not np.all(ok):
                 raise ValueError(f"RunHParams.{name} must be {rule}, got {getattr(self, name)}")
@@ -76,10 +89,19 @@ class RunHParams(NamedTuple):
     @classmethod
     def stack(cls, rows) -> "RunHParams":
         rows = list(rows)
-        return cls(
-            seed=jnp.asarray([r.seed for r in rows], jnp.uint32),
-            **{f: jnp.asarray([getattr(r, f) for r in rows], jnp.float32) for f in cls._fields[1:]},
-        )
+        ints = {"seed": jnp.uint32, "activation_index": jnp.int32, "regularizer_index": jnp.int32}
+        return cls(**{f: jnp.asarray([getattr(r, f) for r in rows], ints.get(f, jnp.float32))
+                      for f in cls._fields})
+
+    def check_fold(self, config: TrainConfig) -> "RunHParams":
+        """Every index within the config's fold (one choice each when not folded)."""
+        for name, choices in (("activation_index", config.activations),
+                              ("regularizer_index", config.regularizers)):
+            index = np.asarray(getattr(self, name))
+            if np.any(index >= len(choices)):
+                raise ValueError(f"RunHParams.{name} must be < {len(choices)} (the program holds "
+                                 f"{list(choices)}), got {getattr(self, name)}")
+        return self
 
 
 class EngineData(NamedTuple):
@@ -124,9 +146,13 @@ class EngineData(NamedTuple):
 class EngineOptions:
     diag_size: int = 128  # evaluation examples for the per-example gradient diagnostics
     per_epoch_diagnostics: bool = True  # tau and Jacobian terms every epoch (else final only)
-    # Runs per compiled call. Every call has exactly this vmap width (the last block padded), so
-    # a run's bits depend only on its config and this width, never on chunking or resume point.
-    vmap_width: int = 8
+    # Runs per compiled call (None: per backend, grid.DEFAULT_VMAP_WIDTH; 8 on a CPU). Every
+    # call has exactly this vmap width (the last block padded), so a run's bits depend only on
+    # its config, the backend and this width, never on chunking, grouping or resume point.
+    vmap_width: int | None = None
+    # Which runs share a program: "auto" (cost model per backend), "none", "all"; see
+    # dreg_jax.engine.grouping.
+    fold: str = "auto"
 
 
 def run_keys(seed):
@@ -158,7 +184,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     steps = math.ceil(n / batch)
     k_init, k_mask, k_label, k_noise, k_loop = run_keys(hp.seed)
     state = create_train_state(config, k_init, d, num_classes, learning_rate=hp.learning_rate,
-                               strength=hp.strength, total_steps=config.epochs * steps)
+                               strength=hp.strength, total_steps=config.epochs * steps,
+                               activation_index=hp.activation_index, regularizer_index=hp.regularizer_index)
     mask = stratified_fraction_mask(k_mask, data.y_train, hp.data_fraction, num_classes)
     num_included = jnp.sum(mask)
     y_train = symmetric_label_noise(k_label, data.y_train, hp.label_noise, num_classes)

@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 
 from dreg_jax._checks import check_choice
 from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset, load_dataset
-from dreg_jax.engine.grid import block_width, compile_grid, place, run_blocks
-from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
+from dreg_jax.engine.grid import PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, place, run_blocks
+from dreg_jax.engine.grouping import FOLD_MODES, fold_config, plan_folds
+from dreg_jax.engine.run import DREG_CURVES, EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
     CUSTOM_ACTIVATION,
     REGULARIZERS,
@@ -65,7 +66,6 @@ _LATER_DEFAULTS = (  # (path to the mapping, field, default)
     (("config", "model"), "module", None),
     (("config", "model"), "jacobian_layers", []),
 )
-COMPILE_AHEAD = 1  # programs compiled in a background thread while one runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,17 +130,24 @@ class RunSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def structure(self):
-        """What must be equal for runs to share one compiled program."""
+        """What must be equal for runs to be able to share one compiled program: everything
+        but the numbers (traced per run) and the activation and regularizer kind (folded
+        where the grouping cost model says so, :mod:`dreg_jax.engine.grouping`)."""
         c = self.config
         blank = dataclasses.replace(
-            c, optimizer=OptimizerConfig(), regularizer=dataclasses.replace(c.regularizer, strength=None)
+            c, optimizer=OptimizerConfig(), model=dataclasses.replace(c.model, activation=""),
+            regularizer=dataclasses.replace(c.regularizer, strength=None, kind=""),
         )
         return (self.dataset, self.featurizer, self.validation_fraction), blank
 
-    def hparams(self) -> RunHParams:
+    def hparams(self, program: TrainConfig | None = None) -> RunHParams:
+        """The run's traced values; ``program`` (a folded config) sets its fold indices."""
+        program = program or self.config
         return RunHParams(self.seed, self.config.optimizer.learning_rate,
                           self.config.regularizer.resolved_strength(), self.data_fraction,
-                          self.label_noise, self.input_noise)
+                          self.label_noise, self.input_noise,
+                          program.activations.index(self.config.model.activation),
+                          program.regularizers.index(self.config.regularizer.kind))
 
 
 STATUSES = ("ok", "failed", "diverged")
@@ -316,35 +323,74 @@ def _records(chunk, final, curves, seconds, robust_names):
         out.append({
             "run_id": spec.run_id,
             "spec": spec.to_dict(),
-            "hparams": {k: _to_json(v) for k, v in spec.hparams()._asdict().items()},
+            "hparams": {k: _to_json(v) for k, v in spec.hparams()._asdict().items()
+                        if k not in ("activation_index", "regularizer_index")},
             "status": _status(fail_step, diverge_step),
             "fail_step": fail_step if fail_step >= 0 else None,
             "diverge_step": diverge_step if diverge_step >= 0 else None,
             "metrics": metrics,
-            "curves": {k: _to_json(v[i]) for k, v in curves.items()},
+            "curves": {k: _to_json(v[i]) for k, v in curves.items()
+                       if k not in DREG_CURVES or spec.config.regularizer.kind == "dreg"},
             "seconds": seconds / len(chunk),
             "finished_at": _now(),
         })
     return out
 
 
+def compile_workers() -> int:
+    """Threads compiling programs while one runs: the cores left over by the running program
+    (on a CPU it uses the cores too; on an accelerator host they are free)."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if jax.default_backend() == "cpu" else max(1, cores)
+
+
+def plan_programs(specs: Sequence[RunSpec], options: EngineOptions = EngineOptions(), backend: str | None = None):
+    """``[(source, program_config, [spec, ...])]``: the compiled programs of a sweep and their runs.
+
+    Runs of one structure (:meth:`RunSpec.structure`) are split into programs by the grouping
+    cost model (:func:`dreg_jax.engine.grouping.plan_folds`, ``options.fold``); a program's runs
+    keep the sweep's order. ``backend`` (default: JAX's) selects the cost model's constants.
+    """
+    groups = collections.defaultdict(list)
+    for s in specs:
+        groups[s.structure()].append(s)
+    programs = []
+    for (source, config), members in groups.items():
+        counts = collections.Counter((s.config.model.activation, s.config.regularizer.kind) for s in members)
+        n_train = len(load_dataset(source[0], featurizer=source[1], validation_fraction=source[2]).x_train)
+        steps = config.epochs * math.ceil(n_train / config.batch_size)
+        for fold in plan_folds(config, counts, steps, options.fold, backend):
+            runs = [s for s in members if s.config.model.activation in fold.activations
+                    and s.config.regularizer.kind in fold.regularizers]
+            programs.append((source, fold_config(config, fold), runs))
+    return programs
+
+
 def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
-              options: EngineOptions = EngineOptions(), mesh=None, progress: bool = True) -> list[dict]:
+              options: EngineOptions = EngineOptions(), mesh=None, progress: bool = True,
+              stats: CompileStats | None = None, report: bool = True) -> list[dict]:
     """Runs every spec not yet in ``results_path``; returns the records of all ``specs``.
 
-    ``chunk_size`` is the number of runs trained and written per results append; each chunk
-    runs in blocks of ``options.vmap_width`` (see :func:`dreg_jax.engine.grid.run_blocks`), so
-    the results do not depend on it.
+    ``chunk_size`` is the number of runs trained and written per results append (rounded to
+    whole blocks of the vmap width, at least one); runs go in blocks of the vmap width (see :func:`dreg_jax.engine.grid.run_blocks`), so the
+    results do not depend on it. Programs are compiled in a thread pool
+    (:func:`compile_workers`) while earlier ones run, with the persistent compilation cache on
+    (:func:`dreg_jax.engine.enable_compilation_cache`). Ends by printing
+    ``compiled programs: N, compile seconds: S, run seconds: R`` (``report=False``: not
+    printed; the figures are added to ``stats`` and to ``grid.PROCESS_STATS`` either way).
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     specs = [s.validate() for s in specs]  # every config checked before anything compiles
     if not specs:
         raise ValueError("the sweep has no runs")
+    check_choice("fold", options.fold, FOLD_MODES)
     unique = list({s.run_id: s for s in specs}.values())
     results = ResultsFile(results_path)
     results.check_writable()  # a bad results path fails now, not after the first chunk
     width = block_width(options, mesh)
+    stats = CompileStats() if stats is None else stats
+    enable_compilation_cache()
     with open(results.path.with_name(results.path.name + ".lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -352,41 +398,46 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
             raise RuntimeError(f"another sweep is writing {results.path}; wait for it or use another --results file") from None
         done = results.load()
         pending = [s for s in unique if s.run_id not in done]
-        groups = collections.defaultdict(list)
-        for s in pending:
-            groups[s.structure()].append(s)
-        chunks = []  # ((dataset, featurizer, validation_fraction), config, specs)
-        for (source, config), members in groups.items():
-            chunks += [(source, config, members[i:i + chunk_size])
-                       for i in range(0, len(members), chunk_size)]
+        programs = plan_programs(pending, options)
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",
                    unit="run", disable=not progress)
 
         def prepared(item):
-            source, config, chunk = item
+            source, config, runs = item
             data, num_classes = engine_data(*source)
-            blocks = [place(b, data, mesh) for b in run_blocks(RunHParams.stack(s.hparams() for s in chunk), width)]
-            return blocks, num_classes, compile_grid(config, num_classes, options, *blocks[0])
+            hparams = [s.hparams(config) for s in runs]
+            blocks = [place(b, data, mesh) for b in run_blocks(RunHParams.stack(hparams), width)]
+            return blocks, compile_grid(config, num_classes, options, *blocks[0], stats=stats)
 
-        # compile up to COMPILE_AHEAD programs in background threads while one runs
-        with concurrent.futures.ThreadPoolExecutor(max_workers=COMPILE_AHEAD) as pool:
-            futures = [pool.submit(prepared, item) for item in chunks[:COMPILE_AHEAD]]
-            for i, item in enumerate(chunks):
-                (dataset, featurizer, _), config, chunk = item
-                bar.set_postfix_str(f"{dataset} {config.model.activation} {config.regularizer.kind}")
-                t0 = time.perf_counter()
-                blocks, num_classes, program = futures[i].result()
-                if i + COMPILE_AHEAD < len(chunks):
-                    futures.append(pool.submit(prepared, chunks[i + COMPILE_AHEAD]))
+        workers = compile_workers()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(prepared, item) for item in programs[:workers]]
+            for i, (source, config, runs) in enumerate(programs):
+                dataset, featurizer, _ = source
+                bar.set_postfix_str(f"{dataset} {'+'.join(config.activations)} {'+'.join(config.regularizers)}")
+                blocks, program = futures[i].result()
+                if i + workers < len(programs):
+                    futures.append(pool.submit(prepared, programs[i + workers]))
                 futures[i] = None  # let finished programs' inputs be freed
-                outputs = [jax.tree_util.tree_map(np.asarray, program(hp, data)) for hp, data in blocks]
-                final, curves = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[: len(chunk)], *outputs)
                 robust_names = list(load_dataset(dataset, featurizer=featurizer).robust)
-                records = _records(chunk, final, curves, time.perf_counter() - t0, robust_names)
-                results.append(records)
-                done.update((r["run_id"], r) for r in records)
-                bar.update(len(chunk))
+                per_chunk = max(1, chunk_size // width)  # blocks per results append
+                for first in range(0, len(blocks), per_chunk):
+                    chunk = runs[first * width:(first + per_chunk) * width]
+                    t0 = time.perf_counter()
+                    outputs = [jax.tree_util.tree_map(np.asarray, program(hp, data))
+                               for hp, data in blocks[first:first + per_chunk]]
+                    seconds = time.perf_counter() - t0
+                    stats.run_seconds += seconds
+                    if stats is not PROCESS_STATS:
+                        PROCESS_STATS.run_seconds += seconds
+                    final, curves = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:len(chunk)], *outputs)
+                    records = _records(chunk, final, curves, seconds, robust_names)
+                    results.append(records)
+                    done.update((r["run_id"], r) for r in records)
+                    bar.update(len(chunk))
         bar.close()
+    if report:
+        print(stats.line(), flush=True)
     return [done[s.run_id] for s in specs]
 
 

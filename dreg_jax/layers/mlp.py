@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from dreg_jax._checks import check_choice, check_float_array
@@ -37,7 +38,13 @@ class MLP(nn.Module):
       hidden: widths of the hidden layers.
       num_classes: outputs (logits).
       activation: one of ``dreg_jax.ACTIVATIONS`` (``relu``, ``gelu``, ``tanh``,
-        ``chainzrule``, ...).
+        ``chainzrule``, ...), or a tuple of them: a *folded* MLP that holds every listed
+        activation (ChainzRule's coefficients included when listed) and applies the one at
+        ``variables["fold"]["activation_index"]`` (default 0), a traced per-run value, so runs
+        with different activations share one compiled program (the engine's run axis). Every
+        activation is computed and one selected: the selected run's forward values and
+        gradients are those of the plain MLP with that activation (the others get zero
+        cotangents), and the parameter paths are the same, so a seed initializes it alike.
       spectral_norm: wrap every Dense in ``nn.SpectralNorm``.
       chainzrule_per_feature / chainzrule_init / chainzrule_input_bound: ChainzRule options.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
@@ -45,7 +52,7 @@ class MLP(nn.Module):
 
     hidden: Sequence[int] = (64, 64, 64)
     num_classes: int = 2
-    activation: str = "gelu"
+    activation: str | tuple[str, ...] = "gelu"
     spectral_norm: bool = False
     chainzrule_per_feature: bool = True
     chainzrule_init: str = "gelu"
@@ -53,7 +60,11 @@ class MLP(nn.Module):
     dtype: Any = None
 
     def setup(self):
-        check_activation(self.activation)
+        self.activations = (self.activation,) if isinstance(self.activation, str) else tuple(self.activation)
+        if not self.activations:
+            raise ValueError("activation must name at least one activation")
+        for name in self.activations:
+            check_activation(name)
         if not self.hidden or min(self.hidden) < 1 or self.num_classes < 1:
             raise ValueError(
                 f"hidden must be non-empty positive widths and num_classes >= 1, got "
@@ -61,7 +72,7 @@ class MLP(nn.Module):
             )
         self.dense = [self._make_dense(w) for w in self.hidden]
         self.head = self._make_dense(self.num_classes)
-        if self.activation == "chainzrule":
+        if "chainzrule" in self.activations:
             self.cubic = [
                 ChainzRule(
                     per_feature=self.chainzrule_per_feature,
@@ -78,15 +89,27 @@ class MLP(nn.Module):
     def _affine(self, layer, h, update_stats):
         return layer(h, update_stats=update_stats) if self.spectral_norm else layer(h)
 
-    def _activate_with_derivative(self, z, i):
-        if self.activation == "chainzrule":
+    def _one_with_derivative(self, name, z, i):
+        if name == "chainzrule":
             return self.cubic[i].value_and_derivative(z)
-        return elementwise_value_and_derivative(get_activation(self.activation), z)
+        return elementwise_value_and_derivative(get_activation(name), z)
+
+    def _one(self, name, z, i):
+        return self.cubic[i](z) if name == "chainzrule" else get_activation(name)(z)
+
+    def _selected(self, outputs):
+        """The output of the run's activation (``fold/activation_index``) among all computed."""
+        if len(outputs) == 1:
+            return outputs[0]
+        index = jnp.asarray(self.get_variable("fold", "activation_index", 0), jnp.int32)
+        index = jnp.clip(index, 0, len(outputs) - 1)
+        return jax.tree_util.tree_map(lambda *leaves: jax.lax.select_n(index, *leaves), *outputs)
+
+    def _activate_with_derivative(self, z, i):
+        return self._selected([self._one_with_derivative(name, z, i) for name in self.activations])
 
     def _activate(self, z, i):
-        if self.activation == "chainzrule":
-            return self.cubic[i](z)
-        return get_activation(self.activation)(z)
+        return self._selected([self._one(name, z, i) for name in self.activations])
 
     def _check_input(self, x):
         check_float_array(x, "x", exact_ndim=2)

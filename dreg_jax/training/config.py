@@ -132,17 +132,59 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Fold:
+    """Per-run choices compiled into one program (the engine's run axis; see
+    :mod:`dreg_jax.engine.grouping`).
+
+    A run picks its activation by ``RunHParams.activation_index`` into ``activations`` and its
+    regularizer by ``RunHParams.regularizer_index`` into ``regularizers``; they replace
+    ``ModelConfig.activation`` and ``RegularizerConfig.kind`` of the program's config. Empty:
+    not folded (the config's own choice).
+    """
+
+    activations: tuple[str, ...] = ()
+    regularizers: tuple[str, ...] = ()
+
+    def validate(self, config: "TrainConfig"):
+        for name in self.activations:
+            check_activation(name)
+        if self.activations and config.model.is_custom:
+            raise ValueError("a user module defines its own activations: fold regularizers only")
+        for name in self.regularizers:
+            reg = get_regularizer(name)
+            if len(self.regularizers) > 1 and not reg.foldable:
+                raise ValueError(f"regularizer {name!r} changes the model or the optimizer state: "
+                                 "it cannot share a program with other regularizers")
+        if len(set(self.activations)) != len(self.activations) or len(set(self.regularizers)) != len(self.regularizers):
+            raise ValueError(f"a fold lists each choice once, got {self}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = ModelConfig()
     regularizer: RegularizerConfig = RegularizerConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     epochs: int = 20
     batch_size: int = 64
+    fold: Fold | None = None  # set by the engine for programs that hold several configs
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """The activations a program built from this config holds (one unless folded)."""
+        return self.fold.activations if self.fold and self.fold.activations else (self.model.activation,)
+
+    @property
+    def regularizers(self) -> tuple[str, ...]:
+        """The regularizer kinds a program built from this config holds (one unless folded)."""
+        return self.fold.regularizers if self.fold and self.fold.regularizers else (self.regularizer.kind,)
 
     def validate(self):
         self.model.validate()
         self.regularizer.validate()
         self.optimizer.validate()
+        if self.fold is not None:
+            self.fold.validate(self)
         reg = self.regularizer
         if self.model.is_custom:
             if get_regularizer(reg.kind).spectral_norm:

@@ -44,9 +44,32 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def _model_pass_options(reg) -> dict:
+    """The built-in MLP pass every loss of a config uses (DREG's terms come from it when they
+    can, so a folded program runs one pass for the plain and the DREG runs; unused terms are
+    dead code)."""
+    if reg.dreg_scope == "layer" and reg.layer_estimator == "exact":
+        return {"jacobian_scope": "layer", "layer_estimator": "exact"}
+    return {"jacobian_scope": "activation"}
+
+
+def shares_model_pass(kind: str, config) -> bool:
+    """Whether ``kind``'s loss is the model's own pass (plus, for DREG, the terms it yields)."""
+    if get_regularizer(kind).loss is _plain_loss:
+        return True
+    reg = config.regularizer
+    return (kind == "dreg" and not config.model.is_custom and reg.strength_schedule == "constant"
+            and (reg.dreg_scope == "activation" or reg.layer_estimator == "exact"))
+
+
 def _plain_loss(ctx) -> LossTerms:
-    kwargs = {} if ctx.config.model.is_custom else {"update_stats": True}  # MLP: SN power iteration
-    logits, updates = ctx.apply(ctx.x, **kwargs)
+    if ctx.config.model.is_custom:
+        logits, updates = ctx.apply(ctx.x)
+    else:  # the MLP's pass with terms (unused here), the same arithmetic as the DREG runs'
+        from dreg_jax.layers.mlp import MLP
+
+        (logits, _), updates = ctx.apply(ctx.x, update_stats=True, method=MLP.forward_with_jacobian_terms,
+                                         **_model_pass_options(ctx.config.regularizer))
     return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), jnp.zeros([], jnp.float32), updates, {})
 
 
@@ -164,6 +187,8 @@ class Regularizer:
       loss: ``ctx -> LossTerms``; ``ctx`` carries ``state, variables, x, y, key, config, apply``.
       optimizer: ``(RegularizerConfig, learning_rate, strength) -> GradientTransformation``.
       spectral_norm: whether the model's Dense layers are spectrally normalized.
+      step_cost: a train step's cost relative to a plain step (the engine's grouping cost
+        model, :mod:`dreg_jax.engine.grouping`; measured by ``benchmarks/step_cost.py``).
     """
 
     name: str
@@ -173,6 +198,13 @@ class Regularizer:
     loss: Callable = _plain_loss
     optimizer: Callable = _adam
     spectral_norm: bool = False
+    step_cost: float = 1.0
+
+    @property
+    def foldable(self) -> bool:
+        """Whether runs of this kind can share a program with other kinds (the run axis):
+        the same model and the same optimizer state (Adam, or AdamW at decay 0)."""
+        return not self.spectral_norm and self.optimizer in (_adam, _adamw)
 
 
 REGISTRY: dict[str, Regularizer] = {r.name: r for r in (
@@ -183,11 +215,12 @@ REGISTRY: dict[str, Regularizer] = {r.name: r for r in (
                 spectral_norm=True),
     Regularizer("igpen", "IGPen", DEFAULT_IGPEN_LAMBDA,
                 "Drucker & LeCun 1992 style double backprop on the mean squared input gradient",
-                loss=_igpen_loss),
+                loss=_igpen_loss, step_cost=3.0),
     Regularizer("jacobian", "JacReg", DEFAULT_JACOBIAN_LAMBDA,
-                "Hoffman et al. 2019: lambda_JR = 1e-2, one random projection", loss=_jacobian_loss),
+                "Hoffman et al. 2019: lambda_JR = 1e-2, one random projection", loss=_jacobian_loss,
+                step_cost=2.5),
     Regularizer("dreg", "DREG", DEFAULT_LAMBDA, "the DREG study: 10^-2.5, fixed, no per-dataset tuning",
-                loss=_dreg_loss),
+                loss=_dreg_loss, step_cost=1.1),
     Regularizer("coherent", "Coherent", 1e-2,
                 "strong coupled L2 of 100x the WD default while gradient coherence >= 0.5",
                 optimizer=_coherent_adam),

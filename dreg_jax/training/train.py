@@ -27,6 +27,10 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = struct.field(default_factory=dict)
     strength: jax.Array = 0.0  # lambda_0, an array so it can be vmapped over
     total_steps: jax.Array = 0  # T of the lambda schedule (warmup / cosine)
+    # folded programs only (TrainConfig.fold): the run's index into fold.activations and
+    # fold.regularizers; None otherwise
+    activation_index: Any = None
+    regularizer_index: Any = None
 
 
 def build_model(config: TrainConfig, num_classes: int):
@@ -34,10 +38,11 @@ def build_model(config: TrainConfig, num_classes: int):
     m = config.model
     if m.is_custom:
         return m.module
+    activations = config.activations
     return MLP(
         hidden=tuple(m.hidden),
         num_classes=num_classes,
-        activation=m.activation,
+        activation=activations[0] if len(activations) == 1 else activations,
         spectral_norm=get_regularizer(config.regularizer.kind).spectral_norm,
         chainzrule_per_feature=m.chainzrule_per_feature,
         chainzrule_init=m.chainzrule_init,
@@ -46,22 +51,34 @@ def build_model(config: TrainConfig, num_classes: int):
     )
 
 
-def build_optimizer(config: TrainConfig, learning_rate, strength) -> optax.GradientTransformation:
+def build_optimizer(config: TrainConfig, learning_rate, strength, regularizer_index=0) -> optax.GradientTransformation:
     """Adam, with the optimizer side of the configured regularizer folded in (its
     :attr:`Regularizer.optimizer`); hyperparameters injected as arrays so they can be vmapped.
+
+    A program folding several regularizers (``config.fold``) uses AdamW when weight decay is
+    among them, with the decay at ``strength`` for weight-decay runs and 0 for the others:
+    ``u + 0 * theta = u``, so the other runs' updates are Adam's, bit for bit.
     """
-    reg = config.regularizer
-    return get_regularizer(reg.kind).optimizer(reg, learning_rate, strength)
+    reg, kinds = config.regularizer, config.regularizers
+    if len(kinds) == 1:
+        return get_regularizer(kinds[0]).optimizer(reg, learning_rate, strength)
+    optimizers = {get_regularizer(k).optimizer for k in kinds}
+    if len(optimizers) == 1:
+        return optimizers.pop()(reg, learning_rate, strength)
+    decay = jnp.where(jnp.asarray(regularizer_index) == kinds.index("weight_decay"), strength, 0.0)
+    return get_regularizer("weight_decay").optimizer(reg, learning_rate, decay)
 
 
 def create_train_state(
     config: TrainConfig, key, num_features: int, num_classes: int,
-    learning_rate=None, strength=None, total_steps=None,
+    learning_rate=None, strength=None, total_steps=None, activation_index=0, regularizer_index=0,
 ) -> TrainState:
     """Initial state. ``learning_rate``/``strength`` default to the config's and may be traced.
 
     ``total_steps`` (the run's optimizer steps) is required by the ``linear_warmup`` and
     ``cosine_decay`` strength schedules (:mod:`dreg_jax.penalties.schedules`).
+    ``activation_index``/``regularizer_index`` pick the run's choice in a folded config
+    (``config.fold``); they may be traced.
     """
     config.validate()
     if total_steps is None and config.regularizer.strength_schedule in LENGTH_SCHEDULES:
@@ -73,18 +90,28 @@ def create_train_state(
     strength = config.regularizer.resolved_strength() if strength is None else strength
     model = build_model(config, num_classes)
     variables = model.init(key, jnp.zeros((1, num_features), jnp.float32))
+    folded_activation = len(config.activations) > 1
+    folded_regularizer = len(config.regularizers) > 1
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=build_optimizer(config, learning_rate, strength),
+        tx=build_optimizer(config, learning_rate, strength, regularizer_index),
         strength=jnp.asarray(strength, jnp.float32),
         total_steps=jnp.asarray(0 if total_steps is None else total_steps, jnp.int32),
+        activation_index=jnp.asarray(activation_index, jnp.int32) if folded_activation else None,
+        regularizer_index=jnp.asarray(regularizer_index, jnp.int32) if folded_regularizer else None,
     )
 
 
-def _variables(state: TrainState, params):
-    return {"params": params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+def model_variables(state: TrainState, params):
+    """The variables ``state.apply_fn`` takes: params, batch stats, the run's fold choice."""
+    variables = {"params": params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    if state.activation_index is not None:
+        variables["fold"] = {"activation_index": state.activation_index}
+    return variables
 
 
 class LossContext(NamedTuple):
@@ -99,13 +126,18 @@ class LossContext(NamedTuple):
     apply: Callable  # (*args, **kwargs) -> (model output, mutable-collection updates)
 
 
-def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
+def loss_fn(params, state: TrainState, batch, key, config: TrainConfig, kinds=None):
     """Data loss + penalty for the configured regularizer (its :attr:`Regularizer.loss`).
+
+    ``kinds`` (a branch of a folded config, :func:`loss_branches`): the regularizers this loss
+    serves; a branch of several kinds is the shared MLP pass with the DREG penalty counted
+    only for DREG runs (``state.regularizer_index``).
 
     Returns:
       ``(loss, (aux_metrics, new_batch_stats))``.
     """
-    variables = _variables(state, params)
+    kinds = config.regularizers if kinds is None else kinds
+    variables = model_variables(state, params)
     mutable = ["batch_stats"] if state.batch_stats else False
 
     def apply(*args, **kwargs):
@@ -113,7 +145,12 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
         return out if mutable else (out, {})
 
     ctx = LossContext(state, variables, batch["x"], batch["y"], key, config, apply)
-    terms = get_regularizer(config.regularizer.kind).loss(ctx)
+    if len(kinds) == 1:
+        terms = get_regularizer(kinds[0]).loss(ctx)
+    else:  # the shared pass: DREG's terms come from the forward every kind here needs
+        terms = get_regularizer("dreg").loss(ctx)
+        is_dreg = state.regularizer_index == config.regularizers.index("dreg")
+        terms = terms._replace(penalty=jnp.where(is_dreg, terms.penalty, 0.0))
     accuracy = jnp.mean(jnp.argmax(terms.logits, -1) == batch["y"])
     loss = terms.data_loss + terms.penalty
     metrics = {"loss": loss, "data_loss": terms.data_loss, "penalty": terms.penalty,
@@ -121,12 +158,63 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig):
     return loss, (metrics, terms.batch_stats_updates.get("batch_stats", state.batch_stats))
 
 
+def loss_branches(config: TrainConfig) -> tuple[tuple[str, ...], ...]:
+    """The regularizers of ``config`` grouped into the branches of one train step.
+
+    Kinds whose loss is the model's own pass (no regularizer, weight decay, and DREG whose
+    terms the built-in MLP computes in that pass: activation scope or the exact layer
+    estimator) form one branch, where DREG's penalty is counted only for DREG runs; each other
+    kind (IGPen, the Jacobian penalty, probe DREG, ...) is a branch of its own. One branch per
+    program unless the config is folded.
+    """
+    from dreg_jax.training.regularizers import shares_model_pass
+
+    shared, own = [], []
+    for kind in config.regularizers:
+        (shared if shares_model_pass(kind, config) else own).append(kind)
+    return tuple(([tuple(shared)] if shared else []) + [(k,) for k in own])
+
+
+def _nan_like(shape_dtype):
+    return jnp.full(shape_dtype.shape, jnp.nan, shape_dtype.dtype)
+
+
 @functools.partial(jax.jit, static_argnums=(3,))
 def train_step(state: TrainState, batch, key, config: TrainConfig):
-    """One optimizer step on ``batch = {"x": (B, D) float, "y": (B,) int}``."""
-    grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-        state.params, state, batch, key, config
-    )
+    """One optimizer step on ``batch = {"x": (B, D) float, "y": (B,) int}``.
+
+    In a folded config with several branches (:func:`loss_branches`) the run's branch is
+    chosen by ``lax.switch`` on ``state.regularizer_index``; each branch differentiates its own
+    loss, so the selected gradients are exactly that branch's (under ``vmap`` every branch is
+    computed and the results selected). Metrics a branch does not produce are NaN.
+    """
+    branches = loss_branches(config)
+
+    def branch_grads(kinds):
+        def grads_of(state):
+            return jax.grad(loss_fn, has_aux=True)(state.params, state, batch, key, config, kinds)
+        return grads_of
+
+    if len(branches) == 1:
+        grads, (metrics, batch_stats) = branch_grads(branches[0])(state)
+    else:
+        fns = [branch_grads(kinds) for kinds in branches]
+        produced = {}  # every branch's metrics, padded to the union (a switch needs one structure)
+        for fn in fns:
+            for name, shape in jax.eval_shape(fn, state)[1][0].items():
+                produced.setdefault(name, shape)
+
+        def padded(fn):
+            def run(state):
+                grads, (metrics, batch_stats) = fn(state)
+                return grads, ({k: metrics[k] if k in metrics else _nan_like(s) for k, s in produced.items()},
+                               batch_stats)
+            return run
+
+        branch_of = jnp.asarray([next(b for b, kinds in enumerate(branches) if kind in kinds)
+                                 for kind in config.regularizers], jnp.int32)
+        grads, (metrics, batch_stats) = jax.lax.switch(
+            branch_of[state.regularizer_index], [padded(fn) for fn in fns], state)
     state = state.apply_gradients(grads=grads).replace(batch_stats=batch_stats)
     return state, {**metrics, "grad_norm": optax.tree.norm(grads)}
 
@@ -150,7 +238,7 @@ def _custom_eval_terms(config, variables, x):
 @functools.partial(jax.jit, static_argnums=(2,))
 def eval_step(state: TrainState, batch, config: TrainConfig):
     """Loss, accuracy and the activation-scope per-layer Jacobian terms (a diagnostic)."""
-    variables = _variables(state, state.params)
+    variables = model_variables(state, state.params)
     if config.model.is_custom:
         logits, sq_norms = _custom_eval_terms(config, variables, batch["x"])
     else:

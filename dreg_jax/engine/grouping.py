@@ -1,0 +1,169 @@
+r"""Which runs share a compiled program: the engine's grouping cost model, per backend.
+
+Runs whose config differs only in numbers (seed, learning rate, strength, fraction, noise)
+always share a program: those numbers are traced :class:`~dreg_jax.engine.RunHParams`. Runs
+that differ in their **activation** or **regularizer** can share one too
+(:class:`dreg_jax.training.config.Fold`): the run's choice becomes a traced index, the
+built-in MLP computes every folded activation and selects one, and the train step computes
+every folded loss *branch* and selects one (:func:`dreg_jax.training.train.loss_branches`;
+no regularizer, weight decay and DREG share the model's own pass, so they cost one branch).
+What cannot share a program: different datasets (shapes), spectral normalization and the
+coherent optimizer (other model or optimizer state), and other structural fields (widths,
+epochs, batch size, schedules).
+
+Folding saves compilations but makes every run of the program compute every folded branch.
+Merging two groups :math:`A` and :math:`B` (``n`` runs each, ``s`` optimizer steps per run)
+is worth it when the compile time it saves exceeds the compute it adds:
+
+.. math::
+    t_\text{compile} \;>\; s \, t_\text{step}\,\big[(n_A + n_B)\,c(A \cup B) - n_A c(A) - n_B c(B)\big],
+
+with :math:`c(S)` the per-step cost of a program holding ``S``, relative to one plain step:
+the sum over its loss branches of the branch's :attr:`Regularizer.step_cost` (the largest of
+the kinds sharing a branch) times :math:`1 + a\,(|\text{activations}| - 1)` for the folded
+activations. :math:`t_\text{compile}`, :math:`t_\text{step}` and :math:`a` are per-backend
+constants (:data:`BACKEND_COSTS`, measured with ``benchmarks/study_throughput.py``). On a CPU a
+vmapped step costs about as much per run as an unvectorized one, so folding the expensive
+penalties (IGPen, Jacobian) into the cheap runs would multiply their compute, while folding
+activations and the shared-pass kinds is nearly free. On a GPU a block of runs costs about the
+same whatever it computes (the step is latency-bound), so everything foldable is folded.
+Greedy: the pair with the largest saving is merged first, until no merge saves time.
+
+``EngineOptions.fold`` overrides the model: ``"none"`` (one program per activation and
+regularizer, the engine's layout before folding), ``"all"`` (everything foldable).
+
+Results do not depend on the grouping: a run's selected branch is bit for bit the code it
+runs unfolded (tested: ``tests/test_grouping.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Mapping
+
+import jax
+
+from dreg_jax.training.config import Fold, TrainConfig
+from dreg_jax.training.regularizers import get_regularizer
+from dreg_jax.training.train import loss_branches
+
+FOLD_MODES = ("auto", "none", "all")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendCosts:
+    """Per-backend constants of the grouping cost model (see the module docstring)."""
+
+    compile_seconds: float  # compiling one study-shaped program
+    step_seconds: float  # one run's plain optimizer step inside a vmapped block
+    activation_cost: float  # extra step cost per additional folded activation (relative)
+
+
+#: Measured on the 2-core CPU of the CI machine (study shapes: MLP 2x64, batch 64; fast-compile
+#: flags) and on one H100 (the issue's figures: a 4,000-run block of 1,260 steps in 2.1 s).
+BACKEND_COSTS: dict[str, BackendCosts] = {
+    "cpu": BackendCosts(compile_seconds=5.0, step_seconds=1.1e-4, activation_cost=0.15),
+    "gpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05),
+    "tpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05),
+}
+
+
+def backend_costs(backend: str | None = None) -> BackendCosts:
+    backend = backend or jax.default_backend()
+    return BACKEND_COSTS.get(backend, BACKEND_COSTS["gpu"])
+
+
+def program_cost(config: TrainConfig, activations, regularizers) -> float:
+    """Relative per-step cost of one run in a program folding these choices."""
+    folded = dataclasses.replace(config, fold=Fold(tuple(activations), tuple(regularizers)))
+    branches = loss_branches(folded)
+    cost = sum(max(get_regularizer(k).step_cost for k in kinds) for kinds in branches)
+    extra = sum(2.0 if a == "chainzrule" else 1.0 for a in list(activations)[1:])
+    return cost * (1.0 + backend_costs().activation_cost * extra) if activations else cost
+
+
+def _greedy(groups, cost, counts, saving_per_merge, step_seconds):
+    """Merges groups (lists of choices) while a merge saves time; see the module docstring."""
+    groups = [tuple(g) for g in groups]
+    while len(groups) > 1:
+        best, best_gain = None, 0.0
+        for a, b in itertools.combinations(range(len(groups)), 2):
+            ga, gb = groups[a], groups[b]
+            na, nb = sum(counts[c] for c in ga), sum(counts[c] for c in gb)
+            extra = (na + nb) * cost(ga + gb) - na * cost(ga) - nb * cost(gb)
+            gain = saving_per_merge - extra * step_seconds
+            if gain > best_gain:
+                best, best_gain = (a, b), gain
+        if best is None:
+            break
+        a, b = best
+        groups = [g for i, g in enumerate(groups) if i not in best] + [groups[a] + groups[b]]
+    return groups
+
+
+def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], steps_per_run: int,
+               mode: str = "auto", backend: str | None = None) -> list[Fold]:
+    """The programs for runs of one structure: a :class:`Fold` per program.
+
+    Args:
+      config: the shared structure (activation and regularizer kind are ignored).
+      run_counts: ``(activation, regularizer) -> number of runs``.
+      steps_per_run: optimizer steps of one run (epochs x steps per epoch).
+      mode: ``"auto"`` (the cost model), ``"none"`` or ``"all"``.
+      backend: ``"cpu"``, ``"gpu"``, ``"tpu"`` (default: JAX's default backend).
+
+    Returns:
+      Folds that cover every ``(activation, regularizer)`` pair exactly once; a program's runs
+      are the pairs in ``itertools.product(fold.activations, fold.regularizers)`` that occur.
+    """
+    if mode not in FOLD_MODES:
+        raise ValueError(f"fold must be one of {', '.join(FOLD_MODES)}, got {mode!r}")
+    costs = backend_costs(backend)
+    activations = list(dict.fromkeys(a for a, _ in run_counts))
+    kinds = list(dict.fromkeys(k for _, k in run_counts))
+    foldable = [k for k in kinds if get_regularizer(k).foldable]
+    singles = [(k,) for k in kinds if k not in foldable]
+    act_counts = {a: sum(n for (x, _), n in run_counts.items() if x == a) for a in activations}
+    kind_counts = {k: sum(n for (_, x), n in run_counts.items() if x == k) for k in kinds}
+    can_fold_activations = not config.model.is_custom
+    if mode == "none":
+        act_groups, kind_groups = [(a,) for a in activations], [(k,) for k in kinds]
+    elif mode == "all":
+        act_groups = [tuple(activations)] if can_fold_activations else [(a,) for a in activations]
+        kind_groups = ([tuple(foldable)] if foldable else []) + singles
+    else:
+        steps = steps_per_run * costs.step_seconds
+        # kinds that share the model's pass cost one branch: start them together
+        start = {}
+        for k in foldable:
+            start.setdefault(_branch_key(config, k), []).append(k)
+        kind_groups = _greedy(list(start.values()), lambda g: program_cost(config, (), g), kind_counts,
+                              costs.compile_seconds * max(1, len(activations)), steps) + singles
+        act_groups = ([(a,) for a in activations] if not can_fold_activations else
+                      _greedy([(a,) for a in activations], lambda g: program_cost(config, g, ("none",)),
+                              act_counts, costs.compile_seconds * len(kind_groups), steps))
+    folds = []
+    for acts, regs in itertools.product(act_groups, kind_groups):
+        if any((a, k) in run_counts for a in acts for k in regs):
+            present_acts = tuple(a for a in activations if a in acts and any((a, k) in run_counts for k in regs))
+            present_regs = tuple(k for k in kinds if k in regs and any((a, k) in run_counts for a in acts))
+            folds.append(Fold(present_acts, present_regs))
+    return folds
+
+
+def _branch_key(config: TrainConfig, kind: str) -> str:
+    from dreg_jax.training.regularizers import shares_model_pass
+
+    return "model pass" if shares_model_pass(kind, config) else kind
+
+
+def fold_config(config: TrainConfig, fold: Fold) -> TrainConfig:
+    """The program config of ``fold``: its first choices as the config's own, and the fold
+    itself when it holds more than one choice of either (else ``fold=None``, the unfolded
+    program)."""
+    model = dataclasses.replace(config.model, activation=fold.activations[0]) if fold.activations else config.model
+    regularizer = dataclasses.replace(config.regularizer, kind=fold.regularizers[0])
+    keep = Fold(fold.activations if len(fold.activations) > 1 else (),
+                fold.regularizers if len(fold.regularizers) > 1 else ())
+    return dataclasses.replace(config, model=model, regularizer=regularizer,
+                               fold=keep if (keep.activations or keep.regularizers) else None)
