@@ -55,6 +55,7 @@ def _jitted(config: TrainConfig, num_classes: int, options: EngineOptions):
 # mappings, and a study compiles ~200 of them (an unbounded cache ran LLVM out of memory).
 _EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
 MAX_CACHED_EXECUTABLES = 8
+_IN_FLIGHT: dict = {}  # key -> Event of a compilation under way in another thread
 
 
 @dataclasses.dataclass
@@ -151,20 +152,30 @@ def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, 
     one runs. ``stats`` (optional) counts the program and its compile seconds.
     """
     key = (config, num_classes, options, _signature(hparams), _signature(data))
-    with _LOCK:
-        if key in _EXECUTABLES:
-            _EXECUTABLES.move_to_end(key)
-            return _EXECUTABLES[key]
-    t0 = time.perf_counter()
-    program = _jitted(config, num_classes, options).lower(hparams, data).compile()
-    with _LOCK:
-        seconds = time.perf_counter() - t0
-        for counter in {id(s): s for s in (stats, PROCESS_STATS) if s is not None}.values():
-            counter.programs += 1
-            counter.compile_seconds += seconds
-        _EXECUTABLES[key] = program
-        while len(_EXECUTABLES) > MAX_CACHED_EXECUTABLES:
-            _EXECUTABLES.popitem(last=False)
+    while True:
+        with _LOCK:
+            if key in _EXECUTABLES:
+                _EXECUTABLES.move_to_end(key)
+                return _EXECUTABLES[key]
+            pending = _IN_FLIGHT.get(key)
+            if pending is None:  # this thread compiles it; others with the same key wait
+                pending = _IN_FLIGHT[key] = threading.Event()
+                break
+        pending.wait()  # datasets of the same shapes share a program: compile it once
+    try:
+        t0 = time.perf_counter()
+        program = _jitted(config, num_classes, options).lower(hparams, data).compile()
+        with _LOCK:
+            seconds = time.perf_counter() - t0
+            for counter in {id(s): s for s in (stats, PROCESS_STATS) if s is not None}.values():
+                counter.programs += 1
+                counter.compile_seconds += seconds
+            _EXECUTABLES[key] = program
+            while len(_EXECUTABLES) > MAX_CACHED_EXECUTABLES:
+                _EXECUTABLES.popitem(last=False)
+    finally:
+        with _LOCK:
+            _IN_FLIGHT.pop(key).set()
     return program
 
 
