@@ -65,6 +65,7 @@ _LATER_DEFAULTS = (  # (path to the mapping, field, default)
     ((), "validation_fraction", 0.0),
     (("config", "model"), "module", None),
     (("config", "model"), "jacobian_layers", []),
+    (("config",), "fold", None),  # set only on programs, never on a run's own config
 )
 
 
