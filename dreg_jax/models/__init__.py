@@ -1,0 +1,11 @@
+"""Models beyond the MLP: a Flax BERT encoder with the pretrained all-MiniLM-L6-v2, and the
+small transformer classifiers of the transformer study."""
+from dreg_jax.models.bert import (
+    BertConfig,
+    BertEncoder,
+    Tokenizer,
+    bert_variables,
+    load_bert,
+    load_minilm,
+    mean_pool,
+)
