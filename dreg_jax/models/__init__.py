@@ -9,3 +9,10 @@ from dreg_jax.models.bert import (
     load_minilm,
     mean_pool,
 )
+from dreg_jax.models.transformer import (
+    HEADS,
+    MiniLMClassifier,
+    TextTransformer,
+    VisionTransformer,
+    with_pretrained,
+)
