@@ -34,6 +34,7 @@ fast_compile_flags()
 
 import collections  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -54,7 +55,7 @@ PROFILES = {
               "finetune": dict(datasets=("reviews_noisy",), fractions=(0.25, 1.0), train_size=96, test_size=128,
                                seeds=2, epochs=1, length=32, batch=16)},
     "full": {"scratch": dict(text=("reviews", "reviews_noisy"), vision=("digits", "digits_corrupted"),
-                             fractions=(0.1, 1.0), seeds=3, epochs=4, width=64, depth=2, heads=4, ffn=128, batch=64),
+                             fractions=(0.1, 1.0), seeds=3, epochs=3, width=64, depth=2, heads=4, ffn=128, batch=64),
              "finetune": dict(datasets=("reviews", "reviews_noisy"), fractions=(0.05, 0.25, 1.0), train_size=384,
                               test_size=512, seeds=3, epochs=2, length=48, batch=16)},
 }
@@ -105,8 +106,10 @@ def run_scratch(p, out, progress):
                         spec = RunSpec(ds, config, seed=seed, data_fraction=frac, featurizer=featurizer)
                         specs.append(spec)
                         arm_of[spec.run_id] = arm
-    # transformers vmap poorly on a CPU (batched attention einsums): one run per call there
-    width = 1 if jax.default_backend() == "cpu" else None
+    # transformers vmap poorly on a CPU (batched attention einsums): one run per call there; on
+    # a GPU the engine's default of 256 runs per call ran out of memory (19 GiB per buffer while
+    # autotuning the text program on an H200), so 32
+    width = 1 if jax.default_backend() == "cpu" else 32
     records = run_sweep(specs, out / "results.jsonl", progress=progress, report=False,
                         options=EngineOptions(per_epoch_diagnostics=True, diag_size=32, vmap_width=width))
     rows = []
@@ -163,6 +166,8 @@ def finetune_runs(p, out, progress):
                                             normalize=False))
         e_tr = np.concatenate([np.asarray(embed(x_tr[i:i + 64])) for i in range(0, len(x_tr), 64)])
         e_te = np.concatenate([np.asarray(embed(x_te[i:i + 64])) for i in range(0, len(x_te), 64)])
+        print(f"{ds_name}: DREG penalty at the pretrained start {_start_penalty(encoder, encoder_vars, x_tr, y_tr, L):.3g}"
+              " (lambda per token x the six GELU terms, one batch)", flush=True)
         for frac in p["fractions"]:
             for seed in range(p["seeds"]):
                 mask = np.asarray(stratified_fraction_mask(jax.random.key(seed), jnp.asarray(y_tr), frac, C))
@@ -244,6 +249,17 @@ def _finetune_fns(classes, head, dreg, length, config):
         return jnp.mean(jnp.argmax(logits, -1) == y[None], axis=-1)
 
     return model, init, step, evaluate
+
+
+def _start_penalty(encoder, encoder_vars, x, y, length):
+    """DREG's penalty on one batch of 16 at the pretrained weights (linear head), for the report."""
+    from dreg_jax.models import MiniLMClassifier, with_pretrained
+
+    model = MiniLMClassifier(num_classes=int(y.max()) + 1, config=encoder.config)
+    xb = jnp.asarray(x[:16])
+    variables = with_pretrained(model.init(jax.random.key(0), xb), encoder_vars)
+    _, terms = dreg_jax.jacobian_terms(model, variables, xb, scope="activation")
+    return float(LAMBDA / length * sum(terms.values()))
 
 
 def _split(x):
@@ -457,6 +473,8 @@ def main(argv=None):
         rows, step_seconds = run_scratch(p, out, not args.no_progress), None
     else:
         rows, step_seconds = finetune_runs(p, out, not args.no_progress)
+        # the custom loop keeps no results file of its own: the rows, for re-analysis
+        (out / "results.json").write_text(json.dumps(rows))
     text = write_report(rows, args.regime, p, out, time.perf_counter() - start, step_seconds)
     print(text)
     print(f"wrote {out / 'report.md'}")

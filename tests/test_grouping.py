@@ -101,6 +101,9 @@ def test_cost_model_folds_everything_foldable_on_a_gpu_and_the_cheap_part_on_a_c
     assert not any("igpen" in f.regularizers and "none" in f.regularizers for f in cpu)
     tiny = plan_folds(config, COUNTS, 20, "auto", "cpu")  # few steps: compiling dominates, fold it all
     assert len(tiny) == 2
+    # a compute-bound model (a transformer's 7e8 forward FLOPs per batch): the activations stay apart
+    heavy_cpu = plan_folds(config, COUNTS, 1260, "auto", "cpu", flops=7e8)
+    assert all(len(f.activations) == 1 for f in heavy_cpu) and len(heavy_cpu) > len(cpu)
     unfolded = plan_folds(config, COUNTS, 1260, "none", "cpu")
     assert len(unfolded) == 24 and all(len(f.activations) == len(f.regularizers) == 1 for f in unfolded)
     for plan in (gpu, cpu, tiny, unfolded):  # every pair in exactly one program
@@ -115,7 +118,7 @@ def test_quick_study_compiles_at_most_12_programs_on_a_cpu(load_experiment):
     assert len(plan_programs(specs, EngineOptions(fold="none"), backend="cpu")) == 36
     programs = plan_programs(specs, EngineOptions(), backend="cpu")
     assert len(programs) <= 12
-    assert sorted(s.run_id for _, _, runs in programs for s in runs) == sorted(s.run_id for s in specs)
+    assert len({c for _, c, _ in programs}) < len(programs)  # same-shape datasets share a program    assert sorted(s.run_id for _, _, runs in programs for s in runs) == sorted(s.run_id for s in specs)
     assert len(plan_programs(specs, EngineOptions(), backend="gpu")) == 6  # 2 per dataset
 
 
@@ -131,3 +134,25 @@ def test_sweep_records_do_not_depend_on_the_grouping(tmp_path, capsys):
     again = run_sweep(specs, tmp_path / "folded.jsonl", options=dataclasses.replace(OPTS, fold="none"), progress=False)
     assert "compiled programs: 0," in capsys.readouterr().out
     assert [r["run_id"] for r in again] == [r["run_id"] for r in folded]
+
+
+def test_user_module_folds_weight_decay_and_dreg(pima):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(dreg_jax.Activation(nn.gelu)(nn.Dense(8)(x)))
+
+    data, classes = pima
+    base = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(module=Net(), activation="custom"), epochs=1, batch_size=64)
+    kinds = ("none", "weight_decay", "dreg")
+    folded = dataclasses.replace(base, fold=Fold((), kinds))
+    assert loss_branches(folded) == (("none", "weight_decay"), ("dreg",))  # DREG runs its own pass
+    hps = RunHParams.stack([_hp(0, k, 0, i) for i, k in enumerate(kinds)])
+    final, _ = train_many(hps, data, folded, classes, OPTS)
+    for i, kind in enumerate(kinds):
+        alone, _ = train_many(RunHParams.stack([_hp(0, kind)]), data,
+                              dataclasses.replace(base, regularizer=dreg_jax.RegularizerConfig(kind=kind)), classes, OPTS)
+        np.testing.assert_array_equal(final["test_accuracy"][i], alone["test_accuracy"][0])
+        np.testing.assert_allclose(final["test_loss"][i], alone["test_loss"][0], rtol=4e-6)

@@ -13,7 +13,9 @@ epochs, batch size, schedules).
 
 Folding saves compilations but makes every run of the program compute every folded branch.
 Merging two groups :math:`A` and :math:`B` (``n`` runs each, ``s`` optimizer steps per run)
-is worth it when the compile time it saves exceeds the compute it adds:
+is worth it when the compile time it saves exceeds the compute it adds (:math:`t_\text{step}`
+is the larger of a per-backend constant and a per-FLOP rate times the model's forward FLOPs,
+:func:`forward_flops`):
 
 .. math::
     t_\text{compile} \;>\; s \, t_\text{step}\,\big[(n_A + n_B)\,c(A \cup B) - n_A c(A) - n_B c(B)\big],
@@ -55,17 +57,38 @@ class BackendCosts:
     """Per-backend constants of the grouping cost model (see the module docstring)."""
 
     compile_seconds: float  # compiling one study-shaped program
-    step_seconds: float  # one run's plain optimizer step inside a vmapped block
+    step_seconds: float  # one run's plain optimizer step inside a vmapped block (at least)
     activation_cost: float  # extra step cost per additional folded activation (relative)
+    seconds_per_flop: float  # a step's time per forward-pass FLOP, for models bigger than the study's
 
 
 #: Measured on the 2-core CPU of the CI machine (study shapes: MLP 2x64, batch 64; fast-compile
 #: flags) and on one H100 (the issue's figures: a 4,000-run block of 1,260 steps in 2.1 s).
 BACKEND_COSTS: dict[str, BackendCosts] = {
-    "cpu": BackendCosts(compile_seconds=5.0, step_seconds=1.1e-4, activation_cost=0.15),
-    "gpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05),
-    "tpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05),
+    "cpu": BackendCosts(compile_seconds=5.0, step_seconds=1.1e-4, activation_cost=0.15, seconds_per_flop=1.2e-10),
+    "gpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05, seconds_per_flop=4e-13),
+    "tpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05, seconds_per_flop=4e-13),
 }
+
+
+def forward_flops(config: TrainConfig, num_features: int, num_classes: int) -> float | None:
+    """XLA's FLOP count of one forward pass of the config's model on a batch (None if unknown).
+
+    Lowered, not compiled (well under a second). Scales the cost model's step time: the study's
+    MLP step is overhead-bound (``step_seconds``), a transformer's is compute-bound
+    (``seconds_per_flop`` x FLOPs; 64 tokens x 2 blocks of width 64 is ~500x the MLP).
+    """
+    from dreg_jax.training.train import build_model
+
+    try:
+        model = build_model(config, num_classes)
+        x = jax.ShapeDtypeStruct((config.batch_size, num_features), jax.numpy.float32)
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        cost = jax.jit(model.apply).lower(variables, x).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"]) if cost and cost.get("flops") else None
+    except Exception:  # noqa: BLE001 - an estimate only: fall back to the backend's constant
+        return None
 
 
 def backend_costs(backend: str | None = None) -> BackendCosts:
@@ -102,7 +125,7 @@ def _greedy(groups, cost, counts, saving_per_merge, step_seconds):
 
 
 def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], steps_per_run: int,
-               mode: str = "auto", backend: str | None = None) -> list[Fold]:
+               mode: str = "auto", backend: str | None = None, flops: float | None = None) -> list[Fold]:
     """The programs for runs of one structure: a :class:`Fold` per program.
 
     Args:
@@ -111,6 +134,8 @@ def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], s
       steps_per_run: optimizer steps of one run (epochs x steps per epoch).
       mode: ``"auto"`` (the cost model), ``"none"`` or ``"all"``.
       backend: ``"cpu"``, ``"gpu"``, ``"tpu"`` (default: JAX's default backend).
+      flops: the model's forward FLOPs per batch (:func:`forward_flops`); the step time is
+        ``max(step_seconds, seconds_per_flop * flops)``.
 
     Returns:
       Folds that cover every ``(activation, regularizer)`` pair exactly once; a program's runs
@@ -132,7 +157,8 @@ def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], s
         act_groups = [tuple(activations)] if can_fold_activations else [(a,) for a in activations]
         kind_groups = ([tuple(foldable)] if foldable else []) + singles
     else:
-        steps = steps_per_run * costs.step_seconds
+        step_seconds = max(costs.step_seconds, costs.seconds_per_flop * (flops or 0.0))
+        steps = steps_per_run * step_seconds
         # kinds that share the model's pass cost one branch: start them together
         start = {}
         for k in foldable:

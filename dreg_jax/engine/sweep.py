@@ -43,10 +43,11 @@ from tqdm.auto import tqdm
 from dreg_jax._checks import check_choice
 from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset, load_dataset
 from dreg_jax.engine.grid import PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, place, run_blocks
-from dreg_jax.engine.grouping import FOLD_MODES, fold_config, plan_folds
+from dreg_jax.engine.grouping import FOLD_MODES, fold_config, forward_flops, plan_folds
 from dreg_jax.engine.run import DREG_CURVES, EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
     CUSTOM_ACTIVATION,
+    Fold,
     REGULARIZERS,
     ModelConfig,
     OptimizerConfig,
@@ -358,9 +359,14 @@ def plan_programs(specs: Sequence[RunSpec], options: EngineOptions = EngineOptio
     programs = []
     for (source, config), members in groups.items():
         counts = collections.Counter((s.config.model.activation, s.config.regularizer.kind) for s in members)
-        n_train = len(load_dataset(source[0], featurizer=source[1], validation_fraction=source[2]).x_train)
-        steps = config.epochs * math.ceil(n_train / config.batch_size)
-        for fold in plan_folds(config, counts, steps, options.fold, backend):
+        ds = load_dataset(source[0], featurizer=source[1], validation_fraction=source[2])
+        steps = config.epochs * math.ceil(len(ds.x_train) / config.batch_size)
+        flops = None
+        if options.fold == "auto":
+            first = members[0].config
+            flops = forward_flops(fold_config(config, Fold((first.model.activation,), (first.regularizer.kind,))),
+                                  ds.x_train.shape[1], ds.num_classes)
+        for fold in plan_folds(config, counts, steps, options.fold, backend, flops):
             runs = [s for s in members if s.config.model.activation in fold.activations
                     and s.config.regularizer.kind in fold.regularizers]
             programs.append((source, fold_config(config, fold), runs))

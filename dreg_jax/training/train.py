@@ -145,12 +145,12 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig, kinds=No
         return out if mutable else (out, {})
 
     ctx = LossContext(state, variables, batch["x"], batch["y"], key, config, apply)
-    if len(kinds) == 1:
-        terms = get_regularizer(kinds[0]).loss(ctx)
-    else:  # the shared pass: DREG's terms come from the forward every kind here needs
-        terms = get_regularizer("dreg").loss(ctx)
+    if "dreg" in kinds and len(kinds) > 1:  # the shared pass: DREG's terms come from the forward
+        terms = get_regularizer("dreg").loss(ctx)  # every kind of this branch needs
         is_dreg = state.regularizer_index == config.regularizers.index("dreg")
         terms = terms._replace(penalty=jnp.where(is_dreg, terms.penalty, 0.0))
+    else:  # one kind, or kinds with the same loss (no regularizer, weight decay)
+        terms = get_regularizer(kinds[0]).loss(ctx)
     accuracy = jnp.mean(jnp.argmax(terms.logits, -1) == batch["y"])
     loss = terms.data_loss + terms.penalty
     metrics = {"loss": loss, "data_loss": terms.data_loss, "penalty": terms.penalty,
