@@ -4,7 +4,7 @@ Full profile: {relu, gelu, tanh, chainzrule} x {none, weight_decay, spectral_nor
 jacobian, dreg} x the 8 offline study datasets x 5 seeds = 960 runs at 100% of the training
 data, and the same 960 at 10% (the data-scarcity axis): 1,920 runs. Runs that differ only in
 activation or regularizer share compiled programs where the engine's grouping cost model says
-so (``dreg_jax.engine.grouping``): 26 programs on a 2-core CPU, 16 on a GPU (one per dataset for
+so (``dreg_jax.engine.grouping``): 42 programs on a 2-core CPU, 16 on a GPU (one per dataset for
 every foldable regularizer, one for spectral norm), instead of one per activation x
 regularizer x dataset (192, ``--fold none``). The last line printed is
 ``compiled programs: N, compile seconds: S, run seconds: R``.
