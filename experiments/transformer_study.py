@@ -44,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dreg_jax  # noqa: E402
-from dreg_jax.data.text import TOKEN_LENGTH, WORD_VOCAB  # noqa: E402
+from dreg_jax.data.text import TOKEN_LENGTH, WORD_VOCAB, split_tokens  # noqa: E402
 
 LAMBDA = 10 ** -2.5
 PATCHES = 16  # 8x8 digits in 2x2 patches
@@ -162,7 +162,7 @@ def finetune_runs(p, out, progress):
         x_te, y_te = _subset(_tokens(ds.x_test, L), ds.y_test, p["test_size"], 1)
         C = ds.num_classes
         # frozen encoder: mean-pooled embeddings once, then a linear head (the text study's reading)
-        embed = jax.jit(lambda x: mean_pool(BertEncoder(encoder.config).apply(encoder_vars, *_split(x)), _split(x)[1],
+        embed = jax.jit(lambda x: mean_pool(BertEncoder(encoder.config).apply(encoder_vars, *split_tokens(x)), split_tokens(x)[1],
                                             normalize=False))
         e_tr = np.concatenate([np.asarray(embed(x_tr[i:i + 64])) for i in range(0, len(x_tr), 64)])
         e_te = np.concatenate([np.asarray(embed(x_te[i:i + 64])) for i in range(0, len(x_te), 64)])
@@ -260,12 +260,6 @@ def _start_penalty(encoder, encoder_vars, x, y, length):
     variables = with_pretrained(model.init(jax.random.key(0), xb), encoder_vars)
     _, terms = dreg_jax.jacobian_terms(model, variables, xb, scope="activation")
     return float(LAMBDA / length * sum(terms.values()))
-
-
-def _split(x):
-    from dreg_jax.data.text import split_tokens
-
-    return split_tokens(x)
 
 
 def _frozen_head(e_tr, y_tr, e_te, y_te, classes, seed, steps=300):

@@ -96,13 +96,13 @@ def backend_costs(backend: str | None = None) -> BackendCosts:
     return BACKEND_COSTS.get(backend, BACKEND_COSTS["gpu"])
 
 
-def program_cost(config: TrainConfig, activations, regularizers) -> float:
+def program_cost(config: TrainConfig, activations, regularizers, costs: BackendCosts | None = None) -> float:
     """Relative per-step cost of one run in a program folding these choices."""
     folded = dataclasses.replace(config, fold=Fold(tuple(activations), tuple(regularizers)))
     branches = loss_branches(folded)
     cost = sum(max(get_regularizer(k).step_cost for k in kinds) for kinds in branches)
     extra = sum(2.0 if a == "chainzrule" else 1.0 for a in list(activations)[1:])
-    return cost * (1.0 + backend_costs().activation_cost * extra) if activations else cost
+    return cost * (1.0 + (costs or backend_costs()).activation_cost * extra) if activations else cost
 
 
 def _greedy(groups, cost, counts, saving_per_merge, step_seconds):
@@ -159,14 +159,12 @@ def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], s
     else:
         step_seconds = max(costs.step_seconds, costs.seconds_per_flop * (flops or 0.0))
         steps = steps_per_run * step_seconds
-        # kinds that share the model's pass cost one branch: start them together
-        start = {}
-        for k in foldable:
-            start.setdefault(_branch_key(config, k), []).append(k)
-        kind_groups = _greedy(list(start.values()), lambda g: program_cost(config, (), g), kind_counts,
+        # kinds that share a loss branch (the model's pass) cost one branch: start them together
+        start = list(loss_branches(dataclasses.replace(config, fold=Fold((), tuple(foldable))))) if foldable else []
+        kind_groups = _greedy(start, lambda g: program_cost(config, (), g, costs), kind_counts,
                               costs.compile_seconds * max(1, len(activations)), steps) + singles
         act_groups = ([(a,) for a in activations] if not can_fold_activations else
-                      _greedy([(a,) for a in activations], lambda g: program_cost(config, g, ("none",)),
+                      _greedy([(a,) for a in activations], lambda g: program_cost(config, g, ("none",), costs),
                               act_counts, costs.compile_seconds * len(kind_groups), steps))
     folds = []
     for acts, regs in itertools.product(act_groups, kind_groups):
@@ -175,12 +173,6 @@ def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], s
             present_regs = tuple(k for k in kinds if k in regs and any((a, k) in run_counts for a in acts))
             folds.append(Fold(present_acts, present_regs))
     return folds
-
-
-def _branch_key(config: TrainConfig, kind: str) -> str:
-    from dreg_jax.training.regularizers import shares_model_pass
-
-    return "model pass" if shares_model_pass(kind, config) else kind
 
 
 def fold_config(config: TrainConfig, fold: Fold) -> TrainConfig:
