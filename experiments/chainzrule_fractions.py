@@ -16,16 +16,18 @@ Usage: python experiments/chainzrule_fractions.py --profile quick|full [--out DI
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import (
-    compile_summary,
-    NEURAL_MODELS,
+from _common import (
+    NO_CLIP,
     REFERENCE,
     by_model,
+    compile_summary,
     experiment_args,
     fast_compile_flags,
+    load_raw_results,
     plot_accuracy_vs_fraction,
     run_neural_models,
     wall_time_text,
+    write_meta,
 )
 
 fast_compile_flags()
@@ -48,15 +50,26 @@ PROFILES = {
 PAPER = "Pima Diabetes 85.71% +- 2.01 for ChainzRule, above SVM and XGBoost at every fraction (5%..100%)"
 
 
-def neural_accuracies(profile, out: pathlib.Path, progress: bool):
-    records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"],
-                                profile["hidden"], profile["epochs"], profile["batch_size"], out, progress)
+VALIDATION_FRACTION = 0.2
+
+
+def neural_accuracies(records):
     return {(d, f, m, r["spec"]["seed"]): (r["metrics"]["test_accuracy"] if r["status"] == "ok" else np.nan)
             for (d, f, m), rs in by_model(records).items() for r in rs}
 
 
-def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
-    models = list(NEURAL_MODELS.values()) + ["SVM", boosting_name()]
+def all_accuracies(records, profile, out: pathlib.Path, progress: bool):
+    """Neural accuracies from ``records`` and the classical models' (cached in classical.json)."""
+    acc = neural_accuracies(records)
+    acc.update(classical_scores({"SVM": "svm", boosting_name(): "boosting"}, profile["datasets"],
+                                profile["fractions"], profile["seeds"], out / "classical.json", progress,
+                                validation_fraction=VALIDATION_FRACTION))
+    return acc
+
+
+def write_report(acc, profile, out: pathlib.Path, wall: float | None) -> str:
+    neural = {m for (_, _, m, _) in acc}
+    models = [m for m in _order(neural)] + ["SVM", boosting_name()]
     seeds = range(profile["seeds"])
     lines = [f"# ChainzRule across training fractions - {len(acc)} results", "",
              f"Profile: {json.dumps(profile)}. {wall_time_text(out, wall)} Test splits: pima = MASS Pima.te "
@@ -98,6 +111,14 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
                      f"{boosting_name()} at {len(above)} of {len(profile['fractions'])} fractions "
                      f"({', '.join(f'{int(round(100 * f))}%' for f in above) or 'none'}): "
                      f"{'SUPPORTED' if len(above) == len(profile['fractions']) else 'NOT SUPPORTED'} here.")
+    if REFERENCE + NO_CLIP in models:
+        for d in profile["datasets"]:
+            diffs = [np.nanmean([acc[(d, f, REFERENCE, s)] - acc[(d, f, REFERENCE + NO_CLIP, s)] for s in seeds])
+                     for f in profile["fractions"]]
+            lines.append(f"- Input-clip ablation, {d}: {REFERENCE} minus {REFERENCE + NO_CLIP} (the clip is ours, not "
+                         "the papers'): " + ", ".join(f"{int(round(100 * f))}% {100 * x:+.2f} pp"
+                                                      for f, x in zip(profile["fractions"], diffs))
+                         + " (tests in the table above).")
     plot_accuracy_vs_fraction(acc, profile["datasets"], profile["fractions"], profile["seeds"], models,
                               out / "accuracy_vs_fraction.png")
     lines += ["", "![accuracy vs fraction](accuracy_vs_fraction.png)"]
@@ -105,19 +126,33 @@ def write_report(acc, profile, out: pathlib.Path, wall: float) -> str:
     return "\n".join(table_txt)
 
 
+def _order(names) -> list[str]:
+    from _common import NEURAL_MODELS
+
+    order = list(NEURAL_MODELS.values()) + [n + NO_CLIP for n in NEURAL_MODELS.values()]
+    return [n for n in order if n in names]
+
+
 def main(argv=None):
     args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_fractions")
     profile = PROFILES[args.profile]
+    write_meta(out, "chainzrule_fractions", args.profile)
     start = time.perf_counter()
-    acc = neural_accuracies(profile, out, not args.no_progress)
-    acc.update(classical_scores({"SVM": "svm", boosting_name(): "boosting"}, profile["datasets"],
-                                profile["fractions"], profile["seeds"], out / "classical.json",
-                                not args.no_progress))
+    records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"], profile["hidden"],
+                                profile["epochs"], profile["batch_size"], out, not args.no_progress,
+                                clip_ablation=True, validation_fraction=VALIDATION_FRACTION)
+    acc = all_accuracies(records, profile, out, not args.no_progress)
     summary = write_report(acc, profile, out, time.perf_counter() - start)
     print(summary)
     print(f"wrote {out / 'report.md'}")
     print(compile_summary())
     return acc
+
+
+def rebuild_report(out, meta) -> str:
+    """The report from ``out``'s raw results, classical.json and meta.json (rebuild_report.py)."""
+    profile = PROFILES[meta["profile"]]
+    return write_report(all_accuracies(load_raw_results(out), profile, out, False), profile, out, None)
 
 
 if __name__ == "__main__":

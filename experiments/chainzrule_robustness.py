@@ -17,7 +17,8 @@ Usage: python experiments/chainzrule_robustness.py --profile quick|full [--out D
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import compile_summary, NEURAL_MODELS, experiment_args, REFERENCE, by_model, fast_compile_flags, run_neural_models, wall_time_text
+from _common import (NO_CLIP, REFERENCE, by_model, compile_summary, experiment_args, fast_compile_flags, load_raw_results,
+                     present_models, run_neural_models, wall_time_text, write_meta)
 
 fast_compile_flags()
 
@@ -68,9 +69,9 @@ def _verdict(gains: dict, significant: set) -> str:
                                                  else "not significant") + ": NOT SUPPORTED at alpha = 0.05"
 
 
-def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
+def write_report(records, profile, out: pathlib.Path, wall: float | None) -> str:
     table, clean = corruption_table(records)
-    models = list(NEURAL_MODELS.values())
+    models = present_models(records)
     lines = [f"# Corruption robustness - {len(records)} runs", "", f"Profile: {json.dumps(profile)}. "
              f"{wall_time_text(out, wall)} Models trained on clean data (100%), evaluated on every corruption x severity.", ""]
     summary, tests = [], []
@@ -88,7 +89,11 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
         best_other = max((m for m in models if m != REFERENCE), key=lambda m: mca[m].mean())
         gain_relu = 100 * (mca[REFERENCE].mean() - mca["ReLU"].mean())
         lines += ["", f"{REFERENCE} mCA minus ReLU: {gain_relu:+.2f} pp; minus the best other model "
-                  f"({best_other}): {100 * (mca[REFERENCE].mean() - mca[best_other].mean()):+.2f} pp.", ""]
+                  f"({best_other}): {100 * (mca[REFERENCE].mean() - mca[best_other].mean()):+.2f} pp."
+                  + (f" Input-clip ablation (the clip is ours, not the papers'): {REFERENCE} minus {REFERENCE + NO_CLIP}: "
+                     f"clean {100 * (clean[(d, REFERENCE)].mean() - clean[(d, REFERENCE + NO_CLIP)].mean()):+.2f} pp, mCA "
+                     f"{100 * (mca[REFERENCE].mean() - mca[REFERENCE + NO_CLIP].mean()):+.2f} pp."
+                     if REFERENCE + NO_CLIP in models else ""), ""]
         # plot: accuracy vs severity per corruption
         fig, axes = plt.subplots(1, len(corruptions), figsize=(2.6 * len(corruptions), 2.8), squeeze=False)
         for ax, c in zip(axes[0], corruptions):
@@ -126,13 +131,19 @@ def write_report(records, profile, out: pathlib.Path, wall: float) -> str:
 def main(argv=None):
     args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_robustness")
     p = PROFILES[args.profile]
+    write_meta(out, "chainzrule_robustness", args.profile)
     start = time.perf_counter()
     records = run_neural_models(p["datasets"], (1.0,), p["seeds"], p["hidden"], p["epochs"], p["batch_size"],
-                                out, not args.no_progress)
+                                out, not args.no_progress, clip_ablation=True)
     print(write_report(records, p, out, time.perf_counter() - start))
     print(f"wrote {out / 'report.md'}")
     print(compile_summary())
     return records
+
+
+def rebuild_report(out, meta) -> str:
+    """The report from ``out``'s raw results and meta.json (rebuild_report.py)."""
+    return write_report(load_raw_results(out), PROFILES[meta["profile"]], out, None)
 
 
 if __name__ == "__main__":

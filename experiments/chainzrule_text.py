@@ -14,7 +14,7 @@ Usage: python experiments/chainzrule_text.py --profile quick|full [--featurizer 
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import (
+from _common import (
     compile_summary,
     NEURAL_MODELS,
     REFERENCE,

@@ -28,7 +28,7 @@ Usage: python experiments/transformer_study.py --regime scratch|finetune --profi
 """
 from __future__ import annotations
 
-from dreg_jax.analysis.experiments import compile_summary, experiment_args, fast_compile_flags, wall_time_text
+from _common import compile_summary, experiment_args, fast_compile_flags, wall_time_text
 
 fast_compile_flags()
 

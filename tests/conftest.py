@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import pathlib
+import sys
 import tempfile
 
 # Offline datasets are built into a fresh TFDS data dir for the test session (and its
@@ -23,6 +24,8 @@ def x64():
 def load_experiment():
     """Imports ``experiments/<name>.py`` as a module (the scripts are not a package)."""
     root = pathlib.Path(__file__).resolve().parents[1]
+    if str(root / "experiments") not in sys.path:  # the scripts import their shared _common
+        sys.path.insert(0, str(root / "experiments"))
 
     def load(name):
         spec = importlib.util.spec_from_file_location(name, root / "experiments" / f"{name}.py")

@@ -71,7 +71,7 @@ def fit_and_score(name: str, x_train, y_train, x_test, y_test, seed: int = 0) ->
 
 
 def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, progress: bool = True,
-                     featurizer: str = "hashed") -> dict:
+                     featurizer: str = "hashed", validation_fraction: float = 0.0) -> dict:
     """Test accuracy of each classical model on every (dataset, fraction, seed) subset.
 
     Args:
@@ -80,6 +80,9 @@ def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, 
         the same the neural runs of that seed and fraction use.
       cache_path: JSON file of finished scores (resumable).
       featurizer: text features (``"hashed"`` or ``"minilm"``), part of the cache key.
+      validation_fraction: the share of the training split held out as the neural runs'
+        validation split (the same rows, :func:`dreg_jax.data.carve_validation`), so both see
+        the same training rows; part of the cache key.
 
     Returns:
       ``{(dataset, fraction, name, seed): accuracy}``.
@@ -97,9 +100,10 @@ def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, 
     jobs = [(d, f, s, name) for d in datasets for f in fractions for s in range(seeds) for name in models]
     out = {}
     for d, f, s, name in tqdm(jobs, desc=", ".join(models), disable=not progress):
-        key = f"{d}|{f}|{s}|{name}" + ("" if featurizer == "hashed" else f"|{featurizer}")
+        key = (f"{d}|{f}|{s}|{name}" + ("" if featurizer == "hashed" else f"|{featurizer}")
+               + (f"|val{validation_fraction:g}" if validation_fraction else ""))
         if key not in cache:
-            ds = load_dataset(d, featurizer=featurizer)
+            ds = load_dataset(d, featurizer=featurizer, validation_fraction=validation_fraction)
             mask = training_mask(s, ds.y_train, f, ds.num_classes)
             cache[key] = fit_and_score(models[name], ds.x_train[mask], ds.y_train[mask], ds.x_test, ds.y_test, s)
             cache_path.write_text(json.dumps(cache))

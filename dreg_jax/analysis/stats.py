@@ -67,3 +67,56 @@ def win_rates(scores: np.ndarray) -> np.ndarray:
     scores = np.asarray(scores, float)
     best = scores == scores.max(axis=1, keepdims=True)
     return (best / best.sum(axis=1, keepdims=True)).mean(axis=0)
+
+
+def signed_rank_test(a, b) -> dict:
+    """Paired Wilcoxon signed-rank test of ``a - b``, one- and two-sided.
+
+    Exact p-values (the null distribution of the signed-rank sum) when there are at most 50
+    non-zero differences and no tied magnitudes, else scipy's normal approximation
+    (``method`` says which). Zero differences are dropped (Wilcoxon's method).
+
+    Returns:
+      ``n`` pairs, ``nonzero``, ``wins/ties/losses`` (a > b, =, <), ``mean_diff``,
+      ``median_diff``, ``p_greater`` (one-sided, H1: a > b), ``p_two_sided``, ``method`` and
+      ``min_p_greater`` = ``2**-nonzero``, the smallest one-sided exact p these pairs allow.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"a and b must be matched 1-D samples, got {a.shape} and {b.shape}")
+    diff = a - b
+    nonzero = diff[diff != 0]
+    out = {"n": int(diff.size), "nonzero": int(nonzero.size), "wins": int((diff > 0).sum()),
+           "ties": int((diff == 0).sum()), "losses": int((diff < 0).sum()),
+           "mean_diff": float(diff.mean()) if diff.size else 0.0,
+           "median_diff": float(np.median(diff)) if diff.size else 0.0,
+           "min_p_greater": 0.5 ** nonzero.size}
+    if nonzero.size == 0:
+        out.update(p_greater=1.0, p_two_sided=1.0, method="none (all pairs tied)")
+        return out
+    tied = len(np.unique(np.abs(nonzero))) < nonzero.size
+    method = "exact" if nonzero.size <= 50 and not tied else "approx"
+    greater = stats.wilcoxon(nonzero, alternative="greater", method=method)
+    two = stats.wilcoxon(nonzero, alternative="two-sided", method=method)
+    out.update(p_greater=float(greater.pvalue), p_two_sided=float(two.pvalue), method=method)
+    return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control, uniformly more
+    powerful than Bonferroni): sorted ascending, ``p_(i) * (m - i + 1)``, made monotone."""
+    p = np.asarray(pvalues, float)
+    m = p.size
+    if m == 0:
+        return p
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate(p[order] * (m - np.arange(m))))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def pairs_needed(tests: int, alpha: float = 0.05) -> int:
+    """The fewest pairs with which a one-sided exact signed-rank test can reach ``alpha`` after
+    correcting for ``tests`` tests (Bonferroni bound of Holm's first step): ``2**-n <= alpha / tests``."""
+    return int(np.ceil(np.log2(tests / alpha)))

@@ -67,6 +67,9 @@ _LATER_DEFAULTS = (  # (path to the mapping, field, default)
     (("config", "model"), "module", None),
     (("config", "model"), "jacobian_layers", []),
     (("config",), "fold", None),  # set only on programs, never on a run's own config
+    (("config", "regularizer"), "weight_decay_reading", "times_lr"),
+    (("config", "regularizer"), "spectral_norm_head", True),
+    (("config", "regularizer"), "dreg_output_layer", False),
 )
 
 
@@ -484,10 +487,10 @@ def summary_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-_NAME_LISTS = ("datasets", "activations", "regularizers", "strength_schedules")
+_NAME_LISTS = ("datasets", "activations", "regularizers", "strength_schedules", "dreg_scope")
 _NUMBER_LISTS = ("fractions", "label_noise", "input_noise", "learning_rates")
 _POSITIVE_INTS = ("epochs", "batch_size")
-_NAMES = ("dreg_scope", "featurizer")
+_NAMES = ("featurizer",)
 _FRACTIONS = ("validation_fraction",)
 
 
@@ -544,7 +547,24 @@ def _coerce_field(key, value):
                 raise ValueError(f"strengths[{name!r}] must be a finite number >= 0 or a list of them, got {v!r}")
             out[name] = [float(x) for x in vs] if isinstance(v, (list, tuple)) else float(v)
         return out
+    if key in ("regularizer_options", "model_options"):
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must map config fields to values, got {value!r}")
+        return dict(value)
     return value
+
+
+def _options(key: str, options: dict, config_class, fixed: set) -> dict:
+    """``SweepConfig.regularizer_options`` / ``model_options`` checked against the config's fields."""
+    valid = {f.name for f in dataclasses.fields(config_class)} - fixed
+    for name in options:
+        if name in fixed:
+            raise ValueError(f"{key} cannot set {name!r}: the sweep's own key sets it")
+        if name not in valid:
+            hint = difflib.get_close_matches(name, valid, 1)
+            raise ValueError(f"{key} has unknown field {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                             + f"; valid: {', '.join(sorted(valid))}")
+    return dict(options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -563,7 +583,14 @@ class SweepConfig:
     hidden: tuple[int, ...] = (64, 64, 64)
     epochs: int = 20
     batch_size: int = 64
-    dreg_scope: str = "activation"
+    # DREG's reading: "activation" or "layer", or a list of both: one DREG arm per scope (the
+    # other regularizers' runs take the first)
+    dreg_scope: str | tuple[str, ...] = "activation"
+    # further RegularizerConfig fields for every run, e.g. {"layer_estimator": "exact",
+    # "weight_decay_reading": "per_step", "spectral_norm_head": False}
+    regularizer_options: dict = dataclasses.field(default_factory=dict)
+    # further ModelConfig fields for every run, e.g. {"chainzrule_input_bound": None} (no clip)
+    model_options: dict = dataclasses.field(default_factory=dict)
     featurizer: str = "hashed"  # text datasets: "hashed" or "minilm"
     validation_fraction: float = 0.0  # built-in sets: stratified training share held out (0: none)
     strength_schedules: tuple[str, ...] = ("constant",)  # DREG runs only; see penalties.schedules
@@ -593,20 +620,28 @@ class SweepConfig:
                              f"only; add dreg to regularizers (got {list(self.regularizers)})")
         seeds = range(self.seeds) if isinstance(self.seeds, int) else self.seeds
         activations = (CUSTOM_ACTIVATION,) if self.module is not None else self.activations
+        scopes = (self.dreg_scope,) if isinstance(self.dreg_scope, str) else tuple(self.dreg_scope)
+        if not scopes:
+            raise ValueError("dreg_scope must name a scope (activation, layer) or a list of them")
+        options = _options("regularizer_options", self.regularizer_options, RegularizerConfig,
+                           {"kind", "strength", "dreg_scope", "strength_schedule"})
+        model_options = _options("model_options", self.model_options, ModelConfig,
+                                 {"hidden", "activation", "module", "jacobian_layers"})
         specs = []
         for ds, act, reg, lr in itertools.product(self.datasets, activations, self.regularizers,
                                                   self.learning_rates):
             strengths = self.strengths.get(reg, None)
             strengths = strengths if isinstance(strengths, (list, tuple)) else [strengths]
             schedules = self.strength_schedules if reg == "dreg" else ("constant",)
-            for strength, schedule, seed, frac, ln, inoise in itertools.product(
-                strengths, schedules, seeds, self.fractions, self.label_noise, self.input_noise
+            for scope, strength, schedule, seed, frac, ln, inoise in itertools.product(
+                scopes if reg == "dreg" else scopes[:1], strengths, schedules, seeds, self.fractions,
+                self.label_noise, self.input_noise
             ):
                 config = TrainConfig(
                     model=ModelConfig(hidden=tuple(self.hidden), activation=act, module=self.module,
-                                      jacobian_layers=tuple(self.jacobian_layers)),
-                    regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=self.dreg_scope,
-                                                  strength_schedule=schedule),
+                                      jacobian_layers=tuple(self.jacobian_layers), **model_options),
+                    regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=scope,
+                                                  strength_schedule=schedule, **options),
                     optimizer=OptimizerConfig(learning_rate=lr),
                     epochs=self.epochs, batch_size=self.batch_size,
                 )

@@ -45,7 +45,9 @@ class MLP(nn.Module):
         activation is computed and one selected: the selected run's forward values and
         gradients are those of the plain MLP with that activation (the others get zero
         cotangents), and the parameter paths are the same, so a seed initializes it alike.
-      spectral_norm: wrap every Dense in ``nn.SpectralNorm``.
+      spectral_norm: wrap every hidden Dense in ``nn.SpectralNorm``.
+      spectral_norm_head: with ``spectral_norm``, also wrap the output Dense (default True;
+        False leaves the logits' scale free).
       chainzrule_per_feature / chainzrule_init / chainzrule_input_bound: ChainzRule options.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     """
@@ -54,6 +56,7 @@ class MLP(nn.Module):
     num_classes: int = 2
     activation: str | tuple[str, ...] = "gelu"
     spectral_norm: bool = False
+    spectral_norm_head: bool = True
     chainzrule_per_feature: bool = True
     chainzrule_init: str = "gelu"
     chainzrule_input_bound: float | None = 4.0
@@ -70,8 +73,8 @@ class MLP(nn.Module):
                 f"hidden must be non-empty positive widths and num_classes >= 1, got "
                 f"hidden={tuple(self.hidden)}, num_classes={self.num_classes}"
             )
-        self.dense = [self._make_dense(w) for w in self.hidden]
-        self.head = self._make_dense(self.num_classes)
+        self.dense = [self._make_dense(w, self.spectral_norm) for w in self.hidden]
+        self.head = self._make_dense(self.num_classes, self.spectral_norm and self.spectral_norm_head)
         if "chainzrule" in self.activations:
             self.cubic = [
                 ChainzRule(
@@ -82,12 +85,13 @@ class MLP(nn.Module):
                 for _ in self.hidden
             ]
 
-    def _make_dense(self, width):
+    def _make_dense(self, width, normalized):
         dense = nn.Dense(width, dtype=self.dtype)
-        return nn.SpectralNorm(dense) if self.spectral_norm else dense
+        return nn.SpectralNorm(dense) if normalized else dense
 
-    def _affine(self, layer, h, update_stats):
-        return layer(h, update_stats=update_stats) if self.spectral_norm else layer(h)
+    @staticmethod
+    def _affine(layer, h, update_stats):
+        return layer(h, update_stats=update_stats) if isinstance(layer, nn.SpectralNorm) else layer(h)
 
     def _one_with_derivative(self, name, z, i):
         if name == "chainzrule":
@@ -131,7 +135,7 @@ class MLP(nn.Module):
     def forward_with_jacobian_terms(
         self, x, key=None, *, jacobian_scope: str = "activation", num_probes: int = 1,
         layer_estimator: str = "probe", update_stats: bool = False,
-        return_representation: bool = False,
+        return_representation: bool = False, include_output: bool = False,
     ):
         """Logits and the per-hidden-layer DREG terms from the same pass.
 
@@ -144,14 +148,19 @@ class MLP(nn.Module):
             form from the kernel's column norms) for ``jacobian_scope="layer"``.
           update_stats: run the spectral-norm power iteration (training).
           return_representation: also return the last hidden layer's output.
+          include_output: ``jacobian_scope="layer"`` only: append the output layer's term
+            :math:`\\|W_{out}\\|_F^2` (exact: the head is linear, its Jacobian is its kernel).
 
         Returns:
-          ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)``, or
+          ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)`` (``+ 1`` with
+          ``include_output``), or
           ``(logits, sq_norms, h)`` with ``h`` the ``(batch, hidden[-1])`` representation
           the head reads (``return_representation=True``).
         """
         check_choice("jacobian_scope", jacobian_scope, SCOPES)
         check_choice("layer_estimator", layer_estimator, LAYER_ESTIMATORS)
+        if include_output and jacobian_scope != "layer":
+            raise ValueError('include_output=True needs jacobian_scope="layer" (the head has no activation)')
         h = self._check_input(x)
         exact_layer = jacobian_scope == "layer" and layer_estimator == "exact"
         if jacobian_scope == "activation" or exact_layer:
@@ -177,12 +186,15 @@ class MLP(nn.Module):
             h, sq_norms = layer_jacobian_sq_norms(layer_fns, h, key, num_probes)
         probe_pass = jacobian_scope == "layer" and not exact_layer
         logits = self._affine(self.head, h, False if probe_pass else update_stats)
+        if include_output:
+            sq_norms = jnp.concatenate([sq_norms, jnp.sum(jnp.square(self._effective_kernel(self.head)))[None]])
         return (logits, sq_norms, h) if return_representation else (logits, sq_norms)
 
-    def _effective_kernel(self, i):
-        """The kernel the layer applies: W, or W / sigma under spectral normalization."""
-        layer = self.dense[i]
-        if not self.spectral_norm:
+    def _effective_kernel(self, layer):
+        """The kernel a Dense (hidden index or the layer) applies: W, or W / sigma under
+        spectral normalization."""
+        layer = self.dense[layer] if isinstance(layer, int) else layer
+        if not isinstance(layer, nn.SpectralNorm):
             return layer.variables["params"]["kernel"].astype(jnp.float32)
         kernel = layer.variables["params"]["layer_instance"]["kernel"].astype(jnp.float32)
         return kernel / layer.variables["batch_stats"]["layer_instance/kernel/sigma"]

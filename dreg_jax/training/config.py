@@ -18,7 +18,7 @@ from dreg_jax.penalties.dreg import (
     SCOPES,
 )
 from dreg_jax.penalties.schedules import DEFAULT_WARMUP_FRACTION, NOISE_REPRESENTATIONS, SCHEDULES
-from dreg_jax.training.regularizers import DEFAULT_STRENGTHS, REGULARIZERS, get_regularizer
+from dreg_jax.training.regularizers import DEFAULT_STRENGTHS, REGULARIZERS, WEIGHT_DECAY_READINGS, get_regularizer
 
 CUSTOM_ACTIVATION = "custom"  # ModelConfig.activation of a user module
 
@@ -95,6 +95,16 @@ class RegularizerConfig:
     coherent_l1: float = 0.0
     coherent_decay: float = 0.9
     coherent_threshold: float = 0.5
+    # weight decay: "times_lr" (optax/PyTorch AdamW: theta -= lr * strength * theta per step) or
+    # "per_step" (Loshchilov & Hutter 2019, Alg. 2 with schedule multiplier 1:
+    # theta -= strength * theta per step, not multiplied by the learning rate)
+    weight_decay_reading: str = "times_lr"
+    # spectral norm: also normalize the output (classifier) layer, as Miyato et al. do for
+    # discriminators; False keeps the logits' scale free (hidden layers only)
+    spectral_norm_head: bool = True
+    # DREG, dreg_scope="layer": also penalize the output layer's map, ||W_out||_F^2 (exact;
+    # the head is linear so its Jacobian is the kernel for every input)
+    dreg_output_layer: bool = False
 
     def validate(self):
         get_regularizer(self.kind)
@@ -103,6 +113,10 @@ class RegularizerConfig:
         check_choice("layer_estimator", self.layer_estimator, LAYER_ESTIMATORS)
         check_choice("strength_schedule", self.strength_schedule, SCHEDULES)
         check_choice("noise_representation", self.noise_representation, NOISE_REPRESENTATIONS)
+        check_choice("weight_decay_reading", self.weight_decay_reading, WEIGHT_DECAY_READINGS)
+        if self.dreg_output_layer and self.dreg_scope != "layer":
+            raise ValueError("dreg_output_layer=True penalizes the output layer's map, which only the layer "
+                             "scope has (the head has no activation): set dreg_scope='layer'")
         if self.strength_schedule != "constant" and self.kind != "dreg":
             raise ValueError(
                 f"strength_schedule={self.strength_schedule!r} applies to the DREG penalty only; "
@@ -193,6 +207,9 @@ class TrainConfig:
             if reg.kind == "dreg" and reg.dreg_scope == "layer" and not self.model.jacobian_layers:
                 raise ValueError('dreg_scope="layer" on your own module needs ModelConfig.jacobian_layers '
                                  '(submodule paths, e.g. ("block0/ffn",))')
+            if reg.dreg_output_layer:
+                raise ValueError("dreg_output_layer applies to the built-in MLP; on your own module name the "
+                                 "output submodule in ModelConfig.jacobian_layers instead")
             if reg.kind == "dreg" and reg.strength_schedule == "noise_inverse" and reg.noise_representation == "penultimate":
                 raise ValueError('noise_representation="penultimate" reads the built-in MLP\'s last hidden '
                                  'layer; use noise_representation="input" with your own module')

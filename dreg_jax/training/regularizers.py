@@ -49,7 +49,7 @@ def _model_pass_options(reg) -> dict:
     can, so a folded program runs one pass for the plain and the DREG runs; unused terms are
     dead code)."""
     if reg.dreg_scope == "layer" and reg.layer_estimator == "exact":
-        return {"jacobian_scope": "layer", "layer_estimator": "exact"}
+        return {"jacobian_scope": "layer", "layer_estimator": "exact", "include_output": reg.dreg_output_layer}
     return {"jacobian_scope": "activation"}
 
 
@@ -115,9 +115,9 @@ def _dreg_loss(ctx) -> LossTerms:
         (logits, sq_norms, h), updates = ctx.apply(
             ctx.x, ctx.key, jacobian_scope=reg.dreg_scope, num_probes=reg.num_probes,
             layer_estimator=reg.layer_estimator, update_stats=True, return_representation=True,
-            method=MLP.forward_with_jacobian_terms,
+            include_output=reg.dreg_output_layer, method=MLP.forward_with_jacobian_terms,
         )
-        widths = ctx.config.model.hidden
+        widths = tuple(ctx.config.model.hidden) + ((logits.shape[-1],) if reg.dreg_output_layer else ())
     metrics = {}
     noise_ratio = None
     if reg.strength_schedule == "noise_inverse":
@@ -153,12 +153,39 @@ def _jacobian_loss(ctx) -> LossTerms:
     return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), penalty, {}, {})
 
 
-def _adamw(reg_config, learning_rate, strength):
-    del reg_config
-    return optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, weight_decay=strength)
+#: How the weight-decay strength enters the update (``RegularizerConfig.weight_decay_reading``).
+WEIGHT_DECAY_READINGS = ("times_lr", "per_step", "normalized")
 
 
-def _coherent_adam(reg_config, learning_rate, strength):
+def decay_per_step(reading: str, strength, learning_rate, total_steps=None):
+    r"""The factor :math:`\mu` of :math:`\theta \leftarrow \theta - \mu\,\theta` applied every step.
+
+    * ``times_lr`` (optax, PyTorch AdamW): :math:`\mu = \eta\lambda`;
+    * ``per_step`` (Loshchilov & Hutter 2019, Algorithm 2 with schedule multiplier 1):
+      :math:`\mu = \lambda`, not multiplied by the learning rate;
+    * ``normalized`` (Loshchilov & Hutter 2019, normalized weight decay
+      :math:`\lambda = \lambda_{norm}\sqrt{b / (B T)}`, i.e. one over the square root of the
+      run's optimizer steps): :math:`\mu = \lambda / \sqrt{\text{total steps}}`, so the
+      same ``strength`` acts alike on a 60-step and a 1,000-step run.
+    """
+    if reading == "times_lr":
+        return learning_rate * strength
+    if reading == "per_step":
+        return strength
+    if total_steps is None:
+        raise ValueError("weight_decay_reading='normalized' divides by the run's optimizer steps: pass "
+                         "total_steps=epochs * steps_per_epoch to create_train_state")
+    return strength / jnp.sqrt(jnp.asarray(total_steps, jnp.float32))
+
+
+def _adamw(reg_config, learning_rate, strength, total_steps=None):
+    """AdamW whose decoupled decay per step is :func:`decay_per_step` (optax multiplies its
+    ``weight_decay`` by the learning rate, so it gets ``mu / lr``)."""
+    mu = decay_per_step(reg_config.weight_decay_reading, strength, learning_rate, total_steps)
+    return optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, weight_decay=mu / learning_rate)
+
+
+def _coherent_adam(reg_config, learning_rate, strength, total_steps=None):
     def coherent_adam(learning_rate, l2):
         return optax.chain(
             coherent_strong_regularization(
@@ -170,8 +197,8 @@ def _coherent_adam(reg_config, learning_rate, strength):
     return optax.inject_hyperparams(coherent_adam)(learning_rate=learning_rate, l2=strength)
 
 
-def _adam(reg_config, learning_rate, strength):
-    del reg_config, strength
+def _adam(reg_config, learning_rate, strength, total_steps=None):
+    del reg_config, strength, total_steps
     return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
 
 
@@ -185,7 +212,7 @@ class Regularizer:
       default_strength: the strength used when a config gives none (None: no strength).
       source: where the default comes from.
       loss: ``ctx -> LossTerms``; ``ctx`` carries ``state, variables, x, y, key, config, apply``.
-      optimizer: ``(RegularizerConfig, learning_rate, strength) -> GradientTransformation``.
+      optimizer: ``(RegularizerConfig, learning_rate, strength, total_steps) -> GradientTransformation``.
       spectral_norm: whether the model's Dense layers are spectrally normalized.
       step_cost: a train step's cost relative to a plain step (the engine's grouping cost
         model, :mod:`dreg_jax.engine.grouping`; measured by ``benchmarks/step_cost.py``).
@@ -209,7 +236,9 @@ class Regularizer:
 
 REGISTRY: dict[str, Regularizer] = {r.name: r for r in (
     Regularizer("none", "none", None, "no regularization"),
-    Regularizer("weight_decay", "WD", 1e-4, "optax.adamw's default decoupled decay", optimizer=_adamw),
+    Regularizer("weight_decay", "WD", 1e-4,
+                "optax.adamw's default decoupled decay, multiplied by the learning rate (see "
+                "weight_decay_reading for Loshchilov & Hutter's per-step and normalized readings)", optimizer=_adamw),
     Regularizer("spectral_norm", "SN", None,
                 "Miyato et al. 2018; flax.linen.SpectralNorm, one power-iteration step per train step",
                 spectral_norm=True),

@@ -44,6 +44,7 @@ def build_model(config: TrainConfig, num_classes: int):
         num_classes=num_classes,
         activation=activations[0] if len(activations) == 1 else activations,
         spectral_norm=get_regularizer(config.regularizer.kind).spectral_norm,
+        spectral_norm_head=config.regularizer.spectral_norm_head,
         chainzrule_per_feature=m.chainzrule_per_feature,
         chainzrule_init=m.chainzrule_init,
         chainzrule_input_bound=m.chainzrule_input_bound,
@@ -51,7 +52,8 @@ def build_model(config: TrainConfig, num_classes: int):
     )
 
 
-def build_optimizer(config: TrainConfig, learning_rate, strength, regularizer_index=0) -> optax.GradientTransformation:
+def build_optimizer(config: TrainConfig, learning_rate, strength, regularizer_index=0,
+                    total_steps=None) -> optax.GradientTransformation:
     """Adam, with the optimizer side of the configured regularizer folded in (its
     :attr:`Regularizer.optimizer`); hyperparameters injected as arrays so they can be vmapped.
 
@@ -61,12 +63,12 @@ def build_optimizer(config: TrainConfig, learning_rate, strength, regularizer_in
     """
     reg, kinds = config.regularizer, config.regularizers
     if len(kinds) == 1:
-        return get_regularizer(kinds[0]).optimizer(reg, learning_rate, strength)
+        return get_regularizer(kinds[0]).optimizer(reg, learning_rate, strength, total_steps)
     optimizers = {get_regularizer(k).optimizer for k in kinds}
     if len(optimizers) == 1:
-        return optimizers.pop()(reg, learning_rate, strength)
+        return optimizers.pop()(reg, learning_rate, strength, total_steps)
     decay = jnp.where(jnp.asarray(regularizer_index) == kinds.index("weight_decay"), strength, 0.0)
-    return get_regularizer("weight_decay").optimizer(reg, learning_rate, decay)
+    return get_regularizer("weight_decay").optimizer(reg, learning_rate, decay, total_steps)
 
 
 def create_train_state(
@@ -96,7 +98,7 @@ def create_train_state(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=build_optimizer(config, learning_rate, strength, regularizer_index),
+        tx=build_optimizer(config, learning_rate, strength, regularizer_index, total_steps),
         strength=jnp.asarray(strength, jnp.float32),
         total_steps=jnp.asarray(0 if total_steps is None else total_steps, jnp.int32),
         activation_index=jnp.asarray(activation_index, jnp.int32) if folded_activation else None,

@@ -1,7 +1,13 @@
-"""Shared pieces of the ChainzRule experiment scripts (model names, sweeps, grouping)."""
+"""Shared pieces of the experiment scripts: command line, XLA flags, the ChainzRule model
+sweeps, the wall-time ledger, plots.
+
+Study orchestration lives here in ``experiments/``; the library (``dreg_jax.analysis``) keeps
+the statistics and the report writing.
+"""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import pathlib
 
@@ -17,17 +23,47 @@ def fast_compile_flags():
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=1").strip()
 
 
+#: ChainzRule without its tanh input clip (``chainzrule_input_bound=None``): the clip ablation.
+NO_CLIP = " (no clip)"
+
+
+def model_name(record) -> str:
+    """The report name of a record's model (NEURAL_MODELS, + " (no clip)" for the ablation)."""
+    c = record["spec"]["config"]
+    name = NEURAL_MODELS[(c["model"]["activation"], c["regularizer"]["kind"])]
+    clipped = c["model"].get("chainzrule_input_bound", 4.0) is not None
+    return name if clipped or c["model"]["activation"] != "chainzrule" else name + NO_CLIP
+
+
+def present_models(records) -> list[str]:
+    """Model names in report order: NEURAL_MODELS, then the clip ablation's, as present."""
+    names = {model_name(r) for r in records}
+    order = list(NEURAL_MODELS.values()) + [n + NO_CLIP for n in NEURAL_MODELS.values()]
+    return [n for n in order if n in names]
+
+
 def run_neural_models(datasets, fractions, seeds, hidden, epochs, batch_size, out: pathlib.Path,
-                      progress: bool, per_epoch_diagnostics: bool = False, featurizer: str = "hashed"):
-    """Every NEURAL_MODELS model on every dataset x fraction x seed; resumable in ``out``."""
+                      progress: bool, per_epoch_diagnostics: bool = False, featurizer: str = "hashed",
+                      clip_ablation: bool = False, validation_fraction: float = 0.2):
+    """Every NEURAL_MODELS model on every dataset x fraction x seed; resumable in ``out``.
+
+    ``clip_ablation`` adds ChainzRule with and without DREG and without its input clip.
+    ``validation_fraction`` of each training split is held out (reported, and the only data
+    any choice may be made on).
+    """
     from dreg_jax.engine import enable_compilation_cache
     from dreg_jax.engine import EngineOptions, SweepConfig, run_sweep
 
     enable_compilation_cache()
     sweep = SweepConfig(datasets=tuple(datasets), activations=("chainzrule", "relu", "gelu"),
                         regularizers=("none", "dreg"), seeds=seeds, fractions=tuple(fractions),
-                        hidden=tuple(hidden), epochs=epochs, batch_size=batch_size, featurizer=featurizer)
-    return run_sweep(sweep.expand(), out / "results.jsonl", progress=progress, report=False,
+                        hidden=tuple(hidden), epochs=epochs, batch_size=batch_size, featurizer=featurizer,
+                        validation_fraction=validation_fraction)
+    specs = sweep.expand()
+    if clip_ablation:
+        specs += dataclasses.replace(sweep, activations=("chainzrule",),
+                                     model_options={"chainzrule_input_bound": None}).expand()
+    return run_sweep(specs, out / "results.jsonl", progress=progress, report=False,
                      options=EngineOptions(per_epoch_diagnostics=per_epoch_diagnostics))
 
 
@@ -35,9 +71,8 @@ def by_model(records):
     """``{(dataset, fraction, model): [record, ...]}`` sorted by seed."""
     groups = collections.defaultdict(list)
     for r in sorted(records, key=lambda r: r["spec"]["seed"]):
-        s, c = r["spec"], r["spec"]["config"]
-        name = NEURAL_MODELS[(c["model"]["activation"], c["regularizer"]["kind"])]
-        groups[(s["dataset"], s["data_fraction"], name)].append(r)
+        s = r["spec"]
+        groups[(s["dataset"], s["data_fraction"], model_name(r))].append(r)
     return groups
 
 
@@ -72,20 +107,54 @@ def experiment_args(argv, doc: str, profiles: dict, name: str, add_arguments=Non
     return args, out
 
 
-def wall_time_text(out: pathlib.Path, seconds: float) -> str:
+def wall_time_text(out: pathlib.Path, seconds: float | None) -> str:
     """Logs this invocation's wall time in ``out/wall_seconds.json``; returns the report's sentence.
 
     A resumed experiment reuses the runs already in ``out``, so the report states both this
     invocation's time and the sum over every invocation that built the results in ``out``.
+    ``seconds=None`` (a report rebuilt from raw results) reads the ledger without adding to it.
     """
     import json
 
     ledger = out / "wall_seconds.json"
     log = json.loads(ledger.read_text()) if ledger.exists() else []
+    if seconds is None:
+        return (f"Wall time {sum(log):.1f} s over {len(log)} invocation(s) that built these results "
+                "(report rebuilt from the raw results).")
     log.append(round(float(seconds), 1))
     ledger.write_text(json.dumps(log))
     return (f"Wall time {sum(log):.1f} s over {len(log)} invocation(s) that built these results "
             f"(this one {seconds:.1f} s; runs already in {out.name}/ are reused, not rerun).")
+
+
+def write_meta(out: pathlib.Path, study: str, profile: str, **extra) -> dict:
+    """``out/meta.json``: which study and profile wrote the results (read by rebuild_report.py)."""
+    import json
+
+    meta = {"study": study, "profile": profile, **extra}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def load_raw_results(out: pathlib.Path) -> list[dict]:
+    """The records of ``out/results.jsonl``, or of the committed ``out/results.jsonl.gz``
+    (validated as a resumed sweep validates them)."""
+    import gzip
+    import shutil
+    import tempfile
+
+    from dreg_jax.analysis.results import load_records
+
+    plain, packed = out / "results.jsonl", out / "results.jsonl.gz"
+    if plain.exists():
+        return load_records(plain)
+    if not packed.exists():
+        raise SystemExit(f"{out} has no results.jsonl or results.jsonl.gz: nothing to rebuild the report from")
+    with tempfile.TemporaryDirectory() as tmp, gzip.open(packed, "rb") as src:
+        target = pathlib.Path(tmp) / "results.jsonl"
+        with open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        return load_records(target)
 
 
 def plot_accuracy_vs_fraction(acc: dict, datasets, fractions, seeds: int, models, path, reference=REFERENCE):
