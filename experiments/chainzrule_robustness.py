@@ -52,7 +52,8 @@ def corruption_table(records):
             for name, acc in r["metrics"]["robust_accuracy_per_set"].items():
                 corruption, severity = re.match(r"(.+)_(\d)$", name).groups()
                 per[corruption][int(severity)].append(acc)
-        table[(d, m)] = {c: np.array([v[s] for s in sorted(v)]).T for c, v in per.items()}
+        # sorted: a resumed or rebuilt report reads the sets back from JSON in another order
+        table[(d, m)] = {c: np.array([v[s] for s in sorted(v)]).T for c, v in sorted(per.items())}
         clean[(d, m)] = np.array([r["metrics"]["test_accuracy"] for r in rs])
     return table, clean
 

@@ -21,9 +21,11 @@ from _common import (
     by_model,
     experiment_args,
     fast_compile_flags,
+    load_raw_results,
     plot_accuracy_vs_fraction,
     run_neural_models,
     wall_time_text,
+    write_meta,
 )
 
 fast_compile_flags()
@@ -56,13 +58,20 @@ def resolve_featurizer(choice: str) -> str:
     return choice
 
 
-def accuracies(profile, out: pathlib.Path, progress: bool, featurizer: str = "hashed"):
-    records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"], profile["hidden"],
-                                profile["epochs"], profile["batch_size"], out, progress, featurizer=featurizer)
+VALIDATION_FRACTION = 0.2
+
+
+def accuracies(profile, out: pathlib.Path, progress: bool, featurizer: str = "hashed", records=None):
+    """Neural accuracies (from ``records``, or trained now) and logistic regression's (cached)."""
+    if records is None:
+        records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"], profile["hidden"],
+                                    profile["epochs"], profile["batch_size"], out, progress, featurizer=featurizer,
+                                    validation_fraction=VALIDATION_FRACTION)
     acc = {(d, f, m, r["spec"]["seed"]): (r["metrics"]["test_accuracy"] if r["status"] == "ok" else np.nan)
            for (d, f, m), rs in by_model(records).items() for r in rs}
     acc.update(classical_scores({"LogReg": "logreg"}, profile["datasets"], profile["fractions"],
-                                profile["seeds"], out / "logreg.json", progress, featurizer=featurizer))
+                                profile["seeds"], out / "logreg.json", progress, featurizer=featurizer,
+                                validation_fraction=VALIDATION_FRACTION))
     return acc
 
 
@@ -70,7 +79,7 @@ REPRESENTATIONS = {"hashed": "hashed word 1-2-gram + char 3-gram counts, 512 buc
                    "minilm": "all-MiniLM-L6-v2 sentence embeddings, 384-d (frozen encoder)"}
 
 
-def write_report(acc, profile, out: pathlib.Path, wall: float, featurizer: str = "hashed") -> str:
+def write_report(acc, profile, out: pathlib.Path, wall: float | None, featurizer: str = "hashed") -> str:
     models = list(NEURAL_MODELS.values()) + ["LogReg"]
     seeds = range(profile["seeds"])
     lines = [f"# Frozen-representation text heads - {len(acc)} results", "",
@@ -123,12 +132,20 @@ def main(argv=None):
                                 run_label=lambda a: f"{a.profile}_{resolve_featurizer(a.featurizer)}")
     featurizer = resolve_featurizer(args.featurizer)
     p = PROFILES[args.profile]
+    write_meta(out, "chainzrule_text", args.profile, featurizer=featurizer)
     start = time.perf_counter()
     acc = accuracies(p, out, not args.no_progress, featurizer)
     print(write_report(acc, p, out, time.perf_counter() - start, featurizer))
     print(f"wrote {out / 'report.md'}")
     print(compile_summary())
     return acc
+
+
+def rebuild_report(out, meta) -> str:
+    """The report from ``out``'s raw results, logreg.json and meta.json (rebuild_report.py)."""
+    p, featurizer = PROFILES[meta["profile"]], meta["featurizer"]
+    acc = accuracies(p, out, False, featurizer, records=load_raw_results(out))
+    return write_report(acc, p, out, None, featurizer)
 
 
 if __name__ == "__main__":

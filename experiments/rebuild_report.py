@@ -16,7 +16,8 @@ import sys
 
 #: Studies whose report is a function of the raw results (and meta.json) alone.
 REBUILDABLE = ("dreg_study", "chainzrule_robustness", "chainzrule_tau", "chainzrule_schedules", "chainzrule_fractions",
-               "chainzrule_volatility", "coherent_strong")
+               "chainzrule_text",
+               "chainzrule_volatility", "coherent_strong", "transformer_study")
 
 
 def rebuild(out: pathlib.Path) -> str:

@@ -28,7 +28,7 @@ Usage: python experiments/transformer_study.py --regime scratch|finetune --profi
 """
 from __future__ import annotations
 
-from _common import compile_summary, experiment_args, fast_compile_flags, wall_time_text
+from _common import compile_summary, experiment_args, fast_compile_flags, load_raw_results, wall_time_text, write_meta
 
 fast_compile_flags()
 
@@ -88,9 +88,13 @@ def scratch_arms(modality: str, p: dict, num_classes: int):
     return arms
 
 
-def run_scratch(p, out, progress):
+VALIDATION_FRACTION = 0.2  # scratch regime: a stratified 20% of each training split held out
+
+
+def scratch_specs(p):
+    """The scratch regime's runs and ``{run_id: arm}``."""
     from dreg_jax.data import load_dataset
-    from dreg_jax.engine import EngineOptions, RunSpec, run_sweep
+    from dreg_jax.engine import RunSpec
 
     specs, arm_of = [], {}
     for modality, datasets in (("text", p["text"]), ("vision", p["vision"])):
@@ -103,15 +107,15 @@ def run_scratch(p, out, progress):
                     regularizer=reg, epochs=p["epochs"], batch_size=p["batch"])
                 for seed in range(p["seeds"]):
                     for frac in p["fractions"]:
-                        spec = RunSpec(ds, config, seed=seed, data_fraction=frac, featurizer=featurizer)
+                        spec = RunSpec(ds, config, seed=seed, data_fraction=frac, featurizer=featurizer,
+                                       validation_fraction=VALIDATION_FRACTION)
                         specs.append(spec)
                         arm_of[spec.run_id] = arm
-    # transformers vmap poorly on a CPU (batched attention einsums): one run per call there; on
-    # a GPU the engine's default of 256 runs per call ran out of memory (19 GiB per buffer while
-    # autotuning the text program on an H200), so 32
-    width = 1 if jax.default_backend() == "cpu" else 32
-    records = run_sweep(specs, out / "results.jsonl", progress=progress, report=False,
-                        options=EngineOptions(per_epoch_diagnostics=True, diag_size=32, vmap_width=width))
+    return specs, arm_of
+
+
+def scratch_rows(records, arm_of):
+    """The report's rows of the scratch regime's records."""
     rows = []
     for r in records:
         c = r["curves"]
@@ -120,6 +124,19 @@ def run_scratch(p, out, progress):
                      "robust": r["metrics"].get("robust_accuracy"), "terms": c.get("jacobian_sq_norms"),
                      "seconds": r["seconds"]})
     return rows
+
+
+def run_scratch(p, out, progress):
+    from dreg_jax.engine import EngineOptions, run_sweep
+
+    specs, arm_of = scratch_specs(p)
+    # transformers vmap poorly on a CPU (batched attention einsums): one run per call there; on
+    # a GPU the engine's default of 256 runs per call ran out of memory (19 GiB per buffer while
+    # autotuning the text program on an H200), so 32
+    width = 1 if jax.default_backend() == "cpu" else 32
+    records = run_sweep(specs, out / "results.jsonl", progress=progress, report=False,
+                        options=EngineOptions(per_epoch_diagnostics=True, diag_size=32, vmap_width=width))
+    return scratch_rows(records, arm_of)
 
 
 # ---------------------------------------------------------------- finetune (a custom loop)
@@ -462,6 +479,7 @@ def main(argv=None):
     args, out = experiment_args(argv, __doc__, PROFILES, "transformer_study", add_arguments=_add_arguments,
                                 run_label=lambda a: f"{a.regime}_{a.profile}")
     p = PROFILES[args.profile][args.regime]
+    write_meta(out, "transformer_study", args.profile, regime=args.regime)
     start = time.perf_counter()
     if args.regime == "scratch":
         rows, step_seconds = run_scratch(p, out, not args.no_progress), None
@@ -474,6 +492,18 @@ def main(argv=None):
     print(f"wrote {out / 'report.md'}")
     print(compile_summary())
     return rows
+
+
+def rebuild_report(out, meta) -> str:
+    """The report from ``out``'s raw results (scratch: results.jsonl[.gz]; finetune: results.json)."""
+    p = PROFILES[meta["profile"]][meta["regime"]]
+    if meta["regime"] == "scratch":
+        rows = scratch_rows(load_raw_results(out), scratch_specs(p)[1])
+    else:
+        if not (out / "results.json").exists():
+            raise SystemExit(f"{out} has no results.json (the fine-tuning rows): nothing to rebuild from")
+        rows = json.loads((out / "results.json").read_text())
+    return write_report(rows, meta["regime"], p, out, None)
 
 
 if __name__ == "__main__":
