@@ -78,7 +78,10 @@ def scratch_arms(modality: str, p: dict, num_classes: int):
     tokens = TOKEN_LENGTH if modality == "text" else PATCHES
     ffn = tuple(f"encoder/block_{i}/ffn" for i in range(p["depth"]))
     R = dreg_jax.RegularizerConfig
-    arms = {"none": (module(), R("none"), ()), "WD": (module(), R("weight_decay"), ()),
+    # weight decay as in the DREG study v2: normalized decoupled decay, 0.05 / sqrt(total steps)
+    # per step (optax's 1e-4 x lr never acted: WD equalled none bit for bit)
+    wd = R("weight_decay", strength=0.05, weight_decay_reading="normalized")
+    arms = {"none": (module(), R("none"), ()), "WD": (module(), wd, ()),
             "SN": (module(True), R("none"), ()),
             "DREG-act": (module(), R("dreg", strength=LAMBDA / tokens), ()),
             "DREG-ffn": (module(), R("dreg", strength=LAMBDA / tokens, dreg_scope="layer"), ffn)}
