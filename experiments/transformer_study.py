@@ -320,7 +320,11 @@ def analyse(rows, reference_arms, pairs=None):
     against every other arm over matched (dataset, fraction, seed) cells, Holm over all tests."""
     from dreg_jax.analysis.stats import average_ranks, paired_wilcoxon
 
-    arms = list(dict.fromkeys(r["arm"] for r in rows))
+    # a fixed order (a rebuilt report reads the rows in the results file's order)
+    order = ["none", "WD", "SN", "DREG-act", "DREG-ffn", "IGPen", "JacReg", "frozen+linear", "MiniLM+linear",
+             "MiniLM+linear+DREG", "MiniLM+chainzrule", "MiniLM+chainzrule+DREG"]
+    present = set(r["arm"] for r in rows)
+    arms = [a for a in order if a in present] + sorted(present - set(order))
     by = collections.defaultdict(dict)
     for r in rows:
         if r["ok"]:
@@ -419,7 +423,7 @@ def write_report(rows, regime, p, out: pathlib.Path, seconds: float, step_second
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    refs = [a for a in dict.fromkeys(r["arm"] for r in rows) if "DREG" in a]
+    refs = sorted({r["arm"] for r in rows if "DREG" in r["arm"]})
     pairs = None
     if regime == "finetune":  # the comparisons the claims need, not every pair (power)
         pairs = {("MiniLM+linear+DREG", "MiniLM+linear"), ("MiniLM+chainzrule+DREG", "MiniLM+chainzrule"),
@@ -428,7 +432,10 @@ def write_report(rows, regime, p, out: pathlib.Path, seconds: float, step_second
     a = analyse(rows, refs, pairs)
     lines = [f"# Transformer study - regime `{regime}`", "",
              f"{len(rows)} runs, {sum(not r['ok'] for r in rows)} not ok. {wall_time_text(out, seconds)}", "",
-             f"Profile: {p}. DREG lambda = 10^-2.5 per token (see the script's docstring).", ""]
+             f"Profile: {p}. DREG lambda = 10^-2.5 per token (see the script's docstring)."
+             + (f" A stratified {VALIDATION_FRACTION:.0%} of each training split is held out for validation; weight "
+                "decay is the normalized decoupled decay, 0.05 / sqrt(total steps) per step (as in the DREG study v2)."
+                if regime == "scratch" else ""), ""]
     if step_seconds is not None:
         lines += [f"Measured fine-tuning cost on this machine ({jax.devices()[0]}): {step_seconds:.3f} s per "
                   f"optimizer step and run (batch {p['batch']}, {p['length']} tokens).", ""]
