@@ -91,7 +91,7 @@ def scratch_arms(modality: str, p: dict, num_classes: int):
     return arms
 
 
-VALIDATION_FRACTION = 0.2  # scratch regime: a stratified 20% of each training split held out
+VALIDATION_FRACTION = 0.2  # both regimes: a stratified 20% of each training split held out
 
 
 def scratch_specs(p):
@@ -177,23 +177,26 @@ def finetune_runs(p, out, progress):
     total = len(p["datasets"]) * len(p["fractions"]) * (len(arms) + 1)
     bar = tqdm(total=total, desc="finetune configs", disable=not progress)
     for ds_name in p["datasets"]:
-        ds = load_dataset(ds_name, featurizer="minilm_tokens")
+        ds = load_dataset(ds_name, featurizer="minilm_tokens", validation_fraction=VALIDATION_FRACTION)
         x_tr, y_tr = _subset(_tokens(ds.x_train, L), ds.y_train, p["train_size"], 0)
         x_te, y_te = _subset(_tokens(ds.x_test, L), ds.y_test, p["test_size"], 1)
+        x_va, y_va = _subset(_tokens(ds.x_val, L), ds.y_val, p["test_size"], 2)
         C = ds.num_classes
         # frozen encoder: mean-pooled embeddings once, then a linear head (the text study's reading)
         embed = jax.jit(lambda x: mean_pool(BertEncoder(encoder.config).apply(encoder_vars, *split_tokens(x)), split_tokens(x)[1],
                                             normalize=False))
         e_tr = np.concatenate([np.asarray(embed(x_tr[i:i + 64])) for i in range(0, len(x_tr), 64)])
         e_te = np.concatenate([np.asarray(embed(x_te[i:i + 64])) for i in range(0, len(x_te), 64)])
+        e_va = np.concatenate([np.asarray(embed(x_va[i:i + 64])) for i in range(0, len(x_va), 64)])
         print(f"{ds_name}: DREG penalty at the pretrained start {_start_penalty(encoder, encoder_vars, x_tr, y_tr, L):.3g}"
               " (lambda per token x the six GELU terms, one batch)", flush=True)
         for frac in p["fractions"]:
             for seed in range(p["seeds"]):
                 mask = np.asarray(stratified_fraction_mask(jax.random.key(seed), jnp.asarray(y_tr), frac, C))
                 acc = _frozen_head(e_tr[mask], y_tr[mask], e_te, y_te, C, seed)
+                val = _frozen_head(e_tr[mask], y_tr[mask], e_va, y_va, C, seed)  # the same head (same seed)
                 rows.append({"dataset": ds_name, "fraction": frac, "seed": seed, "arm": "frozen+linear", "ok": True,
-                             "test": acc, "terms": None})
+                             "test": acc, "val": val, "terms": None})
             bar.update(1)
             for head, dreg in arms:
                 built = _finetune_fns.cache_info().misses
@@ -221,12 +224,15 @@ def finetune_runs(p, out, progress):
                         PROCESS_STATS.run_seconds += seconds
                         timings.append(seconds / len(seeds))
                     history.append(sq)
-                accs = np.concatenate([np.asarray(evaluate(states, jnp.asarray(x_te[i:i + 128]), jnp.asarray(y_te[i:i + 128])))
-                                       [:, None] * len(y_te[i:i + 128]) for i in range(0, len(y_te), 128)], axis=1).sum(1) / len(y_te)
+                def accuracy(x, y):
+                    return np.concatenate([np.asarray(evaluate(states, jnp.asarray(x[i:i + 128]), jnp.asarray(y[i:i + 128])))
+                                           [:, None] * len(y[i:i + 128]) for i in range(0, len(y), 128)], axis=1).sum(1) / len(y)
+
+                accs, vals = accuracy(x_te, y_te), accuracy(x_va, y_va)
                 label = f"MiniLM+{head}" + ("+DREG" if dreg else "")
                 for i, s in enumerate(seeds):
                     rows.append({"dataset": ds_name, "fraction": frac, "seed": s, "arm": label, "ok": True,
-                                 "test": float(accs[i]), "terms": [h[i].tolist() for h in history]})
+                                 "test": float(accs[i]), "val": float(vals[i]), "terms": [h[i].tolist() for h in history]})
                 bar.update(1)
     bar.close()
     return rows, float(np.median(timings)) if timings else float("nan")
@@ -435,7 +441,10 @@ def write_report(rows, regime, p, out: pathlib.Path, seconds: float, step_second
              f"Profile: {p}. DREG lambda = 10^-2.5 per token (see the script's docstring)."
              + (f" A stratified {VALIDATION_FRACTION:.0%} of each training split is held out for validation; weight "
                 "decay is the normalized decoupled decay, 0.05 / sqrt(total steps) per step (as in the DREG study v2)."
-                if regime == "scratch" else ""), ""]
+                if regime == "scratch" else
+                f" A stratified {VALIDATION_FRACTION:.0%} of each training split is held out; the train, validation "
+                "and test subsets are drawn from the three splits, and each run's validation accuracy is kept in "
+                "results.json."), ""]
     if step_seconds is not None:
         lines += [f"Measured fine-tuning cost on this machine ({jax.devices()[0]}): {step_seconds:.3f} s per "
                   f"optimizer step and run (batch {p['batch']}, {p['length']} tokens).", ""]
