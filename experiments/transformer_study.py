@@ -504,6 +504,7 @@ def main(argv=None):
         rows, step_seconds = run_scratch(p, out, not args.no_progress), None
     else:
         rows, step_seconds = finetune_runs(p, out, not args.no_progress)
+        write_meta(out, "transformer_study", args.profile, regime=args.regime, step_seconds=step_seconds)
         # the custom loop keeps no results file of its own: the rows, for re-analysis
         (out / "results.json").write_text(json.dumps(rows))
     text = write_report(rows, args.regime, p, out, time.perf_counter() - start, step_seconds)
@@ -522,7 +523,7 @@ def rebuild_report(out, meta) -> str:
         if not (out / "results.json").exists():
             raise SystemExit(f"{out} has no results.json (the fine-tuning rows): nothing to rebuild from")
         rows = json.loads((out / "results.json").read_text())
-    return write_report(rows, meta["regime"], p, out, None)
+    return write_report(rows, meta["regime"], p, out, None, meta.get("step_seconds"))
 
 
 if __name__ == "__main__":
