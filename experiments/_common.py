@@ -35,11 +35,16 @@ def model_name(record) -> str:
     return name if clipped or c["model"]["activation"] != "chainzrule" else name + NO_CLIP
 
 
-def present_models(records) -> list[str]:
-    """Model names in report order: NEURAL_MODELS, then the clip ablation's, as present."""
-    names = {model_name(r) for r in records}
+def model_order(names) -> list[str]:
+    """``names`` in report order: NEURAL_MODELS, then the clip ablation's."""
+    names = set(names)
     order = list(NEURAL_MODELS.values()) + [n + NO_CLIP for n in NEURAL_MODELS.values()]
     return [n for n in order if n in names]
+
+
+def present_models(records) -> list[str]:
+    """The models of ``records`` in report order (:func:`model_order`)."""
+    return model_order(model_name(r) for r in records)
 
 
 def run_neural_models(datasets, fractions, seeds, hidden, epochs, batch_size, out: pathlib.Path,
@@ -105,6 +110,23 @@ def experiment_args(argv, doc: str, profiles: dict, name: str, add_arguments=Non
     out = args.out or pathlib.Path("results") / name / (run_label(args) if run_label else args.profile)
     out.mkdir(parents=True, exist_ok=True)
     return args, out
+
+
+def run_study(argv, doc: str, profiles: dict, name: str, run, write_report):
+    """The body of a study script's ``main``: parse the command line, write ``meta.json``,
+    ``results = run(profile, out, progress)``, then ``write_report(results, profile, out, wall)``;
+    prints the report's summary, where it went and the compile/run line. Returns the results."""
+    import time
+
+    args, out = experiment_args(argv, doc, profiles, name)
+    profile = profiles[args.profile]
+    write_meta(out, name, args.profile)
+    start = time.perf_counter()
+    results = run(profile, out, not args.no_progress)
+    print(write_report(results, profile, out, time.perf_counter() - start))
+    print(f"wrote {out / 'report.md'}")
+    print(compile_summary())
+    return results
 
 
 def wall_time_text(out: pathlib.Path, seconds: float | None) -> str:

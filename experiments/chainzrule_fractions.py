@@ -20,21 +20,19 @@ from _common import (
     NO_CLIP,
     REFERENCE,
     by_model,
-    compile_summary,
-    experiment_args,
     fast_compile_flags,
     load_raw_results,
+    model_order,
     plot_accuracy_vs_fraction,
     run_neural_models,
+    run_study,
     wall_time_text,
-    write_meta,
 )
 
 fast_compile_flags()
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -69,7 +67,7 @@ def all_accuracies(records, profile, out: pathlib.Path, progress: bool):
 
 def write_report(acc, profile, out: pathlib.Path, wall: float | None) -> str:
     neural = {m for (_, _, m, _) in acc}
-    models = [m for m in _order(neural)] + ["SVM", boosting_name()]
+    models = model_order(neural) + ["SVM", boosting_name()]
     seeds = range(profile["seeds"])
     lines = [f"# ChainzRule across training fractions - {len(acc)} results", "",
              f"Profile: {json.dumps(profile)}. {wall_time_text(out, wall)} Test splits: pima = MASS Pima.te "
@@ -126,27 +124,15 @@ def write_report(acc, profile, out: pathlib.Path, wall: float | None) -> str:
     return "\n".join(table_txt)
 
 
-def _order(names) -> list[str]:
-    from _common import NEURAL_MODELS
-
-    order = list(NEURAL_MODELS.values()) + [n + NO_CLIP for n in NEURAL_MODELS.values()]
-    return [n for n in order if n in names]
+def run(profile, out, progress):
+    records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"], profile["hidden"],
+                                profile["epochs"], profile["batch_size"], out, progress,
+                                clip_ablation=True, validation_fraction=VALIDATION_FRACTION)
+    return all_accuracies(records, profile, out, progress)
 
 
 def main(argv=None):
-    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_fractions")
-    profile = PROFILES[args.profile]
-    write_meta(out, "chainzrule_fractions", args.profile)
-    start = time.perf_counter()
-    records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"], profile["hidden"],
-                                profile["epochs"], profile["batch_size"], out, not args.no_progress,
-                                clip_ablation=True, validation_fraction=VALIDATION_FRACTION)
-    acc = all_accuracies(records, profile, out, not args.no_progress)
-    summary = write_report(acc, profile, out, time.perf_counter() - start)
-    print(summary)
-    print(f"wrote {out / 'report.md'}")
-    print(compile_summary())
-    return acc
+    return run_study(argv, __doc__, PROFILES, "chainzrule_fractions", run, write_report)
 
 
 def rebuild_report(out, meta) -> str:

@@ -17,8 +17,8 @@ Usage: python experiments/chainzrule_robustness.py --profile quick|full [--out D
 """
 from __future__ import annotations
 
-from _common import (NO_CLIP, REFERENCE, by_model, compile_summary, experiment_args, fast_compile_flags, load_raw_results,
-                     present_models, run_neural_models, wall_time_text, write_meta)
+from _common import (NO_CLIP, REFERENCE, by_model, fast_compile_flags, present_models, run_neural_models, run_study,
+                     wall_time_text)
 
 fast_compile_flags()
 
@@ -26,7 +26,6 @@ import collections  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import re  # noqa: E402
-import time  # noqa: E402
 
 import matplotlib  # noqa: E402
 
@@ -129,23 +128,13 @@ def write_report(records, profile, out: pathlib.Path, wall: float | None) -> str
     return "\n".join(summary)
 
 
+def run(p, out, progress):
+    return run_neural_models(p["datasets"], (1.0,), p["seeds"], p["hidden"], p["epochs"], p["batch_size"],
+                             out, progress, clip_ablation=True)
+
+
 def main(argv=None):
-    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_robustness")
-    p = PROFILES[args.profile]
-    write_meta(out, "chainzrule_robustness", args.profile)
-    start = time.perf_counter()
-    records = run_neural_models(p["datasets"], (1.0,), p["seeds"], p["hidden"], p["epochs"], p["batch_size"],
-                                out, not args.no_progress, clip_ablation=True)
-    print(write_report(records, p, out, time.perf_counter() - start))
-    print(f"wrote {out / 'report.md'}")
-    print(compile_summary())
-    return records
-
-
-def rebuild_report(out, meta) -> str:
-    """The report from ``out``'s raw results and meta.json (rebuild_report.py)."""
-    return write_report(load_raw_results(out), PROFILES[meta["profile"]], out, None)
-
+    return run_study(argv, __doc__, PROFILES, "chainzrule_robustness", run, write_report)
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ Usage: python experiments/chainzrule_schedules.py --profile quick|full [--out DI
 """
 from __future__ import annotations
 
-from _common import compile_summary, experiment_args, fast_compile_flags, load_raw_results, wall_time_text, write_meta
+from _common import fast_compile_flags, run_study, wall_time_text
 
 fast_compile_flags()
 
@@ -26,7 +26,6 @@ import collections  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import time  # noqa: E402
 
 import matplotlib  # noqa: E402
 
@@ -35,6 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon, power_note  # noqa: E402
+from dreg_jax.analysis.dreg_study import LEARNABLE_MARGIN, is_learned  # noqa: E402
 from dreg_jax.penalties.dreg import DEFAULT_LAMBDA  # noqa: E402
 
 PROFILES = {
@@ -57,18 +57,16 @@ VARIANTS = {
 SCHEDULED = [v for v, (kind, *_, factor) in VARIANTS.items() if kind == "dreg" and factor == 1.0]
 PAPER = "the best lambda schedule depends on representation noise (no numbers given)"
 VALIDATION_FRACTION = 0.2
-LEARNABLE_MARGIN = 0.10  # a dataset is learned when CR's validation accuracy >= chance + 10 pp
-
-
 def learnable(groups, dataset) -> tuple[bool, float, float]:
-    """``(learned, validation accuracy of CR without DREG, chance)`` for a dataset."""
+    """``(learned, validation accuracy of CR without DREG, chance)`` for a dataset, by the DREG
+    study's rule (:func:`dreg_jax.analysis.dreg_study.is_learned`)."""
     from dreg_jax.data.registry import REGISTRY
 
     chance = 1.0 / REGISTRY[dataset].num_classes
     vals = [r["metrics"].get("validation_accuracy") for r in groups[(dataset, "CR (no DREG)")]]
     vals = [v for v in vals if v is not None]
     v = float(np.mean(vals)) if vals else float("nan")
-    return (not np.isfinite(v)) or v >= chance + LEARNABLE_MARGIN, v, chance
+    return is_learned(v, chance), v, chance
 
 
 def specs(profile):
@@ -126,10 +124,12 @@ def write_report(records, profile, out: pathlib.Path, wall: float | None) -> str
              "on the training batch; noise_inv_input the same on the input features.", "",
              f"A stratified {VALIDATION_FRACTION:.0%} of each training split is held out for validation; the best "
              "schedule is picked on validation accuracy, test accuracy is reported.", "",
-             ("Reported apart (not learned: validation accuracy of CR without DREG below chance + 10 pp), with "
+             (f"Reported apart (not learned: validation accuracy of CR without DREG below chance + "
+              f"{100 * LEARNABLE_MARGIN:.0f} pp), with "
               "their pair left out of the clean/noisy means and the verdict: " + ", ".join(
                   f"{d} (validation {100 * status[d][1]:.2f}%, chance {100 * status[d][2]:.0f}%)" for d in apart) + "."
-              if apart else "Every dataset is learned (validation accuracy of CR without DREG >= chance + 10 pp)."), "",
+              if apart else f"Every dataset is learned (validation accuracy of CR without DREG >= chance + "
+              f"{100 * LEARNABLE_MARGIN:.0f} pp)."), "",
              "## Test accuracy (%), mean +- std over seeds", "",
              "| schedule | " + " | ".join(datasets) + " | clean mean | noisy mean | mean m_t |",
              "|---|" + "---|" * (len(datasets) + 3)]
@@ -252,27 +252,16 @@ def _plots(groups, acc, datasets, clean, out):
     plt.close(fig)
 
 
-def main(argv=None):
-    from dreg_jax.engine import enable_compilation_cache
-    from dreg_jax.engine import EngineOptions, run_sweep
+def run(p, out, progress):
+    from dreg_jax.engine import EngineOptions, enable_compilation_cache, run_sweep
 
-    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_schedules")
-    p = PROFILES[args.profile]
-    write_meta(out, "chainzrule_schedules", args.profile)
     enable_compilation_cache()
-    start = time.perf_counter()
-    records = run_sweep(specs(p), out / "results.jsonl", progress=not args.no_progress, report=False,
-                        options=EngineOptions(per_epoch_diagnostics=False))
-    print(write_report(records, p, out, time.perf_counter() - start))
-    print(f"wrote {out / 'report.md'}")
-    print(compile_summary())
-    return records
+    return run_sweep(specs(p), out / "results.jsonl", progress=progress, report=False,
+                     options=EngineOptions(per_epoch_diagnostics=False))
 
 
-def rebuild_report(out, meta) -> str:
-    """The report from ``out``'s raw results and meta.json (rebuild_report.py)."""
-    return write_report(load_raw_results(out), PROFILES[meta["profile"]], out, None)
-
+def main(argv=None):
+    return run_study(argv, __doc__, PROFILES, "chainzrule_schedules", run, write_report)
 
 if __name__ == "__main__":
     main()

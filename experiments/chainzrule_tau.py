@@ -13,14 +13,12 @@ Usage: python experiments/chainzrule_tau.py --profile quick|full [--out DIR]
 """
 from __future__ import annotations
 
-from _common import (NEURAL_MODELS, by_model, compile_summary, experiment_args, fast_compile_flags, load_raw_results,
-                     run_neural_models, wall_time_text, write_meta)
+from _common import NEURAL_MODELS, by_model, fast_compile_flags, run_neural_models, run_study, wall_time_text
 
 fast_compile_flags()
 
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import time  # noqa: E402
 
 import matplotlib  # noqa: E402
 
@@ -113,23 +111,13 @@ def write_report(records, profile, out: pathlib.Path, wall: float | None) -> str
     return "\n".join(summary)
 
 
+def run(p, out, progress):
+    return run_neural_models(p["datasets"], p["fractions"], p["seeds"], p["hidden"], p["epochs"],
+                             p["batch_size"], out, progress, per_epoch_diagnostics=True)
+
+
 def main(argv=None):
-    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_tau")
-    p = PROFILES[args.profile]
-    write_meta(out, "chainzrule_tau", args.profile)
-    start = time.perf_counter()
-    records = run_neural_models(p["datasets"], p["fractions"], p["seeds"], p["hidden"], p["epochs"],
-                                p["batch_size"], out, not args.no_progress, per_epoch_diagnostics=True)
-    print(write_report(records, p, out, time.perf_counter() - start))
-    print(f"wrote {out / 'report.md'}")
-    print(compile_summary())
-    return records
-
-
-def rebuild_report(out, meta) -> str:
-    """The report from ``out``'s raw results and meta.json (rebuild_report.py)."""
-    return write_report(load_raw_results(out), PROFILES[meta["profile"]], out, None)
-
+    return run_study(argv, __doc__, PROFILES, "chainzrule_tau", run, write_report)
 
 if __name__ == "__main__":
     main()

@@ -20,14 +20,13 @@ Usage: python experiments/chainzrule_volatility.py --profile quick|full [--out D
 """
 from __future__ import annotations
 
-from _common import compile_summary, experiment_args, fast_compile_flags, load_raw_results, wall_time_text, write_meta
+from _common import fast_compile_flags, run_study, wall_time_text
 
 fast_compile_flags()
 
 import collections  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import time  # noqa: E402
 
 import matplotlib  # noqa: E402
 import numpy as np  # noqa: E402
@@ -159,26 +158,16 @@ def _plot(runs, profile, out):
     plt.close(fig)
 
 
-def main(argv=None):
+def run(p, out, progress):
     from dreg_jax.engine import EngineOptions, enable_compilation_cache, run_sweep
 
-    args, out = experiment_args(argv, __doc__, PROFILES, "chainzrule_volatility")
-    p = PROFILES[args.profile]
-    write_meta(out, "chainzrule_volatility", args.profile)
     enable_compilation_cache()
-    start = time.perf_counter()
-    records = run_sweep(specs(p), out / "results.jsonl", progress=not args.no_progress, report=False,
-                        options=EngineOptions(per_epoch_diagnostics=False))
-    print(write_report(records, p, out, time.perf_counter() - start))
-    print(f"wrote {out / 'report.md'}")
-    print(compile_summary())
-    return records
+    return run_sweep(specs(p), out / "results.jsonl", progress=progress, report=False,
+                     options=EngineOptions(per_epoch_diagnostics=False))
 
 
-def rebuild_report(out, meta) -> str:
-    """The report from ``out``'s raw results and meta.json (rebuild_report.py)."""
-    return write_report(load_raw_results(out), PROFILES[meta["profile"]], out, None)
-
+def main(argv=None):
+    return run_study(argv, __doc__, PROFILES, "chainzrule_volatility", run, write_report)
 
 if __name__ == "__main__":
     main()

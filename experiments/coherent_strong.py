@@ -27,7 +27,7 @@ Usage: python experiments/coherent_strong.py --profile quick|full [--out DIR]
 """
 from __future__ import annotations
 
-from _common import compile_summary, experiment_args, fast_compile_flags, wall_time_text, write_meta
+from _common import fast_compile_flags, run_study, wall_time_text
 
 fast_compile_flags()
 
@@ -285,15 +285,7 @@ def _plot(runs, profile, out):
 
 
 def main(argv=None):
-    args, out = experiment_args(argv, __doc__, PROFILES, "coherent_strong")
-    profile = PROFILES[args.profile]
-    write_meta(out, "coherent_strong", args.profile)
-    start = time.perf_counter()
-    rows = run_all(profile, out, not args.no_progress)
-    print(write_report(rows, profile, out, time.perf_counter() - start))
-    print(f"wrote {out / 'report.md'}")
-    print(compile_summary())
-    return rows
+    return run_study(argv, __doc__, PROFILES, "coherent_strong", run_all, write_report)
 
 
 def rebuild_report(out, meta) -> str:

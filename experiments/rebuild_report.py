@@ -4,7 +4,8 @@
 
 reads ``DIR/meta.json`` (which study and profile wrote the results) and ``DIR/results.jsonl``
 or ``DIR/results.jsonl.gz``, and rewrites ``DIR/report.md`` and its figures with the study's
-own report writer. Nothing is trained.
+own report writer: ``write_report(records, profile, DIR, None)``, or the study's
+``rebuild_report(DIR, meta)`` where its report needs more than the records. Nothing is trained.
 """
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def rebuild(out: pathlib.Path) -> str:
                          f"{', '.join(REBUILDABLE)}")
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     module = importlib.import_module(study)
-    return module.rebuild_report(out, meta)
+    if hasattr(module, "rebuild_report"):  # a report built from more than the engine's records
+        return module.rebuild_report(out, meta)
+    from _common import load_raw_results
+
+    return module.write_report(load_raw_results(out), module.PROFILES[meta["profile"]], out, None)
 
 
 def main(argv=None):

@@ -148,6 +148,12 @@ def scaling_decision(rows, arm, readings: dict, learnable) -> dict:
     return {"validation_accuracy": scores, "chosen": chosen}
 
 
+def is_learned(validation_accuracy: float, chance: float) -> bool:
+    """The learnability rule: validation accuracy of the reference model >= chance +
+    LEARNABLE_MARGIN (unknown, NaN: kept)."""
+    return not np.isfinite(validation_accuracy) or validation_accuracy >= chance + LEARNABLE_MARGIN
+
+
 def learnable_datasets(rows, num_classes: dict) -> tuple[list, dict]:
     """``(learnable, {dataset: (validation accuracy of none, chance)})`` (module docstring)."""
     info, keep = {}, []
@@ -157,7 +163,7 @@ def learnable_datasets(rows, num_classes: dict) -> tuple[list, dict]:
         chance = 1.0 / num_classes.get(ds, 2)
         v = float(np.nanmean(vals)) if vals and np.any(np.isfinite(vals)) else np.nan
         info[ds] = (v, chance)
-        if not np.isfinite(v) or v >= chance + LEARNABLE_MARGIN:
+        if is_learned(v, chance):
             keep.append(ds)
     return keep, info
 
