@@ -16,6 +16,11 @@ whole FFN branch; and the same model and DREG step in torch (``torch.func.jvp``)
 subsampled rows also report the estimator's spread: the relative std of the total penalty
 over 64 probe keys at the initial parameters.
 
+The lifted rows (``--shapes lifted_vit_d64x4_s16_b32``) train a ViT-style encoder written as
+big_vision writes it, ``nn.scan(nn.remat(block))``, beside the same encoder unrolled: the DREG
+step (probes on each block's MLP) over the plain step, for both; and a nested selection (a
+block and its first Dense, 16 probes) against the two selections made separately.
+
 Usage: python benchmarks/step_cost.py [--rounds 15] [--steps 20] [--out step_cost.json]
 """
 from __future__ import annotations
@@ -44,6 +49,8 @@ SHAPES = {
 }
 # name: (input features, model width, blocks, heads, sequence, classes, batch)
 TRANSFORMERS = {"transformer_d128x4_h4_s64_b32": (32, 128, 4, 4, 64, 10, 32)}
+# name: (model width, blocks, heads, sequence, classes, batch)
+LIFTED = {"lifted_vit_d64x4_s16_b32": (64, 4, 4, 16, 10, 32)}
 TRANSFORMER_METHODS = {
     # name: jacobian_terms keyword arguments (None: the plain step)
     "plain": None,
@@ -54,6 +61,8 @@ TRANSFORMER_METHODS = {
     "dreg_probe_ffn_block": dict(layers="ffn", row_fraction=1.0),
     "dreg_probe_ffn_block_rows_0.25": dict(layers="ffn", row_fraction=0.25),
 }
+# name: (model width, blocks, heads, sequence, classes, batch)
+LIFTED = {"lifted_vit_d64x4_s16_b32": (64, 4, 4, 16, 10, 32)}
 METHODS = {
     "plain": dict(kind="none"),
     "dreg_activation": dict(kind="dreg", dreg_scope="activation"),
@@ -317,6 +326,101 @@ def time_rounds(runners, rounds, steps):
     return times
 
 
+class _LiftedBlock(nn.Module):
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        d = x.shape[-1]
+        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads)(nn.LayerNorm()(x))
+        x = x + nn.Sequential([nn.Dense(4 * d), nn.gelu, nn.Dense(d)], name="mlp")(nn.LayerNorm()(x))
+        return x, None
+
+
+class _LiftedEncoder(nn.Module):
+    blocks: int
+    heads: int
+    classes: int
+    scan: bool
+
+    @nn.compact
+    def __call__(self, x):
+        if self.scan:
+            x, _ = nn.scan(nn.remat(_LiftedBlock), variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=self.blocks)(self.heads, name="blocks")(x, None)
+        else:
+            for i in range(self.blocks):
+                x, _ = nn.remat(_LiftedBlock)(self.heads, name=f"blocks_{i}")(x, None)
+        return nn.Dense(self.classes)(x.mean(axis=1))
+
+
+def user_stepper(model, x, y, mode, **dreg):
+    """An Adam step of a user linen model; ``dreg`` (jacobian_terms options) adds DREG."""
+    key = jax.random.key(0)
+    params = model.init(key, x)["params"]
+    tx = optax.adam(1e-3)
+
+    def loss_fn(p, k):
+        if not dreg:
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        logits, terms = dreg_jax.jacobian_terms(model, {"params": p}, x, key=k, **dreg)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        return loss + dreg_jax.dreg_penalty(terms)
+
+    def step(carry, k):
+        p, o = carry
+        loss, g = jax.value_and_grad(loss_fn)(p, k)
+        u, o = tx.update(g, o)
+        return (optax.apply_updates(p, u), o), loss
+
+    holder = {"state": (params, tx.init(params))}
+    scanned = jax.jit(lambda c, ks: jax.lax.scan(step, c, ks))
+    single = jax.jit(step)
+
+    def run(steps):
+        keys = jax.random.split(key, steps)
+        if mode == "scan":
+            holder["state"], losses = scanned(holder["state"], keys)
+        else:
+            for k in keys:
+                holder["state"], losses = single(holder["state"], k)
+        jax.block_until_ready(losses)
+
+    return run
+
+
+def lifted_rows(shape_name, args):
+    d, blocks, heads, seq, classes, batch = LIFTED[shape_name]
+    x = jax.random.normal(jax.random.key(1), (batch, seq, d))
+    y = jnp.arange(batch) % classes
+    scanned = _LiftedEncoder(blocks, heads, classes, scan=True)
+    unrolled = _LiftedEncoder(blocks, heads, classes, scan=False)
+    runners = {
+        "scanned_plain": user_stepper(scanned, x, y, args.mode),
+        "scanned_dreg_mlp": user_stepper(scanned, x, y, args.mode, layers=["blocks/mlp"]),
+        "unrolled_plain": user_stepper(unrolled, x, y, args.mode),
+        "unrolled_dreg_mlp": user_stepper(unrolled, x, y, args.mode,
+                                          layers=[f"blocks_{i}/mlp" for i in range(blocks)]),
+        "nested_block_and_dense_p16": user_stepper(unrolled, x, y, args.mode, num_probes=16,
+                                                   layers=["blocks_0/mlp", "blocks_0/Dense_0"]),
+        "block_only_p16": user_stepper(unrolled, x, y, args.mode, num_probes=16, layers=["blocks_0/mlp"]),
+        "dense_only_p16": user_stepper(unrolled, x, y, args.mode, num_probes=16, layers=["blocks_0/Dense_0"]),
+    }
+    times = time_rounds(runners, args.rounds, args.steps)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    base = {"scanned": med["scanned_plain"], "unrolled": med["unrolled_plain"]}
+    rows = {m: {"median_ms": med[m], "ratio_to_plain": med[m] / base["scanned" if m.startswith("scanned") else "unrolled"],
+                "all_ms": times[m]} for m in runners}
+    scanned_ratio = rows["scanned_dreg_mlp"]["ratio_to_plain"]
+    unrolled_ratio = rows["unrolled_dreg_mlp"]["ratio_to_plain"]
+    # nested vs the two selections made separately: each separate step also pays one plain step
+    separate = med["block_only_p16"] + med["dense_only_p16"] - med["unrolled_plain"]
+    summary = {"scanned_over_unrolled_dreg_ratio": scanned_ratio / unrolled_ratio,
+               "nested_over_separate": med["nested_block_and_dense_p16"] / separate}
+    return rows, summary
+
+
 def transformer_rows(shape_name, args, report):
     shape = TRANSFORMERS[shape_name]
     runners = {m: transformer_stepper(m, shape, args.mode) for m in TRANSFORMER_METHODS}
@@ -345,8 +449,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20, help="steps per timed block")
     parser.add_argument("--activation", default="gelu", choices=["gelu", "relu", "tanh"])
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES) + list(TRANSFORMERS),
-                        choices=list(SHAPES) + list(TRANSFORMERS))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES) + list(TRANSFORMERS) + list(LIFTED),
+                        choices=list(SHAPES) + list(TRANSFORMERS) + list(LIFTED))
     parser.add_argument("--mode", default="scan", choices=["scan", "dispatch"],
                         help="scan: the timed steps run in one jitted lax.scan; dispatch: one "
                              "Python call per jitted step")
@@ -358,6 +462,14 @@ def main(argv=None):
               "machine": platform.machine(), "jax": jax.__version__, "activation": args.activation,
               "rounds": args.rounds, "steps_per_round": args.steps, "mode": args.mode, "shapes": {}}
     for shape_name in args.shapes:
+        if shape_name in LIFTED:
+            rows, summary = lifted_rows(shape_name, args)
+            report["shapes"][shape_name] = {**rows, "summary": summary}
+            print_rows(shape_name, rows, report, args)
+            print(f"scanned DREG ratio / unrolled DREG ratio: {summary['scanned_over_unrolled_dreg_ratio']:.3f} "
+                  f"(target within 5%); nested / separate selections (16 probes): "
+                  f"{summary['nested_over_separate']:.3f} (target <= 1.1)")
+            continue
         if shape_name in TRANSFORMERS:
             rows = report["shapes"][shape_name] = transformer_rows(shape_name, args, report)
             print_rows(shape_name, rows, report, args)

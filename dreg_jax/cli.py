@@ -165,7 +165,7 @@ def cmd_results(args) -> int:
     from dreg_jax.analysis.results import load_records, results_frame
     from dreg_jax.engine import summary_table
 
-    records = load_records(args.file)  # read (and repaired) once
+    records = load_records(args.file)  # read once; a reader never changes the file
     frame = results_frame(records)
     print(summary_table(records))
     print(f"{len(frame)} runs, {frame.shape[1]} columns")

@@ -89,3 +89,21 @@ def test_readme_minilm_fine_tuning_section_runs():
     _, terms = namespace["dreg_jax"].jacobian_terms(namespace["model"], {"params": namespace["params"]},
                                                     namespace["x"], scope="activation")
     assert len(terms) == 6  # the six FFN GELUs
+
+
+def test_readme_scanned_section_trains_and_gives_one_term_per_layer():
+    block = section_block("Scanned and rematerialized models")
+    assert 1 <= len(dreg_lines(block)) <= 5
+    namespace = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(block, "README.md: Scanned and rematerialized models", "exec"), namespace)
+    import dreg_jax
+
+    params, model, tokens = namespace["params"], namespace["model"], namespace["tokens"]
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(params))
+    out, terms = dreg_jax.jacobian_terms(model, {"params": params}, tokens, key=namespace["key"],
+                                         layers=["blocks/mlp"])
+    assert list(terms) == [f"blocks/mlp#{i}" for i in range(4)]
+    assert all(np.isfinite(float(v)) and float(v) > 0 for v in terms.values())
+    np.testing.assert_allclose(out, model.apply({"params": params}, tokens), rtol=1e-6)

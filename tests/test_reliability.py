@@ -72,8 +72,14 @@ def test_results_damage_table_loses_no_valid_row(case, finished, tmp_path):
     content, expect_ids, expect_messages, set_aside = _damage_cases(good)[case]
     path = tmp_path / "r.jsonl"
     path.write_bytes(content)
+    # a reader reports and skips, and leaves the file byte-identical
+    before, read_messages = path.read_bytes(), []
+    assert sorted(ResultsFile(path, log=read_messages.append).load()) == sorted(ids[i] for i in expect_ids)
+    assert path.read_bytes() == before and not (tmp_path / "r.jsonl.rejected").exists()
+    assert len(read_messages) == set_aside
+    # the writer (a sweep about to append) sets bad lines aside
     messages = []
-    loaded = ResultsFile(path, log=messages.append).load()
+    loaded = ResultsFile(path, log=messages.append).load(repair=True)
     assert sorted(loaded) == sorted(ids[i] for i in expect_ids)
     for expected in expect_messages:
         assert any(expected in m for m in messages), (expected, messages)
@@ -85,7 +91,7 @@ def test_results_damage_table_loses_no_valid_row(case, finished, tmp_path):
         assert not (tmp_path / "r.jsonl.rejected").exists()
     # loading again is clean: the file now holds only valid rows, each once, newline-terminated
     again = []
-    assert sorted(ResultsFile(path, log=again.append).load()) == sorted(loaded)
+    assert sorted(ResultsFile(path, log=again.append).load(repair=True)) == sorted(loaded)
     assert again == [] and (not path.read_bytes() or path.read_bytes().endswith(b"\n"))
 
 
@@ -225,3 +231,69 @@ def test_damaged_dataset_cache_is_rebuilt(tmp_path, capsys):
     again = builders.read_offline("iris", 3, 4, data_dir)
     assert "shards hold" in capsys.readouterr().err
     assert len(again["train"][1]) == len(splits["train"][1])
+
+
+def _snapshot(paths):
+    return {p: (p.read_bytes(), p.stat().st_mode) for p in paths}
+
+
+def test_reader_commands_leave_every_file_byte_identical(finished, tmp_path, capsys):
+    good, _ = finished
+    csv = tmp_path / "wine.csv"
+    csv.write_text("alcohol,malic,class\n" + "".join(f"{i}.1,{i}.2,{i % 3}\n" for i in range(179)))
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_bytes(good[0] + b"\n{not json\n" + good[1])  # a bad middle line, no final newline
+    read_only = tmp_path / "ro.jsonl"
+    read_only.write_bytes(good[0] + b"\ngarbage\n")
+    read_only.chmod(stat.S_IRUSR)
+    files = [csv, damaged, read_only]
+    before = _snapshot(files)
+    listing = sorted(os.listdir(tmp_path))
+    for path in files:
+        for command in (["results", str(path)], ["plot", str(path), "--out", str(tmp_path / "plots")]):
+            code = cli_main(command)
+            err = capsys.readouterr().err
+            if path == csv:
+                assert code == 2 and "is not a dreg_jax results file" in err and "left untouched" in err
+                assert len(err.strip().splitlines()) == 1
+            elif command[0] == "results":
+                assert code == 0 and "skipped (the file is left as it is)" in err
+    assert _snapshot(files) == before
+    assert sorted(p for p in os.listdir(tmp_path) if p != "plots") == listing  # no .rejected, no .tmp
+    # a sweep pointed at the CSV refuses it, untouched
+    with pytest.raises(ValueError, match="not a dreg_jax results file"):
+        run_sweep(SweepConfig(**TINY).expand()[:1], csv, progress=False)
+    assert csv.read_bytes() == before[csv][0]
+
+
+def test_writes_through_a_symlink_reach_its_target_and_share_its_lock(finished, tmp_path):
+    import fcntl
+
+    good, records = finished
+    target = tmp_path / "real.jsonl"
+    target.write_bytes(good[0] + b"\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    store = ResultsFile(link)
+    store.append([json.loads(good[1])])
+    assert link.is_symlink() and len(ResultsFile(target).load()) == 2
+    other = tmp_path / "other_name.jsonl"
+    other.symlink_to(target)
+    assert ResultsFile(other).lock_path == ResultsFile(target).lock_path == store.lock_path
+    with open(store.lock_path, "w") as held:  # a sweep holding the file through one name ...
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another sweep is writing"):  # ... refuses the other
+            run_sweep([RunSpec.from_dict(records[0]["spec"])], other, progress=False)
+
+
+def test_row_with_an_unknown_field_survives_reads_and_the_writer(finished, tmp_path):
+    good, _ = finished
+    newer = json.loads(good[1])
+    newer["spec"]["config"]["regularizer"]["future_option"] = 3
+    newer["run_id"] = "0123456789abcdef"
+    path = tmp_path / "r.jsonl"
+    content = good[0] + b"\n" + json.dumps(newer).encode() + b"\n"
+    path.write_bytes(content)
+    loaded = ResultsFile(path).load(repair=True)
+    assert loaded["0123456789abcdef"]["spec"]["config"]["regularizer"]["future_option"] == 3
+    assert path.read_bytes() == content

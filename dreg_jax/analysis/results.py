@@ -51,7 +51,7 @@ def flat_row(record: dict) -> dict:
 
 
 def load_records(path) -> list[dict]:
-    """The valid records of a results JSONL (bad lines set aside as a resumed sweep does)."""
+    """The valid records of a results JSONL (bad lines reported and skipped; the file is not changed)."""
     from dreg_jax.engine.sweep import ResultsFile
 
     path = pathlib.Path(path)

@@ -14,7 +14,12 @@
   data loss explodes gets ``status: "diverged"`` and ``diverge_step`` (criterion in
   :mod:`dreg_jax.engine.run`); the rest of the grid finishes.
 * Rows are strict JSON (non-finite values are ``null``). On load every row is validated; a line
-  that is not a valid row is moved to ``<file>.rejected`` with a message naming file and line.
+  that is not a valid row is reported with file and line and skipped. Only the writer (a sweep
+  about to append) moves such lines to ``<file>.rejected``; readers (``dreg-jax results``,
+  ``plot``, :func:`load_records`) never change a file. A file with lines but no valid row (a
+  CSV passed by mistake) is refused untouched. Rows written by a newer version (spec fields this
+  version does not know) are kept as they are. Paths are resolved: writes and the lock go to a
+  symlink's target, so two names for one file share one lock.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from tqdm.auto import tqdm
 from dreg_jax._checks import check_choice
 from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset, load_dataset
 from dreg_jax.engine.grid import PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, place, run_blocks
+from dreg_jax.engine.identity import model_identity
 from dreg_jax.engine.grouping import FOLD_MODES, fold_config, forward_flops, plan_folds
 from dreg_jax.engine.run import DREG_CURVES, EngineData, EngineOptions, RunHParams
 from dreg_jax.training.config import (
@@ -104,11 +110,12 @@ class RunSpec:
         return self
 
     def to_dict(self) -> dict:
-        """Plain JSON values; a user module is recorded as its repr (its class and attributes)."""
+        """Plain JSON values; a user module is recorded as ``"<Class>@<fingerprint>"`` of what it
+        computes (:mod:`dreg_jax.engine.identity`), so an edit to its code changes the run id."""
         spec = self
         module = self.config.model.module
         if module is not None and not isinstance(module, str):
-            model = dataclasses.replace(self.config.model, module=repr(module))
+            model = dataclasses.replace(self.config.model, module=model_identity(module))
             spec = dataclasses.replace(self, config=dataclasses.replace(self.config, model=model))
         return json.loads(json.dumps(dataclasses.asdict(spec)))
 
@@ -171,6 +178,8 @@ def record_problem(record) -> str | None:
         return f"row status {record['status']!r} is not one of {', '.join(STATUSES)}"
     if record["status"] == "ok" and "test_accuracy" not in record["metrics"]:
         return "ok row has no metrics.test_accuracy"
+    if _newer_fields(record["spec"]):
+        return None  # a row from a newer version: its id cannot be recomputed here; kept as is
     try:
         run_id = RunSpec.from_dict(record["spec"]).run_id
     except (KeyError, TypeError, ValueError) as err:
@@ -180,18 +189,43 @@ def record_problem(record) -> str | None:
     return None
 
 
-class ResultsFile:
-    """Append-only JSON-lines results with crash repair; see the module docstring.
+def _newer_fields(spec: dict) -> list[str]:
+    """Spec fields that this version's dataclasses do not have (a row written by newer code)."""
+    known = {
+        (): {f.name for f in dataclasses.fields(RunSpec)},
+        ("config",): {f.name for f in dataclasses.fields(TrainConfig)},
+        ("config", "model"): {f.name for f in dataclasses.fields(ModelConfig)},
+        ("config", "regularizer"): {f.name for f in dataclasses.fields(RegularizerConfig)},
+        ("config", "optimizer"): {f.name for f in dataclasses.fields(OptimizerConfig)},
+    }
+    unknown = []
+    for path, names in known.items():
+        node = spec
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            unknown += [".".join(path + (k,)) for k in node if k not in names]
+    return unknown
 
-    ``load`` keeps every valid row. A line that is not a valid row (torn write, garbage,
-    binary bytes, a row without metrics, ...) is moved to ``<file>.rejected`` (one JSON object
-    per line: line number, reason, text) with a message naming the file and line, and the
-    results file is rewritten without it, so the run it shadowed is used or redone.
+
+class NotAResultsFile(ValueError):
+    """A file with lines but no valid results row: refused, and left untouched."""
+
+
+class ResultsFile:
+    """Append-only JSON-lines results; see the module docstring.
+
+    ``load()`` (readers) returns every valid row, reports each bad line with its file and line,
+    and changes nothing. ``load(repair=True)`` (the writer, under its lock) also moves bad lines
+    to ``<file>.rejected`` (one JSON object per line: line number, reason, text) and rewrites the
+    results file without them, so the run a torn line shadowed is redone.
     """
 
     def __init__(self, path, *, log=None):
         self.path = pathlib.Path(path)
-        self.rejected_path = self.path.with_name(self.path.name + ".rejected")
+        self.real_path = self.path.resolve()  # a symlink's target: what is written and locked
+        self.rejected_path = self.real_path.with_name(self.real_path.name + ".rejected")
+        self.lock_path = self.real_path.with_name(self.real_path.name + ".lock")
         self.log = log or (lambda message: print(message, file=sys.stderr))
 
     def check_writable(self):
@@ -207,11 +241,15 @@ class ResultsFile:
         except OSError as err:
             raise OSError(f"results file {self.path} cannot be written: {err.strerror or err}") from None
 
-    def load(self) -> dict:
-        """``run_id -> record`` of every valid row (the first, if a run appears twice)."""
-        if not self.path.exists():
+    def load(self, *, repair: bool = False) -> dict:
+        """``run_id -> record`` of every valid row (the first, if a run appears twice).
+
+        Raises :class:`NotAResultsFile` (and changes nothing) when the file has complete lines
+        but not one valid row. ``repair`` (the writer only) sets bad lines aside.
+        """
+        if not self.real_path.exists():
             return {}
-        raw = self.path.read_bytes()
+        raw = self.real_path.read_bytes()
         lines = raw.split(b"\n")
         unterminated = lines.pop() if lines else b""  # b"" when the file ends with a newline
         records, kept, rejected = {}, [], []
@@ -237,11 +275,20 @@ class ResultsFile:
             if record["run_id"] in records:
                 continue  # a duplicate of a run already loaded: harmless, left in place
             records[record["run_id"]] = record
-        if rejected:
+        complete_bad = [(n, p) for n, _, p in rejected if n <= len(lines)]
+        if not records and complete_bad:
+            number, problem = complete_bad[0]
+            raise NotAResultsFile(
+                f"{self.path} is not a dreg_jax results file (line {number}: {problem}; no line is a "
+                "results row); it was left untouched. Pass a results .jsonl written by dreg-jax sweep/train")
+        if rejected and repair:
             self._set_aside(rejected)
             self._rewrite(kept)
-        elif unterminated.strip():  # a valid last row without its newline: keep it, terminate it
-            with open(self.path, "ab") as f:
+        elif rejected:
+            for number, _, problem in rejected:
+                self.log(f"{self.path}:{number}: {problem}; skipped (the file is left as it is)")
+        elif unterminated.strip() and repair:  # a valid last row without its newline: terminate it
+            with open(self.real_path, "ab") as f:
                 f.write(b"\n")
             self.log(f"{self.path}:{len(lines) + 1}: valid last row had no trailing newline; added one")
         return records
@@ -257,20 +304,20 @@ class ResultsFile:
                      "(the run is redone if this sweep contains it)")
 
     def _rewrite(self, lines):
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.real_path.with_name(self.real_path.name + ".tmp")
         data = b"".join(line + b"\n" for line in lines if line.strip())
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        os.replace(tmp, self.real_path)
 
     def append(self, records: Sequence[dict]):
         if not records:
             return
         data = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records).encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.real_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.real_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -401,12 +448,12 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
     width = block_width(options, mesh)
     stats = CompileStats() if stats is None else stats
     enable_compilation_cache()
-    with open(results.path.with_name(results.path.name + ".lock"), "w") as lock:
+    with open(results.lock_path, "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another sweep is writing {results.path}; wait for it or use another --results file") from None
-        done = results.load()
+            raise RuntimeError(f"another sweep is writing {results.real_path}; wait for it or use another --results file") from None
+        done = results.load(repair=True)
         pending = [s for s in unique if s.run_id not in done]
         programs = plan_programs(pending, options)
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",

@@ -7,25 +7,39 @@ output *and* a per-layer Jacobian term from the same pass::
     out, terms = dreg_jax.jacobian_terms(model, variables, x, key=key, layers=["mlp"])
     loss = data_loss(out) + dreg_jax.dreg_penalty(terms)
 
-What a term is. For a selected submodule :math:`f` called on :math:`h` (its first positional
-argument; the other arguments are held fixed) the term is the batch mean of an estimate of
-:math:`\|J\|_F^2`, :math:`J = \partial f(h)_b / \partial h_b` **of that submodule's own map** at
-the input it received in this pass. For a residual block ``x + mlp(x)`` that selects ``mlp``,
-the term is the branch's, never :math:`I + J`.
+What a term is. For a selected submodule :math:`f` called on a batch :math:`h` (its first
+positional argument; the other arguments are held fixed) with output :math:`y = f(h)` (for a
+submodule that returns a pytree, :math:`y` is its **first floating array leaf** in pytree order:
+``x`` of ``(x, aux)``), the term is
+
+.. math:: T = \frac{1}{B}\,\|J\|_F^2, \qquad J = \frac{\partial\, \mathrm{vec}\, y}{\partial\, \mathrm{vec}\, h},
+
+the Jacobian **of that submodule's own map on the batch** at the input it received in this
+pass. For a map that acts on each example alone, :math:`J` is block diagonal and :math:`T` is
+the batch mean of the per-example :math:`\|J_b\|_F^2`. For a map that mixes rows (BatchNorm in
+training mode: the statistics depend on every row) :math:`T` also counts the cross-row blocks
+:math:`\partial y_b / \partial h_c`: it is the Jacobian of the map the layer really computes.
+For a residual block ``x + mlp(x)`` that selects ``mlp``, the term is the branch's, never
+:math:`I + J`.
 
 Scopes and estimators:
 
 * ``scope="layer", estimator="probe"`` (any submodule: Dense, Conv, attention, a whole
-  block): Rademacher probes :math:`v` through ``jax.jvp`` (``flax.linen.jvp`` for linen),
-  :math:`E_v\|Jv\|^2 = \|J\|_F^2`. With ``num_probes=P > 1`` the submodule runs once on the
-  batch repeated ``P`` times (row ``b`` of copy ``p`` gets probe ``p``); the output is the first
-  copy's.
+  block): Rademacher probes :math:`v` over the whole batch through ``jax.jvp`` (``flax.linen.jvp``
+  for linen), :math:`E_v\|Jv\|^2/B = T`. Probe 0 rides on the model's own pass (the output and
+  :math:`Jv` come from one forward-mode pass); probes ``1..P-1`` are a side pass: one
+  ``jax.vmap`` over the probes of the submodule's jvp on the same batch, so each probe sees the
+  batch exactly as the model's pass did (unbiased for any ``num_probes``, row-mixing layers
+  included), and nested selections inside cost linear, not quadratic, in ``num_probes``.
 * ``scope="layer", estimator="exact"`` (closed forms): a Dense or Conv alone,
   :math:`\|W\|_F^2` summed over output positions; an elementwise activation alone,
   :math:`\sum_i\sigma'(z_i)^2`; a submodule whose call is one Dense/Conv followed by one
   marked activation, :math:`\sum_{o} \sigma'(z_o)^2 \sum_{i \to o} W_{i o}^2` (the squared
   kernel's response to an all-ones input gives :math:`\sum_{i\to o} W_{io}^2` for any stride,
-  padding or dilation). Anything else is refused with the calls it made.
+  zero padding, dilation or ``feature_group_count``). A Dense/Conv subclass that overrides
+  ``__call__``, and a Conv whose padding is not zero padding (``"CIRCULAR"``, ``"REFLECT"``:
+  two taps can reach the same input) have no closed form and are refused, as is anything else,
+  with the calls it made.
 * ``scope="activation"``: the exact diagonal :math:`\sum_i \sigma'(z_i)^2` of marked
   elementwise activations (:class:`dreg_jax.Activation`, :class:`dreg_jax.NNXActivation`,
   :class:`dreg_jax.ChainzRule`); ``layers=None`` selects all of them.
@@ -38,9 +52,13 @@ mean over the sampled rows is unbiased for the batch mean; with per-row estimate
 .. math:: \operatorname{Var} = \Big(1 - \frac{m}{B}\Big)\frac{S_t^2}{m} + \frac{\bar\sigma^2_{probe}}{m P},
 
 :math:`S_t^2` the variance of the rows' :math:`\|J_b\|_F^2` across the batch. The probe pass
-then costs ``m / B`` of a full one. The sampled rows run through the submodule a second time,
-so a submodule that updates mutable state (batch statistics) is refused for ``r < 1``; with
-dropout the second pass draws its own mask.
+then costs ``m / B`` of a full one. The sampled rows run through the submodule a second time
+(a side pass), so a submodule that mixes rows through mutable state (batch statistics) is
+refused for ``r < 1``: its map on ``m`` rows is not its map on the batch.
+
+Side passes (probes ``1..P-1``, sampled rows) draw their own dropout masks (keys folded from
+the call's key) and discard any state they change: the model's state and random streams are
+those of the plain forward pass, and ``out`` equals ``model.apply`` exactly.
 
 Probes and sampled rows are reproducible: the ``k``-th recorded call (in call order, from 0)
 draws its probes from ``fold_in(key, k)``: ``rademacher(fold_in(k_call, 0), (P, *h.shape))``
@@ -50,15 +68,25 @@ Keys of ``terms`` are the submodule paths: scope names joined with ``/`` as in t
 for linen (``"Block_0/Dense_1"``), attribute names and indices for NNX (``"blocks/0/mlp"``).
 A submodule called more than once gets one entry per call, ``"path#0"``, ``"path#1"``, ... in
 call order. Selected submodules may be nested (a block and its Dense layers): each gets its
-own term. Submodules inside lifted transforms (``nn.scan``, ``nn.remat``, ``nnx.scan``) are
-not supported: select them outside, or use the probe chain API.
+own term. A call that re-enters its own module (``super().__call__``, ``nn.SelfAttention``)
+counts once.
+
+Lifted transforms. Selections inside ``nn.scan``, ``nn.vmap``, ``nn.remat``/``nn.checkpoint``,
+``nn.jit`` and ``nnx.scan``, ``nnx.vmap``, ``nnx.remat`` are supported: each term leaves the
+transform through a variable collection (linen: ``"dreg_terms"`` where the transform carries it,
+else ``"params"``, which every scanned or vmapped stack maps; NNX: a variable on the module),
+so a scanned stack of ``L`` layers gives ``L`` terms ``"path#0"`` .. ``"path#{L-1}"`` (layer
+order), equal to the unrolled model's terms. Inside a scan body all layers share the body's
+probe draw (the body is traced once). A linen transform that carries neither collection out
+(``nn.scan(..., variable_broadcast="params")``) is refused, naming the path and the
+workaround: add ``"dreg_terms": 0`` to its ``variable_axes`` or select the transformed module.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -74,9 +102,12 @@ from dreg_jax.penalties.probes import rademacher
 
 TERM_SCOPES = ("layer", "activation")
 TERM_ESTIMATORS = ("probe", "exact")
+TERMS_COLLECTION = "dreg_terms"
 ELEMENTWISE_MODULES = (Activation, NNXActivation, ChainzRule)
 _LINEN_LINEAR = (nn.Dense, nn.Conv)
 _NNX_LINEAR = (nnx.Linear, nnx.Conv)
+_ZERO_PADDINGS = ("SAME", "VALID", "CAUSAL", "SAME_LOWER")
+_PARAM_PREFIX = "__dreg_term_"
 
 
 def call_key(key, call_index: int):
@@ -84,10 +115,17 @@ def call_key(key, call_index: int):
     return jax.random.fold_in(key, call_index)
 
 
-def _sq_norm_rows(tangents):
-    """Mean over rows of the squared norm of a pytree of ``(rows, ...)`` tangents."""
-    leaves = [t for t in jax.tree_util.tree_leaves(tangents) if jnp.issubdtype(t.dtype, jnp.inexact)]
-    return sum(row_sq_norm_mean(t.reshape((1, t.shape[0]) + t.shape[1:])) for t in leaves)
+def differentiated_leaf(tree):
+    """Index (in ``tree_leaves`` order) of the output a term covers: the first floating array leaf."""
+    for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return i
+    return None
+
+
+def _sq_norm_rows(t):
+    """Mean over rows of the squared norm of one ``(rows, ...)`` tangent."""
+    return row_sq_norm_mean(t.reshape((1, t.shape[0]) + t.shape[1:]))
 
 
 @dataclasses.dataclass
@@ -101,6 +139,18 @@ class _Call:
     slope: Any = None
 
 
+@dataclasses.dataclass
+class _Entry:
+    """One recorded term: where it was taken, its width, and where its value lives."""
+
+    path: str
+    index: int
+    width: int = 0
+    value: Any = None  # the value itself, when it was taken outside any lifted transform
+    carrier: tuple | None = None  # (collection, scope path, name) for values carried by variables
+    scope: Any = None  # linen: the scope to write a deferred value into (see _LinenAdapter.settle)
+
+
 class _Recorder:
     """State of one ``jacobian_terms`` pass: selection, options, recorded terms."""
 
@@ -111,10 +161,11 @@ class _Recorder:
         self.scope, self.estimator = scope, estimator
         self.key, self.num_probes, self.row_fraction = key, num_probes, row_fraction
         self.adapter = adapter
-        self.entries: list[list] = []  # [path, value, width]
+        self.entries: list[_Entry] = []
         self.seen: dict[str, str] = {}  # every module path called -> type name
         self.matched_paths: set[str] = set()
-        self.passthrough = 0  # > 0: calls go straight through (sub-passes, closed forms)
+        self.active: list[str] = []  # paths of the selected calls being computed (re-entry runs through)
+        self.passthrough = 0  # > 0: calls go straight through (side passes, closed forms)
         self.frames: list[list[_Call]] = []  # exact-estimator frames recording child calls
 
     # -- selection -------------------------------------------------------------------------
@@ -130,10 +181,10 @@ class _Recorder:
     def handle(self, path, module, call, args, kwargs):
         """Runs ``call(*args, **kwargs)`` (the original call), recording a term if selected."""
         self.seen.setdefault(path, type(module).__name__)
-        if self.passthrough:
+        if self.passthrough or path in self.active:  # side pass, closed form, or re-entry
             return call(*args, **kwargs)
         if self.frames and (is_elementwise(module) or self.adapter.is_linear(module)):
-            return self._record_child(module, call, args, kwargs)
+            return self._record_child(path, module, call, args, kwargs)
         if not self.selected(path, module):
             return call(*args, **kwargs)
         if not args:
@@ -141,63 +192,89 @@ class _Recorder:
                             "jacobian_terms differentiates the first positional argument")
         h, rest = args[0], args[1:]
         _check_input(h, path)
-        index = len(self.entries)
-        entry = [path, None, None]
+        entry = _Entry(path, len(self.entries))
         self.entries.append(entry)
-        k_call = call_key(self.key, index)
-        if self.scope == "activation" or (self.estimator == "exact" and is_elementwise(module)):
-            if not is_elementwise(module):
-                raise ValueError(
-                    f'scope="activation" needs marked elementwise activations, but {path!r} is a '
-                    f"{type(module).__name__}; wrap the activation as dreg_jax.Activation(fn) "
-                    f"(dreg_jax.NNXActivation for NNX) or use scope=\"layer\""
-                )
-            y, slope = module.value_and_derivative(h, *rest, **kwargs)
-            value = _mean_row_sum(jnp.square(slope.astype(jnp.float32)))
-        elif self.estimator == "exact":
-            y, value = self._exact(path, module, call, h, rest, kwargs)
-        else:
-            y, value = self._probe(path, module, call, h, rest, kwargs, k_call)
-        _check_output(y, h.shape[0], path)
-        entry[1] = value
-        entry[2] = sum(math.prod(l.shape[1:]) for l in jax.tree_util.tree_leaves(y))
+        self.adapter.prepare(self, entry, module)  # refuses before computing, where it must
+        k_call = call_key(self.key, entry.index)
+        self.active.append(path)
+        try:
+            if self.scope == "activation" or (self.estimator == "exact" and is_elementwise(module)):
+                if not is_elementwise(module):
+                    raise ValueError(
+                        f'scope="activation" needs marked elementwise activations, but {path!r} is a '
+                        f"{type(module).__name__}; wrap the activation as dreg_jax.Activation(fn) "
+                        f"(dreg_jax.NNXActivation for NNX) or use scope=\"layer\""
+                    )
+                y, slope = module.value_and_derivative(h, *rest, **kwargs)
+                value = _mean_row_sum(jnp.square(slope.astype(jnp.float32)))
+            elif self.estimator == "exact":
+                y, value = self._exact(path, module, call, h, rest, kwargs)
+            else:
+                y, value = self._probe(path, module, call, h, rest, kwargs, k_call)
+        finally:
+            self.active.pop()
+        leaf = _check_output(y, h.shape[0], path)
+        entry.width = math.prod(leaf.shape[1:])
+        self.adapter.store(self, entry, module, value)
         return y
 
     def _probe(self, path, module, call, h, rest, kwargs, k_call):
         batch, probes = h.shape[0], self.num_probes
         if self.row_fraction < 1.0:
-            y = call(h, *rest, **kwargs)
             m = max(1, round(self.row_fraction * batch))
             rows = jax.random.permutation(jax.random.fold_in(k_call, 1), batch)[:m]
             h_probe = h[rows]
         else:
-            y, h_probe = None, h
+            h_probe = h
         v = rademacher(jax.random.fold_in(k_call, 0), (probes,) + h_probe.shape, h.dtype)
-        tiled = h_probe if probes == 1 else jnp.broadcast_to(
-            h_probe[None], (probes,) + h_probe.shape).reshape((-1,) + h_probe.shape[1:])
-        v = v.reshape(tiled.shape)
-        if y is not None:  # row-subsampled: a side pass on the sampled rows only
-            self.passthrough += 1
-            try:
-                _, jv, _ = self.adapter.jvp(module, call, tiled, v, rest, kwargs, side_pass=True, path=path)
-            finally:
-                self.passthrough -= 1
-            return y, _sq_norm_rows(jv)
+        side = None
+        if self.row_fraction < 1.0 or probes > 1:  # built before the model's pass: the state it saw
+            side = self.adapter.side_pass(module, call, rest, kwargs, jax.random.fold_in(k_call, 2))
+        if self.row_fraction < 1.0:
+            y = call(h, *rest, **kwargs)
+            estimates, changed = self._side(side, h_probe, v)
+            if changed:
+                raise ValueError(
+                    f"row_fraction < 1 runs {path!r} a second time on the sampled rows, and that pass "
+                    "changed its mutable state (e.g. batch statistics): its map on the sampled rows "
+                    "is not its map on the batch; use row_fraction=1 for it"
+                )
+            return y, jnp.mean(estimates)
         start = len(self.entries)
-        y_full, jv, nested = self.adapter.jvp(
-            module, call, tiled, v, rest, kwargs, side_pass=False, path=path,
-            nested=lambda: tuple(e[1] for e in self.entries[start:]),
-        )
+        y, jv, nested = self.adapter.jvp(module, call, h, v[0], rest, kwargs,
+                                         nested=lambda: tuple(e.value for e in self.entries[start:]))
         for e, value in zip(self.entries[start:], nested):  # primal values of nested terms
-            e[1] = value
-        y = y_full if probes == 1 else jax.tree_util.tree_map(lambda a: a[:batch], y_full)
-        return y, _sq_norm_rows(jv)
+            self.adapter.settle(e, value)
+        total = _sq_norm_rows(jax.tree_util.tree_leaves(jv)[differentiated_leaf(y)])
+        if probes > 1:
+            estimates, _ = self._side(side, h, v[1:])
+            total = total + jnp.sum(estimates)
+        return y, total / probes
+
+    def _side(self, side, h, probes_v):
+        """Per-probe estimates of a side pass (one vmapped jvp over the probes; nothing recorded)
+        and whether the pass changed the submodule's state."""
+        pure, changed = side
+
+        def one(v):
+            y, jv = jax.jvp(pure, (h,), (v,))
+            return _sq_norm_rows(jax.tree_util.tree_leaves(jv)[differentiated_leaf(y)])
+
+        self.passthrough += 1
+        try:
+            estimates = jax.vmap(one)(probes_v)
+        finally:
+            self.passthrough -= 1
+        return estimates, any(changed)
 
     def _exact(self, path, module, call, h, rest, kwargs):
         if self.adapter.is_linear(module):
+            why = self.adapter.no_closed_form(module)
+            if why:
+                raise ValueError(f'estimator="exact" has no closed form for {path!r} '
+                                 f'({type(module).__name__}): {why}. Use estimator="probe" for it')
             y = call(h, *rest, **kwargs)
-            response = self._linear_response(module, h)
-            return y, jnp.sum(response)
+            return y, jnp.sum(self._linear_response(module, h))
         self.frames.append([])
         try:
             y = call(h, *rest, **kwargs)
@@ -209,9 +286,10 @@ class _Recorder:
             made = ", ".join(f"{type(c.module).__name__}" for c in calls) or "none"
             raise ValueError(
                 f'estimator="exact" has no closed form for {path!r} ({type(module).__name__}): it '
-                f"needs a submodule whose call is one Dense/Conv on its input followed by one marked "
-                f"activation (dreg_jax.Activation, NNXActivation or ChainzRule) giving its output; "
-                f"its calls were: [{made}]. Use estimator=\"probe\" for this submodule"
+                f"needs a submodule whose call is one Dense/Conv (zero padding, __call__ not "
+                f"overridden) on its input followed by one marked activation (dreg_jax.Activation, "
+                f"NNXActivation or ChainzRule) giving its output; its calls were: [{made}]. "
+                f"Use estimator=\"probe\" for this submodule"
             )
         response = self._linear_response(calls[0].module, h)
         value = _mean_row_sum(jnp.square(calls[1].slope.astype(jnp.float32)) * response)
@@ -225,20 +303,25 @@ class _Recorder:
         finally:
             self.passthrough -= 1
 
-    def _record_child(self, module, call, args, kwargs):
+    def _record_child(self, path, module, call, args, kwargs):
         frame = self.frames[-1]
-        if is_elementwise(module):
-            self.frames.append([])  # a ChainzRule's internals are not children of the frame
-            self.passthrough += 1
-            try:
-                y, slope = module.value_and_derivative(*args, **kwargs)
-            finally:
-                self.passthrough -= 1
-                self.frames.pop()
-            frame.append(_Call("activation", module, args[0], y, slope))
-            return y
-        y = call(*args, **kwargs)
-        frame.append(_Call("linear", module, args[0] if args else None, y))
+        self.active.append(path)  # its own re-entrant calls are not children
+        try:
+            if is_elementwise(module):
+                self.frames.append([])  # a ChainzRule's internals are not children of the frame
+                self.passthrough += 1
+                try:
+                    y, slope = module.value_and_derivative(*args, **kwargs)
+                finally:
+                    self.passthrough -= 1
+                    self.frames.pop()
+                frame.append(_Call("activation", module, args[0], y, slope))
+                return y
+            y = call(*args, **kwargs)
+        finally:
+            self.active.pop()
+        kind = "other" if self.adapter.no_closed_form(module) else "linear"
+        frame.append(_Call(kind, module, args[0] if args else None, y))
         return y
 
     # -- results ---------------------------------------------------------------------------
@@ -262,24 +345,33 @@ class _Recorder:
                 f"called in this forward pass; module types present: {', '.join(names)}"
             )
 
-    def _keys(self) -> list[str]:
-        """Entry keys in call order: the path, or ``path#k`` for a submodule called more than once."""
-        counts = collections.Counter(path for path, _, _ in self.entries)
+    def results(self, carried: dict) -> tuple[dict, dict]:
+        """``(terms, widths)`` keyed ``path`` or ``path#k``, in call order (layer order in a scan).
+
+        ``carried`` maps ``(collection, scope path, name)`` to the values that left lifted
+        transforms through variables; an entry whose carrier is missing belonged to a trace the
+        transform discarded (a shape-only pass) and is dropped.
+        """
+        values = []
+        for e in self.entries:
+            if e.carrier is None:
+                values.append((e, [e.value]))
+            elif e.carrier in carried:
+                stacked = jnp.asarray(carried[e.carrier])
+                values.append((e, list(stacked.reshape(-1))))
+        counts = collections.Counter()
+        for e, vs in values:
+            counts[e.path] += len(vs)
         seen: dict[str, int] = collections.defaultdict(int)
-        keys = []
-        for path, _, _ in self.entries:
-            if counts[path] > 1:
-                keys.append(f"{path}#{seen[path]}")
-                seen[path] += 1
-            else:
-                keys.append(path)
-        return keys
-
-    def terms(self) -> dict:
-        return {k: e[1] for k, e in zip(self._keys(), self.entries)}
-
-    def widths(self) -> dict:
-        return {k: e[2] for k, e in zip(self._keys(), self.entries)}
+        terms, widths = {}, {}
+        for e, vs in values:
+            for v in vs:
+                key = e.path
+                if counts[e.path] > 1:
+                    key = f"{e.path}#{seen[e.path]}"
+                    seen[e.path] += 1
+                terms[key], widths[key] = v, e.width
+        return terms, widths
 
 
 def is_elementwise(module) -> bool:
@@ -314,49 +406,128 @@ def _check_model_input(x):
 
 
 def _check_output(y, batch, path):
-    leaves = jax.tree_util.tree_leaves(y)
-    for leaf in leaves:
-        if getattr(leaf, "ndim", 0) < 1 or leaf.shape[0] != batch:
-            raise ValueError(
-                f"submodule {path!r} must map (batch, ...) to outputs that keep the batch axis "
-                f"(batch={batch}); it returned shape {getattr(leaf, 'shape', type(leaf).__name__)}. "
-                "Select a submodule that acts per example"
-            )
+    """The differentiated output leaf, which must keep the batch axis."""
+    index = differentiated_leaf(y)
+    leaf = None if index is None else jax.tree_util.tree_leaves(y)[index]
+    if leaf is None or leaf.ndim < 1 or leaf.shape[0] != batch:
+        raise ValueError(
+            f"submodule {path!r} must map (batch, ...) to outputs that keep the batch axis "
+            f"(batch={batch}; the term covers its first floating array leaf); that leaf is "
+            f"{getattr(leaf, 'shape', None) if leaf is not None else 'no floating array'}. "
+            "Select a submodule that acts per example"
+        )
+    return leaf
+
+
+def _zero_padding(padding) -> bool:
+    if isinstance(padding, str):
+        return padding.upper() in _ZERO_PADDINGS
+    return True  # ints and explicit (low, high) pairs pad with zeros
+
+
+def _closed_form_refusal(module, base_types) -> str:
+    """Why a Dense/Conv (sub)class has no closed form, or '' when ``sum W^2`` is its term."""
+    cls = getattr(type(module), "_dreg_original", type(module))
+    base = next(b for b in base_types if isinstance(module, b))
+    if cls.__call__ is not base.__call__:
+        return f"{cls.__name__}.__call__ overrides {base.__name__}.__call__, so its map is not the kernel's"
+    padding = getattr(module, "padding", "VALID")
+    if not _zero_padding(padding):
+        return (f"padding={padding!r} can send two kernel taps to one input, so "
+                "||J||_F^2 is not the sum of the squared kernel")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------
 # linen
 # ---------------------------------------------------------------------------------------
+class _NeedParamsCarrier(Exception):
+    """A selection sits in a lifted transform that does not carry ``TERMS_COLLECTION`` out."""
+
+
 class _LinenAdapter:
+    def __init__(self, params_carrier: bool):
+        self.params_carrier = params_carrier
+        self.deferred = 0  # > 0: inside a raw jax.jvp, where flax variables must not be written
+
     @staticmethod
     def is_linear(module) -> bool:
         return isinstance(module, _LINEN_LINEAR)
 
-    def __init__(self):
-        self.bypass = 0  # the next call(s) of a lifted clone run without interception
+    @staticmethod
+    def no_closed_form(module) -> str:
+        return _closed_form_refusal(module, _LINEN_LINEAR)
 
-    def jvp(self, module, call, h, v, rest, kwargs, *, side_pass, path, nested=lambda: ()):
-        def fn(mdl, inp):
-            self.bypass += 1
-            out = mdl(inp, *rest, **kwargs)
-            return out, nested()
+    def prepare(self, recorder, entry, module):
+        """Choose where the term's value will leave the model's apply: refuse before computing."""
+        scope = module.scope
+        if scope.is_mutable_collection(TERMS_COLLECTION):
+            entry.carrier = (TERMS_COLLECTION, tuple(scope.path), f"t{entry.index}")
+        elif self.params_carrier and scope.is_mutable_collection("params"):
+            entry.carrier = ("params", tuple(scope.path), f"{_PARAM_PREFIX}{entry.index}")
+        elif not self.params_carrier:
+            raise _NeedParamsCarrier
+        else:
+            outer = "/".join(p for p in _debug_names(scope))
+            raise ValueError(
+                f"submodule {entry.path!r} is called inside a lifted transform ({outer}) that carries "
+                f"neither the {TERMS_COLLECTION!r} nor the 'params' collection out (e.g. nn.scan with "
+                f"variable_broadcast='params'), so its term cannot leave it. Add "
+                f"'{TERMS_COLLECTION}': 0 to that transform's variable_axes, or select the "
+                f"transformed module itself"
+            )
 
-        before = _mutable_leaves(module)
+    def store(self, recorder, entry, module, value):
+        if self.deferred:  # written after the raw jvp returns its primal (see settle)
+            entry.value, entry.scope = value, module.scope
+            return
+        collection, _, name = entry.carrier
+        module.scope.put_variable(collection, name, value)
+
+    def settle(self, entry, value):
+        if entry.scope is not None:
+            entry.scope.put_variable(entry.carrier[0], entry.carrier[2], value)
+            entry.scope = None
+
+    def jvp(self, module, call, h, v, rest, kwargs, *, nested):
         if _has_module_fields(module):
             # nn.jvp cannot lift modules passed as attributes (nn.Sequential, wrappers): a plain
-            # jax.jvp of the call is the same product; it cannot carry mutable state updates.
+            # jax.jvp of the call is the same product; nested terms are written once it returns.
             def raw(inp):
                 return call(inp, *rest, **kwargs), nested()
 
-            (y, aux), (jv, _) = jax.jvp(raw, (h,), (v,))
-        else:
-            (y, aux), (jv, _) = nn.jvp(fn, module, (h,), (v,), {})
-        if side_pass and any(a is not b for a, b in zip(before, _mutable_leaves(module))):
-            raise ValueError(
-                f"row_fraction < 1 runs {path!r} a second time on the sampled rows, and that pass "
-                "changed its mutable state (e.g. batch statistics); use row_fraction=1 for it"
-            )
-        return y, jv, aux
+            self.deferred += 1
+            try:
+                (y, aux), (jv, _) = jax.jvp(raw, (h,), (v,))
+            finally:
+                self.deferred -= 1
+            return y, jv, aux
+
+        def fn(mdl, inp):
+            return mdl(inp, *rest, **kwargs)  # re-enters the selected path: runs straight through
+
+        y, jv = nn.jvp(fn, module, (h,), (v,), {})
+        return y, jv, ()
+
+    @staticmethod
+    def side_pass(module, call, rest, kwargs, key):
+        """``(h -> output, changed)``: ``module`` alone as a pure function; ``changed`` collects
+        whether a pass changed its state (the changes themselves are discarded)."""
+        changed: list[bool] = []
+        if _has_module_fields(module):  # its children's variables live in the parent's scope
+            return (lambda inp: call(inp, *rest, **kwargs)), changed
+        variables = module.variables
+        clone = module.clone(parent=None)
+        streams = sorted(module.scope.rngs)
+        rngs = {name: jax.random.fold_in(key, i) for i, name in enumerate(streams)}
+        before = _state_leaves(variables)
+
+        def pure(inp):
+            y, state = clone.apply(variables, inp, *rest, rngs=rngs, mutable=True, **kwargs)
+            changed.append(_changed(before, _state_leaves(state)))
+            return y
+
+        return pure, changed
 
     @staticmethod
     def squared_kernel_response(module, ones):
@@ -366,6 +537,19 @@ class _LinenAdapter:
             sq["bias"] = jnp.zeros_like(params["bias"], jnp.float32)
         clone = module.clone(parent=None, dtype=jnp.float32, param_dtype=jnp.float32)
         return clone.apply({"params": sq}, ones)
+
+
+def _state_leaves(variables):
+    return jax.tree_util.tree_leaves({k: c for k, c in variables.items() if k != "params"})
+
+
+def _changed(before, after) -> bool:
+    """Whether a call replaced any state leaf (compared by identity, so it works on tracers)."""
+    return len(after) != len(before) or any(a is not b for a, b in zip(before, after))
+
+
+def _debug_names(scope):
+    return [str(p) for p in (getattr(scope, "debug_path", None) or scope.path)]
 
 
 def _has_module_fields(module) -> bool:
@@ -380,54 +564,158 @@ def _has_module_fields(module) -> bool:
     return False
 
 
-def _mutable_leaves(module):
-    variables = module.variables
-    return jax.tree_util.tree_leaves({k: v for k, v in variables.items() if k != "params"})
+def _user_mutable(kwargs):
+    mutable = kwargs.pop("mutable", False)
+    if mutable is None or isinstance(mutable, bool):
+        return bool(mutable), mutable
+    if isinstance(mutable, str):
+        return True, [mutable]
+    if isinstance(mutable, (list, tuple)) and all(isinstance(m, str) for m in mutable):
+        return True, list(mutable)
+    raise TypeError(f"jacobian_terms takes mutable=True/False or collection names, got {mutable!r}")
 
 
-def _linen_terms(model, variables, x, args, kwargs, recorder: _Recorder):
-    adapter: _LinenAdapter = recorder.adapter
+def _split_carried(tree, ours, path=()):
+    """``({(scope path, name): value} of the leaves named ``ours(name)``, the tree without them)``."""
+    carried, rest = {}, {}
+    for name, value in tree.items():
+        if hasattr(value, "items"):
+            sub_carried, sub_rest = _split_carried(value, ours, path + (name,))
+            carried.update(sub_carried)
+            if sub_rest:
+                rest[name] = sub_rest
+        elif ours(name):
+            carried[(path, name)] = value
+        else:
+            rest[name] = value
+    return carried, rest
+
+
+def _linen_apply(model, variables, x, args, kwargs, recorder_args, params_carrier):
+    kwargs = dict(kwargs)
+    user_mutable, mutable = _user_mutable(kwargs)
+    recorder = _Recorder(*recorder_args, _LinenAdapter(params_carrier))
+    if mutable is True:
+        ours = True
+    else:
+        ours = list(mutable or []) + [TERMS_COLLECTION] + (["params"] if params_carrier else [])
 
     def interceptor(next_fun, call_args, call_kwargs, ctx):
-        if ctx.method_name != "__call__":
-            return next_fun(*call_args, **call_kwargs)
-        if adapter.bypass:
-            adapter.bypass -= 1
-            return next_fun(*call_args, **call_kwargs)
-        path = "/".join(ctx.module.scope.path) if ctx.module.scope is not None else ""
-        if not path:  # the root module is the model itself
-            return next_fun(*call_args, **call_kwargs)
+        if ctx.method_name != "__call__" or ctx.module.scope is None or not ctx.module.scope.path:
+            return next_fun(*call_args, **call_kwargs)  # other methods, and the root model itself
+        path = "/".join(ctx.module.scope.path)
         return recorder.handle(path, ctx.module, next_fun, call_args, call_kwargs)
 
-    with nn.intercept_methods(interceptor):
-        out = model.apply(variables, x, *args, **kwargs)
+    try:
+        with nn.intercept_methods(interceptor):
+            out, state = model.apply(variables, x, *args, mutable=ours, **kwargs)
+    except ValueError as err:  # a term written to 'params' inside nn.scan(variable_broadcast='params')
+        carried_by_params = sorted({e.path for e in recorder.entries if e.carrier and e.carrier[0] == "params"})
+        if not carried_by_params or "broadcasted variable" not in str(err):
+            raise
+        raise ValueError(
+            f"submodules {carried_by_params} are called inside a lifted transform that broadcasts "
+            f"'params' (e.g. nn.scan(..., variable_broadcast='params')) and does not carry the "
+            f"{TERMS_COLLECTION!r} collection, so their terms cannot leave it. Add "
+            f"'{TERMS_COLLECTION}': 0 to that transform's variable_axes, or select the transformed "
+            f"module itself") from None
     recorder.check_selection(recorder.seen)
-    return out
+    state = dict(state)
+    found, _ = _split_carried(state.pop(TERMS_COLLECTION, {}), lambda name: True)
+    carried = {(TERMS_COLLECTION,) + k: v for k, v in found.items()}
+    if "params" in state and params_carrier:
+        found, params = _split_carried(state.pop("params"), lambda n: n.startswith(_PARAM_PREFIX))
+        carried.update({("params",) + k: v for k, v in found.items()})
+        if len(jax.tree_util.tree_leaves(params)) != len(jax.tree_util.tree_leaves(variables.get("params", {}))):
+            raise ValueError("the model created parameters during jacobian_terms (its variables miss "
+                             "some of its params): pass the variables that model.init returned")
+        if mutable is True:  # the user asked for every collection back
+            state["params"] = params
+    terms, widths = recorder.results(carried)
+    if user_mutable:
+        return (out, state), recorder, terms, widths
+    return out, recorder, terms, widths
+
+
+def _linen_terms(model, variables, x, args, kwargs, recorder_args):
+    try:
+        return _linen_apply(model, variables, x, args, kwargs, recorder_args, params_carrier=False)
+    except _NeedParamsCarrier:
+        # a scanned/vmapped stack maps 'params' (its weights are stacked): terms leave through it
+        return _linen_apply(model, variables, x, args, kwargs, recorder_args, params_carrier=True)
 
 
 # ---------------------------------------------------------------------------------------
 # NNX
 # ---------------------------------------------------------------------------------------
+class _DregTerm(nnx.Variable):
+    """A term computed inside an NNX lifted transform, carried out as module state."""
+
+
 class _NNXAdapter:
+    def __init__(self, originals):
+        self.originals = originals  # id -> the model's own submodule objects (not transform copies)
+
     @staticmethod
     def is_linear(module) -> bool:
         return isinstance(module, _NNX_LINEAR)
 
     @staticmethod
-    def jvp(module, call, h, v, rest, kwargs, *, side_pass, path, nested=lambda: ()):
-        del path
+    def no_closed_form(module) -> str:
+        return _closed_form_refusal(module, _NNX_LINEAR)
+
+    def prepare(self, recorder, entry, module):
+        if id(module) not in self.originals:  # a copy made by nnx.scan / nnx.vmap / nnx.remat
+            entry.carrier = ("nnx", entry.path, f"_dreg_term_{entry.index}")
+
+    def store(self, recorder, entry, module, value):
+        if entry.carrier is None:
+            entry.value = value
+        else:
+            setattr(module, entry.carrier[2], _DregTerm(value))
+
+    @staticmethod
+    def settle(entry, value):
+        if entry.carrier is None:
+            entry.value = value
+
+    def _copy(self, graphdef, state):
+        """Fresh Variables at this trace level (mutating the outer ones there is an error); its
+        submodules count as the model's own (their terms are returned, not carried)."""
+        copy = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a, state))
+        self.originals.update(id(m) for _, m in nnx.iter_graph(copy) if isinstance(m, nnx.Module))
+        return copy
+
+    def jvp(self, module, call, h, v, rest, kwargs, *, nested):
         graphdef, state = nnx.split(module)
+        before = jax.tree_util.tree_leaves(state)
+        changed = []
 
         def fn(inp):
-            # fresh Variables at this trace level (mutating the outer ones here is an error)
-            copy = nnx.merge(graphdef, jax.tree_util.tree_map(lambda a: a, state))
-            out = call.__func__(copy, inp, *rest, **kwargs) if hasattr(call, "__func__") else call(inp, *rest, **kwargs)
-            return out, nnx.state(copy), nested()
+            copy = self._copy(graphdef, state)
+            out = _original_call(copy, call)(inp, *rest, **kwargs)
+            new_state = nnx.state(copy)
+            changed.append(_changed(before, jax.tree_util.tree_leaves(new_state)))
+            return out, new_state, nested()
 
         (y, new_state, aux), (jv, _, _) = jax.jvp(fn, (h,), (v,))
-        if not side_pass:  # a side pass's state changes (rng counts, statistics) are dropped
+        if changed[0]:  # read-only when the call changed nothing (a module closed over by jax.jit)
             nnx.update(module, new_state)
         return y, jv, aux
+
+    def side_pass(self, module, call, rest, kwargs, key):
+        del key  # NNX modules draw dropout from their own Rngs state; the copy's draws are discarded
+        graphdef, state = nnx.split(module)
+        before = jax.tree_util.tree_leaves(state)
+        changed: list[bool] = []
+
+        def pure(inp):
+            copy = self._copy(graphdef, state)
+            out = _original_call(copy, call)(inp, *rest, **kwargs)
+            changed.append(_changed(before, jax.tree_util.tree_leaves(nnx.state(copy))))
+            return out
+
+        return pure, changed
 
     @staticmethod
     def squared_kernel_response(module, ones):
@@ -440,6 +728,11 @@ class _NNXAdapter:
         if getattr(copy, "bias", None) is not None:
             copy.bias = nnx.Param(jnp.zeros_like(copy.bias[...], jnp.float32))
         return _original_class(copy).__call__(copy, ones)
+
+
+def _original_call(copy, call):
+    """``call``'s function bound to ``copy`` (the class's own ``__call__``, not the hook)."""
+    return call.__func__.__get__(copy) if hasattr(call, "__func__") else call
 
 
 _HOOKED: dict[type, type] = {}
@@ -477,8 +770,9 @@ def nnx_module_paths(model) -> dict[str, Any]:
             if isinstance(m, nnx.Module) and p}
 
 
-def _nnx_terms(model, x, args, kwargs, recorder: _Recorder):
+def _nnx_terms(model, x, args, kwargs, recorder_args):
     modules = nnx_module_paths(model)
+    recorder = _Recorder(*recorder_args, _NNXAdapter({id(m) for m in modules.values()}))
     available = {p: type(m).__name__ for p, m in modules.items()}
     if recorder.paths - set(modules):  # fail before running anything, listing the paths
         recorder.check_selection(available)
@@ -502,7 +796,14 @@ def _nnx_terms(model, x, args, kwargs, recorder: _Recorder):
             object.__setattr__(m, "__class__", original)
             m.__dict__.pop("_dreg_path", None)
     recorder.check_selection(available)
-    return out
+    carried = {}
+    if any(e.carrier is not None for e in recorder.entries):
+        for path, m in modules.items():
+            for name in [n for n, v in vars(m).items() if isinstance(v, _DregTerm)]:
+                carried[("nnx", path, name)] = getattr(m, name)[...]
+                delattr(m, name)
+    terms, widths = recorder.results(carried)
+    return out, recorder, terms, widths
 
 
 # ---------------------------------------------------------------------------------------
@@ -530,7 +831,7 @@ def _check_layers(layers, scope):
 
 def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str = "layer",
                    estimator: str = "probe", num_probes: int = 1, row_fraction: float = 1.0,
-                   **kwargs):
+                   with_widths: bool = False, **kwargs):
     """Forward pass of ``model`` plus one DREG term per selected submodule call.
 
     Args:
@@ -546,11 +847,14 @@ def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str
       estimator: ``"probe"`` (any submodule) or ``"exact"`` (closed forms; see module docs).
       num_probes: Rademacher probes per row (layer scope, probe estimator).
       row_fraction: share of batch rows that carry probes, in (0, 1] (unbiased; see docs).
+      with_widths: also return each term's output width (units per example), the ``widths`` of
+        ``dreg_penalty(..., scaling="width")``, from the same pass.
 
     Returns:
-      ``(out, terms)``: ``out`` what ``model.apply`` (or ``model(...)``) returns; ``terms`` a
-      dict ``path -> scalar`` (float32) in call order, each the batch mean of the estimated
-      :math:`\\|J\\|_F^2` of that submodule's own map at the input it received.
+      ``(out, terms)`` (``(out, terms, widths)`` with ``with_widths``): ``out`` what
+      ``model.apply`` (or ``model(...)``) returns; ``terms`` a dict ``path -> scalar`` (float32)
+      in call order, each :math:`\\|J\\|_F^2 / B` of that submodule's own map at the input it
+      received (module docs); ``widths`` a dict ``path -> int`` with the same keys.
     """
     check_choice("scope", scope, TERM_SCOPES)
     check_choice("estimator", estimator, TERM_ESTIMATORS)
@@ -563,25 +867,23 @@ def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str
         raise ValueError('the probe estimator draws Rademacher probes: pass key=jax.random.key(...)')
     key = jax.random.key(0) if key is None else key
     _check_model_input(x)
-    out, recorder = _run(model, variables, x, args, kwargs,
-                         (layers, scope, estimator, key, num_probes, row_fraction))
-    return out, recorder.terms()
+    out, _, terms, widths = _run(model, variables, x, args, kwargs,
+                                 (layers, scope, estimator, key, num_probes, row_fraction))
+    return (out, terms, widths) if with_widths else (out, terms)
 
 
 def _run(model, variables, x, args, kwargs, recorder_args):
-    """The model's forward pass with a recorder: ``(out, recorder)``, for linen or NNX."""
+    """The model's forward pass with a recorder: ``(out, recorder, terms, widths)``, linen or NNX."""
     if isinstance(model, nnx.Module):
         if variables is not None:
             raise TypeError("an NNX model carries its own state: pass variables=None")
-        recorder = _Recorder(*recorder_args, _NNXAdapter())
-        return _nnx_terms(model, x, args, kwargs, recorder), recorder
+        return _nnx_terms(model, x, args, kwargs, recorder_args)
     if isinstance(model, nn.Module):
         if model.scope is not None:
             raise TypeError("pass the unbound linen module (not model.bind(...)) and its variables")
         if not hasattr(variables, "keys"):
             raise TypeError(f"variables must be the model's variable dict, got {type(variables).__name__}")
-        recorder = _Recorder(*recorder_args, _LinenAdapter())
-        return _linen_terms(model, variables, x, args, kwargs, recorder), recorder
+        return _linen_terms(model, variables, x, args, kwargs, recorder_args)
     raise TypeError(f"model must be a flax linen or NNX module, got {type(model).__name__}")
 
 
@@ -591,14 +893,15 @@ def term_widths(model, variables, x, *args, layers=None, scope: str = "layer",
 
     The ``widths`` argument of ``dreg_penalty(terms, widths, scaling="width")``. For linen it
     runs on shapes only (``jax.eval_shape``); an NNX model runs one forward pass.
+    ``jacobian_terms(..., with_widths=True)`` gives the same dict from the training pass itself.
     """
     recorder_args = (_check_layers(layers, scope), scope, estimator, jax.random.key(0), 1, 1.0)
     if isinstance(model, nnx.Module):
-        return _run(model, variables, x, args, kwargs, recorder_args)[1].widths()
+        return _run(model, variables, x, args, kwargs, recorder_args)[3]
     found = {}
 
     def shapes(x, *args):
-        found.update(_run(model, variables, x, args, kwargs, recorder_args)[1].widths())
+        found.update(_run(model, variables, x, args, kwargs, recorder_args)[3])
         return 0
 
     jax.eval_shape(shapes, x, *args)

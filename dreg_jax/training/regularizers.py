@@ -91,15 +91,10 @@ def custom_model_terms(ctx, scope, estimator, num_probes):
     module, variables = user_module(model.module, ctx.variables)
     mutable = ["batch_stats"] if "batch_stats" in ctx.variables else False
     kwargs = {"mutable": mutable} if mutable else {}
-    out, terms = jacobian_terms(module, variables, ctx.x, key=ctx.key, layers=layers, scope=scope,
-                                estimator=estimator, num_probes=num_probes, **kwargs)
+    out, terms, widths = jacobian_terms(module, variables, ctx.x, key=ctx.key, layers=layers, scope=scope,
+                                        estimator=estimator, num_probes=num_probes, with_widths=True, **kwargs)
     logits, updates = out if mutable else (out, {})
-    widths = [1] * len(terms)
-    if ctx.config.regularizer.dreg_scaling == "width":
-        from dreg_jax.layers.jacobian_terms import term_widths
-
-        widths = list(term_widths(module, variables, ctx.x, layers=layers, scope=scope,
-                                  estimator=estimator).values())
+    widths = list(widths.values()) if ctx.config.regularizer.dreg_scaling == "width" else [1] * len(terms)
     return logits, jnp.stack(list(terms.values())), widths, updates
 
 

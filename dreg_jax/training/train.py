@@ -92,6 +92,8 @@ def create_train_state(
     strength = config.regularizer.resolved_strength() if strength is None else strength
     model = build_model(config, num_classes)
     variables = model.init(key, jnp.zeros((1, num_features), jnp.float32))
+    if config.model.module is not None:
+        check_logits_shape(model, variables, num_features, num_classes)
     folded_activation = len(config.activations) > 1
     folded_regularizer = len(config.regularizers) > 1
     return TrainState.create(
@@ -104,6 +106,19 @@ def create_train_state(
         activation_index=jnp.asarray(activation_index, jnp.int32) if folded_activation else None,
         regularizer_index=jnp.asarray(regularizer_index, jnp.int32) if folded_regularizer else None,
     )
+
+
+def check_logits_shape(model, variables, num_features: int, num_classes: int):
+    """A user module must map a ``(batch, features)`` batch to ``(batch, num_classes)`` logits:
+    checked on shapes (two rows, so a dropped batch axis shows) before anything is compiled."""
+    out = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((2, num_features), jnp.float32))
+    shape = getattr(out, "shape", None)
+    if shape != (2, num_classes):
+        raise ValueError(
+            f"your module returns {shape if shape is not None else type(out).__name__} for a batch of 2 "
+            f"inputs, but the engine needs logits of shape (batch, num_classes) = (2, {num_classes}) "
+            f"for this dataset ({num_classes} classes): give its last layer {num_classes} outputs and "
+            "keep the batch axis")
 
 
 def model_variables(state: TrainState, params):
