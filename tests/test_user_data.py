@@ -4,6 +4,7 @@ import json
 
 import flax.linen as nn
 from flax import nnx
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -227,15 +228,131 @@ def test_user_nnx_model_over_4_seeds_equals_4_separate_runs(scope):
             np.testing.assert_array_equal(value[0], together[key][seed])
 
 
-def test_nnx_model_with_extra_state_is_refused():
-    class WithDropout(nnx.Module):
+def test_nnx_model_with_unknown_state_is_refused():
+    class Counter(nnx.Variable):
+        pass
+
+    class WithCounter(nnx.Module):
         def __init__(self, rngs):
             self.fc = nnx.Linear(16, 2, rngs=rngs)
-            self.drop = nnx.Dropout(0.5, rngs=rngs)
+            self.calls = Counter(jnp.zeros(()))
 
         def __call__(self, x):
-            return self.drop(self.fc(x))
+            return self.fc(x)
 
-    with pytest.raises(ValueError, match="keeps state other than nnx.Param"):
-        dreg_jax.NNXModel(WithDropout).init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"keeps state other than nnx.Param, nnx.BatchStat and Rngs \(Counter\)"):
+        dreg_jax.NNXModel(WithCounter).init(jax.random.key(0))
     assert repr(dreg_jax.NNXModel(NNXNet)) == "NNXModel(test_user_data.NNXNet)"
+
+
+# ------------------------------------------------ BatchNorm and Dropout, train and eval modes
+class LinenBNDrop(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        x = nn.Dense(8, use_bias=False)(x)  # a bias before BatchNorm has a zero gradient: Adam amplifies its noise
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.8)(x)
+        x = nn.Dropout(0.3, deterministic=not train)(nn.gelu(x))
+        return nn.Dense(2)(x)
+
+
+class NNXBNDrop(nnx.Module):
+    def __init__(self, rngs):
+        self.fc1 = nnx.Linear(16, 8, use_bias=False, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, momentum=0.8, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.fc2 = nnx.Linear(8, 2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc2(self.drop(nnx.gelu(self.bn(self.fc1(x)))))
+
+
+def _hand_written_steps(kind, steps, batch, lr):
+    """A plain train-mode Adam loop (no engine): dropout masks from fold_in(step key, 1)."""
+    import optax
+
+    from dreg_jax.engine.run import run_keys
+    from dreg_jax.training.user_model import dropout_key
+
+    k_init = run_keys(0)[0]
+    x, y = batch["x"], batch["y"]
+    if kind == "linen":
+        model = LinenBNDrop()
+        variables = model.init(k_init, jnp.zeros((1, 16)), train=False)
+        params, stats = variables["params"], variables["batch_stats"]
+
+        def loss(p, stats, k):
+            logits, upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                      rngs={"dropout": dropout_key(k)}, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+
+        def evaluate(p, stats):
+            return model.apply({"params": p, "batch_stats": stats}, x, train=False)
+    else:
+        module = NNXBNDrop(nnx.Rngs(k_init))
+        graphdef, params, stats, rng_state = nnx.split(module, nnx.Param, nnx.BatchStat, nnx.RngState)
+
+        def bound(p, stats, k):
+            counter = iter(range(len(jax.tree_util.tree_leaves(rng_state))))
+            fresh = jax.tree_util.tree_map(
+                lambda leaf: (jax.random.fold_in(k, next(counter)) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+                              else (next(counter), jnp.zeros_like(leaf))[1]), rng_state)
+            copy = lambda tree: jax.tree_util.tree_map(lambda a: a, tree)  # Variables at this trace level
+            return nnx.merge(graphdef, copy(p), copy(stats), fresh)
+
+        def loss(p, stats, k):
+            m = bound(p, stats, dropout_key(k))
+            m.train()
+            logits = m(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), nnx.state(m, nnx.BatchStat)
+
+        def evaluate(p, stats):
+            m = bound(p, stats, jax.random.key(0))
+            m.eval()
+            return m(x)
+    tx = optax.adam(lr)
+    opt = tx.init(params)
+    keys = [jax.random.fold_in(jax.random.key(7), t) for t in range(steps)]
+    for k in keys:
+        (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, k)
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+    return params, stats, evaluate(params, stats), keys
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_batchnorm_and_dropout_train_like_a_hand_written_train_mode_loop(kind):
+    from dreg_jax.training.train import create_train_state, eval_step, train_step
+
+    module = LinenBNDrop() if kind == "linen" else dreg_jax.NNXModel(NNXBNDrop)
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(module=module, activation="custom"),
+                                  regularizer=dreg_jax.RegularizerConfig(kind="none"),
+                                  optimizer=dreg_jax.OptimizerConfig(learning_rate=1e-2), batch_size=12)
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.normal(size=(12, 16)), jnp.float32), "y": jnp.asarray(rng.integers(0, 2, 12))}
+    from dreg_jax.engine.run import run_keys
+
+    state = create_train_state(config, run_keys(0)[0], 16, 2)
+    params, stats, eval_logits, keys = _hand_written_steps(kind, 3, batch, 1e-2)
+    step = jax.jit(train_step, static_argnums=3)
+    for k in keys:
+        state, _ = step(state, batch, k, config)
+    chex.assert_trees_all_close(state.params, params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(state.batch_stats, stats, rtol=1e-5, atol=1e-6)
+    assert jax.tree_util.tree_leaves(stats) and not all(  # statistics moved: training mode ran
+        np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(stats),
+                                          jax.tree_util.tree_leaves(create_train_state(config, run_keys(0)[0], 16, 2).batch_stats)))
+    ev = eval_step(state, batch, config)  # inference mode: running statistics, no dropout
+    expected = jnp.mean(jnp.argmax(eval_logits, -1) == batch["y"])
+    np.testing.assert_allclose(ev["accuracy"], expected)
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+def test_dreg_on_a_batchnorm_dropout_module_through_the_engine(kind):
+    module = LinenBNDrop() if kind == "linen" else dreg_jax.NNXModel(NNXBNDrop)
+    layer = "Dense_1" if kind == "linen" else "fc2"
+    config = dreg_jax.TrainConfig(
+        model=dreg_jax.ModelConfig(module=module, activation="custom", jacobian_layers=(layer,)),
+        regularizer=dreg_jax.RegularizerConfig(kind="dreg", dreg_scope="layer"), epochs=2, batch_size=16)
+    runs = RunHParams.stack([RunHParams(s, 1e-2, 0.01, 1.0, 0.0, 0.0) for s in range(2)])
+    final, curves = train_many(runs, toy_engine_data(seed=2), config, 2, EngineOptions(vmap_width=2))
+    assert np.all(np.asarray(curves["penalty"]) > 0) and np.all(np.isfinite(np.asarray(final["test_loss"])))

@@ -73,27 +73,18 @@ def _plain_loss(ctx) -> LossTerms:
     return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), jnp.zeros([], jnp.float32), updates, {})
 
 
-def user_module(module, variables):
-    """``(model, variables)`` for ``jacobian_terms``: an NNXModel is merged with its params."""
-    from dreg_jax.layers.nnx_model import NNXModel
-
-    if isinstance(module, NNXModel):
-        return module.merge(variables["params"]), None
-    return module, variables
-
-
 def custom_model_terms(ctx, scope, estimator, num_probes):
     """``(logits, sq_norms, widths, updates)`` of a user module through ``jacobian_terms``."""
     from dreg_jax.layers.jacobian_terms import jacobian_terms
 
+    from dreg_jax.training.user_model import UserModel, dropout_key
+
     model = ctx.config.model
     layers = model.jacobian_layers if scope == "layer" else None
-    module, variables = user_module(model.module, ctx.variables)
-    mutable = ["batch_stats"] if "batch_stats" in ctx.variables else False
-    kwargs = {"mutable": mutable} if mutable else {}
+    module, variables, kwargs, split = UserModel(model.module).terms_call(ctx.variables, True, dropout_key(ctx.key))
     out, terms, widths = jacobian_terms(module, variables, ctx.x, key=ctx.key, layers=layers, scope=scope,
                                         estimator=estimator, num_probes=num_probes, with_widths=True, **kwargs)
-    logits, updates = out if mutable else (out, {})
+    logits, updates = split(out)
     widths = list(widths.values()) if ctx.config.regularizer.dreg_scaling == "width" else [1] * len(terms)
     return logits, jnp.stack(list(terms.values())), widths, updates
 

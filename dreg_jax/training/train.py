@@ -19,6 +19,7 @@ from dreg_jax.layers.mlp import MLP
 from dreg_jax.penalties.schedules import LENGTH_SCHEDULES
 from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.regularizers import cross_entropy, get_regularizer
+from dreg_jax.training.user_model import UserModel, check_logits_shape, dropout_key
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
@@ -34,10 +35,11 @@ class TrainState(train_state.TrainState):
 
 
 def build_model(config: TrainConfig, num_classes: int):
-    """The built-in MLP of ``config.model``, or the user's own ``config.model.module``."""
+    """The built-in MLP of ``config.model``, or the user's own ``config.model.module`` behind
+    its one adapter (:class:`dreg_jax.training.user_model.UserModel`)."""
     m = config.model
     if m.is_custom:
-        return m.module
+        return UserModel(m.module)
     activations = config.activations
     return MLP(
         hidden=tuple(m.hidden),
@@ -92,7 +94,7 @@ def create_train_state(
     strength = config.regularizer.resolved_strength() if strength is None else strength
     model = build_model(config, num_classes)
     variables = model.init(key, jnp.zeros((1, num_features), jnp.float32))
-    if config.model.module is not None:
+    if config.model.is_custom:
         check_logits_shape(model, variables, num_features, num_classes)
     folded_activation = len(config.activations) > 1
     folded_regularizer = len(config.regularizers) > 1
@@ -106,19 +108,6 @@ def create_train_state(
         activation_index=jnp.asarray(activation_index, jnp.int32) if folded_activation else None,
         regularizer_index=jnp.asarray(regularizer_index, jnp.int32) if folded_regularizer else None,
     )
-
-
-def check_logits_shape(model, variables, num_features: int, num_classes: int):
-    """A user module must map a ``(batch, features)`` batch to ``(batch, num_classes)`` logits:
-    checked on shapes (two rows, so a dropped batch axis shows) before anything is compiled."""
-    out = jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((2, num_features), jnp.float32))
-    shape = getattr(out, "shape", None)
-    if shape != (2, num_classes):
-        raise ValueError(
-            f"your module returns {shape if shape is not None else type(out).__name__} for a batch of 2 "
-            f"inputs, but the engine needs logits of shape (batch, num_classes) = (2, {num_classes}) "
-            f"for this dataset ({num_classes} classes): give its last layer {num_classes} outputs and "
-            "keep the batch axis")
 
 
 def model_variables(state: TrainState, params):
@@ -157,8 +146,13 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig, kinds=No
     variables = model_variables(state, params)
     mutable = ["batch_stats"] if state.batch_stats else False
 
+    if config.model.is_custom:  # training mode, with this step's dropout masks
+        kwargs_train = {"train": True, "dropout_rng": dropout_key(key)}
+    else:
+        kwargs_train = {}
+
     def apply(*args, **kwargs):
-        out = state.apply_fn(variables, *args, mutable=mutable, **kwargs)
+        out = state.apply_fn(variables, *args, mutable=mutable, **kwargs_train, **kwargs)
         return out if mutable else (out, {})
 
     ctx = LossContext(state, variables, batch["x"], batch["y"], key, config, apply)
@@ -237,18 +231,18 @@ def train_step(state: TrainState, batch, key, config: TrainConfig):
 
 
 def _custom_eval_terms(config, variables, x):
-    """A user module's logits and its marked activations' exact terms (none marked: ``(0,)``)."""
+    """A user module's logits (inference mode) and its marked activations' exact terms (none
+    marked: ``(0,)``)."""
     from dreg_jax.layers.jacobian_terms import jacobian_terms
 
-    from dreg_jax.training.regularizers import user_module
-
-    module, module_variables = user_module(config.model.module, variables)
+    model = UserModel(config.model.module)
+    module, module_variables, kwargs, _ = model.terms_call(variables, False, None)
     try:
-        logits, terms = jacobian_terms(module, module_variables, x, scope="activation")
+        logits, terms = jacobian_terms(module, module_variables, x, scope="activation", **kwargs)
     except ValueError as err:
         if "found no marked activation" not in str(err):
             raise
-        return config.model.module.apply(variables, x), jnp.zeros((0,), jnp.float32)
+        return model.apply(variables, x), jnp.zeros((0,), jnp.float32)
     return logits, jnp.stack(list(terms.values()))
 
 
