@@ -73,7 +73,7 @@ def main(argv=None):
             batch_size=batch,
         )
         hp = lambda seeds: RunHParams.stack(
-            [RunHParams(s, 1e-3, cfg.regularizer.resolved_strength(), 1.0, 0.0, 0.0) for s in seeds])
+            [RunHParams(seed=s, learning_rate=1e-3, strength=cfg.regularizer.resolved_strength()) for s in seeds])
         single_inputs = [place(hp([s]), data) for s in range(min(max(args.seeds), MEASURED_SCAN))]
         single = compile_grid(cfg, classes, options, *single_inputs[0])
         jax.block_until_ready(single(*single_inputs[0]))

@@ -165,7 +165,7 @@ def finetune_runs(p, out, progress):
     from tqdm.auto import tqdm
 
     from dreg_jax.data import load_dataset
-    from dreg_jax.data.scarcity import stratified_fraction_mask
+    from dreg_jax.engine.scarcity import stratified_fraction_mask
     from dreg_jax.models import load_minilm, mean_pool
     from dreg_jax.engine.grid import PROCESS_STATS
     from dreg_jax.models.bert import BertEncoder

@@ -55,3 +55,42 @@ def test_core_works_without_the_study_extra():
     assert "data: dreg_jax.data (datasets, engine sweeps, the CLI and the studies) needs the study extra" in done.stdout
     assert "pip install 'dreg_jax[study]'" in done.stdout
     assert "cli rc 2" in done.stdout and "needs the study extra" in done.stderr
+
+
+def test_models_bert_and_train_many_without_the_study_extra(tmp_path):
+    """`[encoder]` (safetensors, tokenizers) is enough for load_bert; arrays are enough for train_many."""
+    import pytest
+
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    from test_bert import TINY, _write_checkpoint
+
+    _write_checkpoint(tmp_path, TINY)
+    done = run(f'''
+        import jax, jax.numpy as jnp, numpy as np
+        import dreg_jax.models
+        from dreg_jax.models import load_bert
+        encoder, variables, tokenizer = load_bert({str(tmp_path)!r})
+        batch = tokenizer(["good movie", "bad plot"], max_length=8, pad_to_max_length=True)
+        hidden = encoder.apply(variables, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]))
+        print("bert", hidden.shape)
+        import dreg_jax
+        from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(40, 5)).astype(np.float32)
+        y = (x[:, 0] > 0).astype(np.int32)
+        data = EngineData(x[:30], y[:30], x[30:], y[30:])
+        config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=2, batch_size=10)
+        runs = RunHParams.stack([RunHParams(seed=s, learning_rate=1e-2, strength=0.0, data_fraction=1.0,
+                                            label_noise=0.0, input_noise=0.0) for s in range(2)])
+        final, _ = train_many(runs, data, config, 2, EngineOptions(per_epoch_diagnostics=False))
+        print("accuracy", np.asarray(final["test_accuracy"]).shape)
+        assert "tqdm" not in sys.modules and "tensorflow_datasets" not in sys.modules and "pandas" not in sys.modules
+        try:
+            from dreg_jax.engine import run_sweep
+        except ImportError as err:
+            print("sweep:", err)
+    ''')
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bert (2, 8, 16)" in done.stdout and "accuracy (2,)" in done.stdout
+    assert "sweep: dreg_jax.engine.run_sweep (sweeps over datasets) needs the study extra" in done.stdout

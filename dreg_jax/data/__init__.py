@@ -14,4 +14,4 @@ from dreg_jax.data.registry import (
     load_dataset,
 )
 from dreg_jax.data.user import from_arrays, from_csv, register_dataset
-from dreg_jax.data.scarcity import stratified_fraction_mask, symmetric_label_noise
+from dreg_jax.engine.scarcity import stratified_fraction_mask, symmetric_label_noise

@@ -19,6 +19,8 @@ import zlib
 
 import numpy as np
 
+from dreg_jax.models.tokens import TOKEN_LENGTH, WORD_VOCAB, split_tokens, token_features, word_id_features  # noqa: F401
+
 TOKEN = re.compile(r"\w+")
 DEFAULT_DIM = 512
 
@@ -72,34 +74,6 @@ def sentence_embeddings(texts, cache_dir: pathlib.Path) -> np.ndarray:
 
 
 #: Tokens per text of the token featurizers (``"word_ids"``, ``"minilm_tokens"``).
-TOKEN_LENGTH = 64
-WORD_VOCAB = 4096  # hashed word vocabulary of "word_ids": ids 2..WORD_VOCAB+1 (0 pad, 1 [CLS])
-
-
-def token_features(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """``(n, 2 L)`` float32 rows ``[ids, mask]``: token ids as engine features (exact in float32
-    below 2**24); models split and cast them back (:func:`split_tokens`)."""
-    return np.concatenate([ids, mask], axis=1).astype(np.float32)
-
-
-def split_tokens(x):
-    """``(ids int32, mask int32)`` from :func:`token_features` rows (numpy or jax)."""
-    length = x.shape[-1] // 2
-    return x[..., :length].astype("int32"), x[..., length:].astype("int32")
-
-
-def word_id_features(texts, length: int = TOKEN_LENGTH, vocab: int = WORD_VOCAB) -> np.ndarray:
-    """A simple vocabulary: [CLS] then lowercased words hashed to ``vocab`` ids (no extra needed)."""
-    ids = np.zeros((len(texts), length), np.int64)
-    mask = np.zeros((len(texts), length), np.int64)
-    for row, text in enumerate(texts):
-        words = [1] + [2 + zlib.crc32(w.encode()) % vocab for w in re.findall(r"[a-z0-9']+", text.lower())]
-        words = words[:length]
-        ids[row, :len(words)] = words
-        mask[row, :len(words)] = 1
-    return token_features(ids, mask)
-
-
 def minilm_token_features(texts, length: int = TOKEN_LENGTH) -> np.ndarray:
     """all-MiniLM-L6-v2's WordPiece ids (``dreg_jax.models.load_minilm``'s tokenizer)."""
     from dreg_jax.models.bert import Tokenizer, minilm_path

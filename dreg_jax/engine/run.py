@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dreg_jax.data.scarcity import stratified_fraction_mask, symmetric_label_noise
+from dreg_jax.engine.scarcity import stratified_fraction_mask, symmetric_label_noise
 from dreg_jax.engine.diagnostics import gradient_tail_ratio, tail_ratio, volatility
 from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.fit import check_labels
@@ -49,7 +49,8 @@ DREG_CURVES = ("strength_multiplier", "representation_noise")
 
 
 class RunHParams(NamedTuple):
-    """Numeric per-run values; each a scalar (or a leading run axis when vmapped).
+    """Numeric per-run values; each a scalar (or a leading run axis when vmapped). Build it by
+    keyword: ``RunHParams(seed=0, learning_rate=1e-3, strength=0.01)`` (full data, no noise).
 
     ``activation_index``/``regularizer_index`` pick the run's activation and regularizer in a
     folded program (``TrainConfig.fold``); 0 otherwise.
@@ -57,10 +58,10 @@ class RunHParams(NamedTuple):
 
     seed: jax.Array
     learning_rate: jax.Array
-    strength: jax.Array
-    data_fraction: jax.Array
-    label_noise: jax.Array
-    input_noise: jax.Array
+    strength: jax.Array = 0.0
+    data_fraction: jax.Array = 1.0
+    label_noise: jax.Array = 0.0
+    input_noise: jax.Array = 0.0
     activation_index: jax.Array = 0
     regularizer_index: jax.Array = 0
 

@@ -155,11 +155,12 @@ class RunSpec:
     def hparams(self, program: TrainConfig | None = None) -> RunHParams:
         """The run's traced values; ``program`` (a folded config) sets its fold indices."""
         program = program or self.config
-        return RunHParams(self.seed, self.config.optimizer.learning_rate,
-                          self.config.regularizer.resolved_strength(), self.data_fraction,
-                          self.label_noise, self.input_noise,
-                          program.activations.index(self.config.model.activation),
-                          program.regularizers.index(self.config.regularizer.kind))
+        return RunHParams(seed=self.seed, learning_rate=self.config.optimizer.learning_rate,
+                          strength=self.config.regularizer.resolved_strength(),
+                          data_fraction=self.data_fraction, label_noise=self.label_noise,
+                          input_noise=self.input_noise,
+                          activation_index=program.activations.index(self.config.model.activation),
+                          regularizer_index=program.regularizers.index(self.config.regularizer.kind))
 
 
 STATUSES = ("ok", "failed", "diverged")

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dreg_jax.data.text import split_tokens
+from dreg_jax.models.tokens import split_tokens
 from dreg_jax.layers.chainzrule import ChainzRule
 from dreg_jax.layers.elementwise import Activation
 from dreg_jax.models.bert import BertConfig, BertEncoder, mean_pool
