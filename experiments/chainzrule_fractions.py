@@ -4,7 +4,7 @@ Neural models (all through the engine, one compiled program per model and datase
 over seeds x fractions): ChainzRule + DREG, ChainzRule, ReLU, ReLU + DREG, GELU, GELU + DREG;
 2 hidden layers, Adam 1e-3, DREG lambda = 10**-2.5. Classical models: SVM and XGBoost tuned by
 a small grid with cross-validation on the training subset only
-(:mod:`dreg_jax.analysis.classical`). Every model of a (seed, fraction) sees exactly the same
+(``experiments/classical.py``). Every model of a (seed, fraction) sees exactly the same
 stratified training subset (``dreg_jax.engine.training_mask``), so the comparisons are paired.
 
 Statistics: mean +- std over seeds per (dataset, fraction, model); two-sided paired Wilcoxon
@@ -37,7 +37,7 @@ import pathlib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon, power_note  # noqa: E402
-from dreg_jax.analysis.classical import boosting_name, classical_scores  # noqa: E402
+from classical import boosting_name, classical_scores  # noqa: E402
 
 PROFILES = {
     "full": dict(datasets=("pima", "breast_cancer"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=20,
@@ -56,10 +56,21 @@ def neural_accuracies(records):
             for (d, f, m), rs in by_model(records).items() for r in rs}
 
 
+def boosting_model(out: pathlib.Path) -> str:
+    """The boosting model of this report: the one whose scores classical.json holds (a rebuild
+    reads them whatever is installed), else the one installed now (XGBoost or sklearn's GBDT)."""
+    cache = out / "classical.json"
+    if cache.exists():
+        names = {key.split("|")[3] for key in json.loads(cache.read_text())} - {"SVM"}
+        if len(names) == 1:
+            return names.pop()
+    return boosting_name()
+
+
 def all_accuracies(records, profile, out: pathlib.Path, progress: bool):
     """Neural accuracies from ``records`` and the classical models' (cached in classical.json)."""
     acc = neural_accuracies(records)
-    acc.update(classical_scores({"SVM": "svm", boosting_name(): "boosting"}, profile["datasets"],
+    acc.update(classical_scores({"SVM": "svm", boosting_model(out): "boosting"}, profile["datasets"],
                                 profile["fractions"], profile["seeds"], out / "classical.json", progress,
                                 validation_fraction=VALIDATION_FRACTION))
     return acc
@@ -67,7 +78,8 @@ def all_accuracies(records, profile, out: pathlib.Path, progress: bool):
 
 def write_report(acc, profile, out: pathlib.Path, wall: float | None) -> str:
     neural = {m for (_, _, m, _) in acc}
-    models = model_order(neural) + ["SVM", boosting_name()]
+    boosting = boosting_model(out)
+    models = model_order(neural) + ["SVM", boosting]
     seeds = range(profile["seeds"])
     lines = [f"# ChainzRule across training fractions - {len(acc)} results", "",
              f"Profile: {json.dumps(profile)}. {wall_time_text(out, wall)} Test splits: pima = MASS Pima.te "
@@ -102,11 +114,11 @@ def write_report(acc, profile, out: pathlib.Path, wall: float | None) -> str:
     for d in profile["datasets"]:
         above = [f for f in profile["fractions"]
                  if all(np.nanmean([acc[(d, f, REFERENCE, s)] for s in seeds]) >
-                        np.nanmean([acc[(d, f, m, s)] for s in seeds]) for m in ("SVM", boosting_name()))]
+                        np.nanmean([acc[(d, f, m, s)] for s in seeds]) for m in ("SVM", boosting))]
         full = np.array([acc[(d, max(profile["fractions"]), REFERENCE, s)] for s in seeds])
         lines.append(f"- {d}: {REFERENCE} at {int(100 * max(profile['fractions']))}% data: "
                      f"{100 * np.nanmean(full):.2f} +- {100 * np.nanstd(full):.2f}%. Mean above both SVM and "
-                     f"{boosting_name()} at {len(above)} of {len(profile['fractions'])} fractions "
+                     f"{boosting} at {len(above)} of {len(profile['fractions'])} fractions "
                      f"({', '.join(f'{int(round(100 * f))}%' for f in above) or 'none'}): "
                      f"{'SUPPORTED' if len(above) == len(profile['fractions']) else 'NOT SUPPORTED'} here.")
     if REFERENCE + NO_CLIP in models:

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon, power_note  # noqa: E402
-from dreg_jax.analysis.dreg_study import LEARNABLE_MARGIN, is_learned  # noqa: E402
+from dreg_study_analysis import LEARNABLE_MARGIN, is_learned  # noqa: E402
 from dreg_jax.penalties.dreg import DEFAULT_LAMBDA  # noqa: E402
 
 PROFILES = {
@@ -59,7 +59,7 @@ PAPER = "the best lambda schedule depends on representation noise (no numbers gi
 VALIDATION_FRACTION = 0.2
 def learnable(groups, dataset) -> tuple[bool, float, float]:
     """``(learned, validation accuracy of CR without DREG, chance)`` for a dataset, by the DREG
-    study's rule (:func:`dreg_jax.analysis.dreg_study.is_learned`)."""
+    study's rule (``dreg_study_analysis.is_learned``)."""
     from dreg_jax.data.registry import REGISTRY
 
     chance = 1.0 / REGISTRY[dataset].num_classes

@@ -37,7 +37,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dreg_jax.analysis import bonferroni, paired_wilcoxon, power_note  # noqa: E402
-from dreg_jax.analysis.classical import classical_scores  # noqa: E402
+from classical import classical_scores  # noqa: E402
 
 PROFILES = {
     "full": dict(datasets=("reviews", "reviews_noisy"), fractions=(0.05, 0.1, 0.25, 0.5, 1.0), seeds=20,

@@ -17,7 +17,7 @@ Settings (sources in the report's "Settings" section):
 * Spectral norm: hidden layers only (``spectral_norm_head=False``).
 * IGPen 1e-2, JacReg 1e-2 (one projection, Hoffman et al. 2019; our guess at the sixth).
 
-Protocols, statistics and verdicts: :mod:`dreg_jax.analysis.dreg_study`. Results are a
+Protocols, statistics and verdicts: ``experiments/dreg_study_analysis.py``. Results are a
 resumable JSON-lines file in ``--out`` beside ``meta.json``; ``python experiments/rebuild_report.py
 DIR`` rebuilds the report from them. The last line printed is
 ``compiled programs: N, compile seconds: S, run seconds: R``.
@@ -37,7 +37,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 
-from dreg_jax.analysis.dreg_study import write_report  # noqa: E402
+from dreg_study_analysis import write_report  # noqa: E402
 from dreg_jax.data import STUDY_DATASETS  # noqa: E402
 from dreg_jax.engine import FOLD_MODES, EngineOptions, SweepConfig, run_sweep  # noqa: E402
 

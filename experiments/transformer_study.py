@@ -113,8 +113,17 @@ def scratch_specs(p):
                         spec = RunSpec(ds, config, seed=seed, data_fraction=frac, featurizer=featurizer,
                                        validation_fraction=VALIDATION_FRACTION)
                         specs.append(spec)
-                        arm_of[spec.run_id] = arm
+                        arm_of[arm_key(spec.to_dict())] = arm
+                        arm_of[arm_key(spec.to_dict(), module=repr(module))] = arm  # rows before v3 ids
     return specs, arm_of
+
+
+def arm_key(spec: dict, module: str | None = None) -> str:
+    """A run's spec as JSON (``module`` replaces the recorded module: the committed rows were
+    written when run ids recorded the module's repr, newer rows record its code fingerprint)."""
+    if module is not None:
+        spec = {**spec, "config": {**spec["config"], "model": {**spec["config"]["model"], "module": module}}}
+    return json.dumps(spec, sort_keys=True)
 
 
 def scratch_rows(records, arm_of):
@@ -123,7 +132,7 @@ def scratch_rows(records, arm_of):
     for r in records:
         c = r["curves"]
         rows.append({"dataset": r["spec"]["dataset"], "fraction": r["spec"]["data_fraction"], "seed": r["spec"]["seed"],
-                     "arm": arm_of[r["run_id"]], "ok": r["status"] == "ok", "test": r["metrics"]["test_accuracy"],
+                     "arm": arm_of[arm_key(r["spec"])], "ok": r["status"] == "ok", "test": r["metrics"]["test_accuracy"],
                      "robust": r["metrics"].get("robust_accuracy"), "terms": c.get("jacobian_sq_norms"),
                      "seconds": r["seconds"]})
     return rows

@@ -9,6 +9,11 @@ import tempfile
 os.environ.setdefault("DREG_JAX_DATA_DIR", tempfile.mkdtemp(prefix="dreg_jax_tfds_"))
 os.environ.setdefault("DREG_JAX_CACHE", tempfile.mkdtemp(prefix="dreg_jax_cache_"))
 
+# the study code (experiments/: report logic, classical baselines) is importable by its tests
+EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
+if str(EXPERIMENTS) not in sys.path:
+    sys.path.insert(0, str(EXPERIMENTS))
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

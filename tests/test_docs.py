@@ -12,7 +12,7 @@ STUDY = ROOT / "docs" / "results" / "dreg_study_full"
 
 
 def _block(text: str) -> str:
-    from dreg_jax.analysis.dreg_study import README_BEGIN, README_END
+    from dreg_study_analysis import README_BEGIN, README_END
 
     start, end = text.index(README_BEGIN), text.index(README_END)
     return text[start + len(README_BEGIN):end].strip()

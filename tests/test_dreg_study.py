@@ -3,7 +3,7 @@ whose answer is known (supported, not supported, underpowered)."""
 import numpy as np
 import pytest
 
-from dreg_jax.analysis.dreg_study import (
+from dreg_study_analysis import (
     NOT_SUPPORTED,
     SUPPORTED,
     UNDERPOWERED,

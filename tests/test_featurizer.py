@@ -3,7 +3,7 @@ and the text experiment; the real MiniLM encoder when its extra is installed."""
 import numpy as np
 import pytest
 
-from dreg_jax.analysis.classical import classical_scores
+from classical import classical_scores
 from dreg_jax.data import load_dataset, registry, text
 from dreg_jax.engine import run_sweep
 from dreg_jax.engine.sweep import RunSpec, SweepConfig

@@ -43,9 +43,6 @@ from dreg_jax.training.train import create_train_state, eval_step, train_step
 
 
 DIVERGENCE_FACTOR = 10.0
-#: Curves only DREG runs produce (in a folded program the other runs' values are NaN padding,
-#: left out of their records).
-DREG_CURVES = ("strength_multiplier", "representation_noise")
 
 
 class RunHParams(NamedTuple):

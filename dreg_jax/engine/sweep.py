@@ -50,7 +50,8 @@ from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset, lo
 from dreg_jax.engine.grid import PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, place, run_blocks
 from dreg_jax.engine.identity import model_identity
 from dreg_jax.engine.grouping import FOLD_MODES, fold_config, forward_flops, plan_folds
-from dreg_jax.engine.run import DREG_CURVES, EngineData, EngineOptions, RunHParams
+from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
+from dreg_jax.training.regularizers import KIND_CURVES, get_regularizer
 from dreg_jax.training.config import (
     CUSTOM_ACTIVATION,
     Fold,
@@ -383,7 +384,7 @@ def _records(chunk, final, curves, seconds, robust_names):
             "diverge_step": diverge_step if diverge_step >= 0 else None,
             "metrics": metrics,
             "curves": {k: _to_json(v[i]) for k, v in curves.items()
-                       if k not in DREG_CURVES or spec.config.regularizer.kind == "dreg"},
+                       if k not in KIND_CURVES or k in get_regularizer(spec.config.regularizer.kind).curves},
             "seconds": seconds / len(chunk),
             "finished_at": _now(),
         })
@@ -663,7 +664,8 @@ class SweepConfig:
         for kind in self.strengths:
             if kind not in REGULARIZERS:
                 raise ValueError(f"strengths has unknown regularizer {kind!r}; expected one of: {', '.join(REGULARIZERS)}")
-        if set(self.strength_schedules) != {"constant"} and "dreg" not in self.regularizers:
+        if set(self.strength_schedules) != {"constant"} and not any(
+                get_regularizer(r).schedulable for r in self.regularizers):
             raise ValueError(f"strength_schedules {list(self.strength_schedules)} apply to the dreg regularizer "
                              f"only; add dreg to regularizers (got {list(self.regularizers)})")
         seeds = range(self.seeds) if isinstance(self.seeds, int) else self.seeds
@@ -680,9 +682,10 @@ class SweepConfig:
                                                   self.learning_rates):
             strengths = self.strengths.get(reg, None)
             strengths = strengths if isinstance(strengths, (list, tuple)) else [strengths]
-            schedules = self.strength_schedules if reg == "dreg" else ("constant",)
+            schedulable = get_regularizer(reg).schedulable  # several readings and lambda_t schedules
+            schedules = self.strength_schedules if schedulable else ("constant",)
             for scope, strength, schedule, seed, frac, ln, inoise in itertools.product(
-                scopes if reg == "dreg" else scopes[:1], strengths, schedules, seeds, self.fractions,
+                scopes if schedulable else scopes[:1], strengths, schedules, seeds, self.fractions,
                 self.label_noise, self.input_noise
             ):
                 config = TrainConfig(

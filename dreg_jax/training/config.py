@@ -117,7 +117,7 @@ class RegularizerConfig:
         if self.dreg_output_layer and self.dreg_scope != "layer":
             raise ValueError("dreg_output_layer=True penalizes the output layer's map, which only the layer "
                              "scope has (the head has no activation): set dreg_scope='layer'")
-        if self.strength_schedule != "constant" and self.kind != "dreg":
+        if self.strength_schedule != "constant" and not get_regularizer(self.kind).schedulable:
             raise ValueError(
                 f"strength_schedule={self.strength_schedule!r} applies to the DREG penalty only; "
                 f"use strength_schedule='constant' with regularizer {self.kind!r}"
@@ -204,15 +204,10 @@ class TrainConfig:
             if get_regularizer(reg.kind).spectral_norm:
                 raise ValueError("spectral_norm wraps the built-in MLP's Dense layers; for your own module "
                                  "wrap its layers in flax.linen.SpectralNorm and use regularizer 'none'")
-            if reg.kind == "dreg" and reg.dreg_scope == "layer" and not self.model.jacobian_layers:
-                raise ValueError('dreg_scope="layer" on your own module needs ModelConfig.jacobian_layers '
-                                 '(submodule paths, e.g. ("block0/ffn",))')
+            get_regularizer(reg.kind).check_user_model(self)
             if reg.dreg_output_layer:
                 raise ValueError("dreg_output_layer applies to the built-in MLP; on your own module name the "
                                  "output submodule in ModelConfig.jacobian_layers instead")
-            if reg.kind == "dreg" and reg.strength_schedule == "noise_inverse" and reg.noise_representation == "penultimate":
-                raise ValueError('noise_representation="penultimate" reads the built-in MLP\'s last hidden '
-                                 'layer; use noise_representation="input" with your own module')
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
         return self

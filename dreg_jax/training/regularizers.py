@@ -58,7 +58,8 @@ def shares_model_pass(kind: str, config) -> bool:
     if get_regularizer(kind).loss is _plain_loss:
         return True
     reg = config.regularizer
-    return (kind == "dreg" and not config.model.is_custom and reg.strength_schedule == "constant"
+    return (get_regularizer(kind).loss is _dreg_loss and not config.model.is_custom
+            and reg.strength_schedule == "constant"
             and (reg.dreg_scope == "activation" or reg.layer_estimator == "exact"))
 
 
@@ -143,6 +144,17 @@ def _jacobian_loss(ctx) -> LossTerms:
 WEIGHT_DECAY_READINGS = ("times_lr", "per_step", "normalized")
 
 
+def _dreg_user_model(config):
+    """DREG options that read the built-in MLP, refused on the user's own model."""
+    reg = config.regularizer
+    if reg.dreg_scope == "layer" and not config.model.jacobian_layers:
+        raise ValueError('dreg_scope="layer" on your own module needs ModelConfig.jacobian_layers '
+                         '(submodule paths, e.g. ("block0/ffn",))')
+    if reg.strength_schedule == "noise_inverse" and reg.noise_representation == "penultimate":
+        raise ValueError('noise_representation="penultimate" reads the built-in MLP\'s last hidden '
+                         'layer; use noise_representation="input" with your own module')
+
+
 def decay_per_step(reading: str, strength, learning_rate, total_steps=None):
     r"""The factor :math:`\mu` of :math:`\theta \leftarrow \theta - \mu\,\theta` applied every step.
 
@@ -202,6 +214,11 @@ class Regularizer:
       spectral_norm: whether the model's Dense layers are spectrally normalized.
       step_cost: a train step's cost relative to a plain step (the engine's grouping cost
         model, :mod:`dreg_jax.engine.grouping`; measured by ``benchmarks/step_cost.py``).
+      schedulable: whether ``strength_schedule`` (lambda_t, :mod:`dreg_jax.penalties.schedules`)
+        and several readings (``dreg_scope``) apply to it.
+      curves: the per-epoch curves only this kind produces (the others' rows leave them out).
+      check_user_model: ``TrainConfig -> None``, refusing options that need the built-in MLP
+        when the model is the user's own.
     """
 
     name: str
@@ -212,6 +229,18 @@ class Regularizer:
     optimizer: Callable = _adam
     spectral_norm: bool = False
     step_cost: float = 1.0
+    schedulable: bool = False
+    curves: tuple = ()
+    check_user_model: Callable = lambda config: None
+
+    @property
+    def decoupled_decay(self) -> bool:
+        """Whether its optimizer is AdamW's decoupled decay (a folded program's decay runs)."""
+        return self.optimizer is _adamw
+
+    @property
+    def penalizes_loss(self) -> bool:
+        return self.loss is not _plain_loss
 
     @property
     def foldable(self) -> bool:
@@ -235,7 +264,8 @@ REGISTRY: dict[str, Regularizer] = {r.name: r for r in (
                 "Hoffman et al. 2019: lambda_JR = 1e-2, one random projection", loss=_jacobian_loss,
                 step_cost=2.5),
     Regularizer("dreg", "DREG", DEFAULT_LAMBDA, "the DREG study: 10^-2.5, fixed, no per-dataset tuning",
-                loss=_dreg_loss, step_cost=1.1),
+                loss=_dreg_loss, step_cost=1.1, schedulable=True,
+                curves=("strength_multiplier", "representation_noise"), check_user_model=_dreg_user_model),
     Regularizer("coherent", "Coherent", 1e-2,
                 "strong coupled L2 of 100x the WD default while gradient coherence >= 0.5",
                 optimizer=_coherent_adam),
@@ -243,6 +273,9 @@ REGISTRY: dict[str, Regularizer] = {r.name: r for r in (
 
 #: Names in report order, and ``name -> default strength`` (None: the kind has no strength).
 REGULARIZERS = tuple(REGISTRY)
+#: Curves some kinds produce (each kind's own in ``Regularizer.curves``; in a folded program the
+#: other runs' values are NaN padding, left out of their records).
+KIND_CURVES = tuple(dict.fromkeys(c for r in REGISTRY.values() for c in r.curves))
 DEFAULT_STRENGTHS = {name: r.default_strength for name, r in REGISTRY.items()}
 
 

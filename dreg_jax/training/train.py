@@ -69,8 +69,9 @@ def build_optimizer(config: TrainConfig, learning_rate, strength, regularizer_in
     optimizers = {get_regularizer(k).optimizer for k in kinds}
     if len(optimizers) == 1:
         return optimizers.pop()(reg, learning_rate, strength, total_steps)
-    decay = jnp.where(jnp.asarray(regularizer_index) == kinds.index("weight_decay"), strength, 0.0)
-    return get_regularizer("weight_decay").optimizer(reg, learning_rate, decay, total_steps)
+    decaying = next(k for k in kinds if get_regularizer(k).decoupled_decay)
+    decay = jnp.where(jnp.asarray(regularizer_index) == kinds.index(decaying), strength, 0.0)
+    return get_regularizer(decaying).optimizer(reg, learning_rate, decay, total_steps)
 
 
 def create_train_state(
@@ -156,10 +157,11 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig, kinds=No
         return out if mutable else (out, {})
 
     ctx = LossContext(state, variables, batch["x"], batch["y"], key, config, apply)
-    if "dreg" in kinds and len(kinds) > 1:  # the shared pass: DREG's terms come from the forward
-        terms = get_regularizer("dreg").loss(ctx)  # every kind of this branch needs
-        is_dreg = state.regularizer_index == config.regularizers.index("dreg")
-        terms = terms._replace(penalty=jnp.where(is_dreg, terms.penalty, 0.0))
+    penalized = [k for k in kinds if get_regularizer(k).penalizes_loss]
+    if penalized and len(kinds) > 1:  # the shared pass: DREG's terms come from the forward every
+        terms = get_regularizer(penalized[0]).loss(ctx)  # kind of this branch needs
+        counted = state.regularizer_index == config.regularizers.index(penalized[0])
+        terms = terms._replace(penalty=jnp.where(counted, terms.penalty, 0.0))
     else:  # one kind, or kinds with the same loss (no regularizer, weight decay)
         terms = get_regularizer(kinds[0]).loss(ctx)
     accuracy = jnp.mean(jnp.argmax(terms.logits, -1) == batch["y"])
