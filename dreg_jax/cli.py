@@ -18,6 +18,42 @@ import time
 
 
 
+def _strict_yaml_loader():
+    """PyYAML's safe loader, with two YAML 1.2 readings: ``1e-3`` is a number (YAML 1.1 makes it
+    a string), and a key given twice in one mapping is an error (not a silent last-one-wins)."""
+    import re
+
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        pass
+
+    Strict.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789."))
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep)
+
+    Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Strict
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"key(s) {twice} given twice")
+    return dict(pairs)
+
+
 def _load_mapping(path: pathlib.Path) -> dict:
     if not path.exists():
         raise ValueError(f"config file {path} does not exist")
@@ -26,9 +62,9 @@ def _load_mapping(path: pathlib.Path) -> dict:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            mapping = yaml.safe_load(text)
+            mapping = yaml.load(text, Loader=_strict_yaml_loader())  # noqa: S506 - a SafeLoader subclass
         else:
-            mapping = json.loads(text)
+            mapping = json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except Exception as err:  # noqa: BLE001 - yaml.YAMLError / json.JSONDecodeError, one line
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -51,7 +87,8 @@ def _sweep_config(args):
 
         if not args.target:
             raise ValueError("--csv needs --target COLUMN (the label column)")
-        ds = from_csv(args.csv, args.target, test_csv=args.test_csv, seed=args.split_seed)
+        ds = from_csv(args.csv, args.target, test_csv=args.test_csv, seed=args.split_seed, drop=args.drop,
+                      encoding=args.encoding)
         register_dataset(ds)
         print(f"{ds.name}: {len(ds.x_train)} train / {len(ds.x_val)} validation / {len(ds.x_test)} test rows, "
               f"{ds.num_features} features, classes {list(ds.label_names)}")
@@ -287,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a test CSV with the same columns (default: a stratified 20%% of --csv)")
         p.add_argument("--split-seed", dest="split_seed", type=int, default=0,
                        help="seed of the test/validation splits of --csv")
+        p.add_argument("--drop", nargs="+", default=(), metavar="COLUMN",
+                       help="columns of --csv to leave out (ids, names, leakage)")
+        p.add_argument("--encoding", default="utf-8-sig",
+                       help="text encoding of --csv (default UTF-8; e.g. latin-1, cp1252)")
 
     p_train = sub.add_parser("train", help="train one run and print its metrics")
     p_train.add_argument("--dataset", type=_dataset_name, default="digits", metavar="NAME", help=dataset_help)

@@ -125,7 +125,8 @@ def test_checkpoint_errors_name_what_is_missing(tmp_path):
 
     del tensors["encoder.layer.1.output.dense.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(KeyError, match="encoder.layer.1.output.dense.weight"):
+    with pytest.raises(ValueError, match="model.safetensors does not match .*config.json: checkpoint has no tensor "
+                                         "'encoder.layer.1.output.dense.weight'"):
         load_bert(tmp_path)
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
@@ -150,3 +151,64 @@ def test_minilm_embeddings_match_the_packaged_torch_model():
     assert cos.min() >= 0.9999, cos
     for row, text in enumerate(texts):  # same token ids as the packaged tokenizer
         assert model.tokenizer(text)["input_ids"] == list(b["input_ids"][row][: b["attention_mask"][row].sum()])
+
+
+def _mismatch(case, path):
+    """Write a tiny checkpoint whose config and files disagree as ``case`` says."""
+    import dataclasses as dc
+
+    from safetensors.numpy import save_file
+
+    tensors = _write_checkpoint(path, TINY)
+    config = json.loads((path / "config.json").read_text())
+    if case == "2 layers under a 1-layer config":
+        config["num_hidden_layers"] = 1
+    elif case == "relative positions":
+        config["position_embedding_type"] = "relative_key"
+    elif case == "roberta":
+        config["model_type"] = "roberta"
+    elif case == "vocabulary smaller than the tokenizer's":
+        small = dc.replace(TINY, vocab_size=5)
+        tensors = _write_checkpoint(path, small)
+        config = json.loads((path / "config.json").read_text())
+    elif case == "int8 weights":
+        tensors = {k: (v * 10).astype(np.int8) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+        save_file(tensors, str(path / "model.safetensors"))
+    elif case == "truncated file":
+        data = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "heads do not divide the width":
+        config["num_attention_heads"] = 3
+    elif case == "intermediate size":
+        config["intermediate_size"] = 32
+    elif case == "hidden size":
+        config["hidden_size"] = 20
+        config["num_attention_heads"] = 4
+    elif case == "tanh activation":
+        config["hidden_act"] = "tanh"
+    elif case == "not JSON":
+        (path / "config.json").write_text("{vocab_size: 3")
+        return
+    (path / "config.json").write_text(json.dumps(config))
+
+
+MISMATCHES = {
+    "2 layers under a 1-layer config": r"model.safetensors holds 2 layers but .*config.json says num_hidden_layers=1",
+    "relative positions": r"config.json: position_embedding_type is 'relative_key'",
+    "roberta": r"config.json: model_type is 'roberta'",
+    "vocabulary smaller than the tokenizer's": r"tokenizer.json has 13 tokens but the model's vocab_size is 5",
+    "int8 weights": r"model.safetensors: tensor .* has dtype int8",
+    "truncated file": r"model.safetensors cannot be read as safetensors",
+    "heads do not divide the width": r"config.json: num_attention_heads=3 does not divide hidden_size=16",
+    "intermediate size": r"model.safetensors does not match .*intermediate.dense.weight: shape",
+    "hidden size": r"model.safetensors does not match .*shape",
+    "tanh activation": r"config.json: hidden_act is 'tanh'",
+    "not JSON": r"config.json is not valid JSON",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_load_bert_refuses_a_mismatch_naming_the_file(case, tmp_path):
+    _mismatch(case, tmp_path)
+    with pytest.raises(ValueError, match=MISMATCHES[case]):
+        load_bert(tmp_path)

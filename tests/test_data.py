@@ -182,3 +182,25 @@ def test_public_dataset_offline_is_a_clear_error(tmp_path, monkeypatch):
     registry._load.cache_clear()
     with pytest.raises(DatasetUnavailableError, match="cannot be downloaded \\(no network\\)"):
         load_dataset("fashion_mnist", data_dir=tmp_path)
+
+
+def test_three_processes_building_one_dataset_at_once(tmp_path):
+    """First use of a dataset by three processes at the same moment: one builds, the others wait
+    for it and read the same arrays (no 'Cannot rename', no rebuild of a half-built dir)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib, sys\n"
+            "from dreg_jax.data import load_dataset\n"
+            "ds = load_dataset('iris')\n"
+            "print(hashlib.sha256(ds.x_train.tobytes() + ds.y_test.tobytes()).hexdigest())\n")
+    env = {**os.environ, "DREG_JAX_DATA_DIR": str(tmp_path / "tfds"), "DREG_JAX_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert "damaged" not in err
+    digests = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(digests) == 1

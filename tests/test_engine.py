@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import dreg_jax
-from dreg_jax.data import stratified_fraction_mask, symmetric_label_noise
+from dreg_jax.engine.scarcity import stratified_fraction_mask, symmetric_label_noise
 from dreg_jax.engine import EngineOptions, RunHParams, gradient_tail_ratio, train_many
 from dreg_jax.engine.sweep import engine_data
 

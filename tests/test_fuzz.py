@@ -58,18 +58,34 @@ def test_layer_jacobian_sq_norms(data):
 
 
 @SETTINGS
-@given(arrays(max_rows=1, features=None), st.sampled_from([0.0, 1e-3, 1.0, -1.0, np.nan, np.inf, 3]))
-def test_dreg_penalty(data, strength):
+@given(arrays(max_rows=1, features=None),
+       st.sampled_from([0.0, 1e-3, 1.0, -1.0, np.nan, np.inf, 3, True, False, 1e39]),
+       st.sampled_from([None, (1.0, 2.0, 3.0, 4.0), (1.9, 2, 3, 4), (-1.0, 1.0, 1.0, 1.0)]),
+       st.sampled_from([None, (2, 2, 2, 2), (1.5, 2, 2, 2), (0, 1, 1, 1)]))
+def test_dreg_penalty(data, strength, weights, widths):
     terms = jnp.ravel(data[0])
     if terms.size == 0:
         return
+    n = terms.shape[0]
+    kwargs = {}
+    if weights is not None:
+        kwargs["layer_weights"] = jnp.asarray(weights[:n], jnp.float32)
+    if widths is not None:
+        kwargs.update(widths=list(widths[:n]), scaling="width")
+    t64 = np.asarray(terms, np.float64)
+    w = np.ones(n) if weights is None else np.asarray(weights[:n], np.float64)
+    d = np.ones(n) if widths is None else np.asarray(widths[:n], np.float64)
+    valid = (not isinstance(strength, bool) and np.isfinite(strength) and strength >= 0
+             and np.isfinite(t64).all() and (t64 >= 0).all() and (w >= 0).all()
+             and (d >= 1).all() and (d == np.round(d)).all())
+    ref = float(strength) * np.sum(t64 * w / d) if valid else np.nan
+    valid = valid and abs(ref) < np.finfo(np.float32).max / 2  # overflows refused, not returned as inf
     try:
-        value = dreg_jax.dreg_penalty(terms, strength=strength)
+        value = dreg_jax.dreg_penalty(terms, strength=strength, **kwargs)
     except (TypeError, ValueError) as err:
-        assert str(err)
-        assert not (np.isfinite(strength) and strength >= 0) or not np.isfinite(np.asarray(terms, np.float64)).all()
+        assert str(err) and not valid, (err, strength, weights, widths)
         return
-    ref = strength * np.sum(np.asarray(terms, np.float64))
+    assert valid, ("accepted an input it must refuse", terms, strength, weights, widths)
     np.testing.assert_allclose(float(value), ref, rtol=1e-5, atol=1e-6)
 
 

@@ -124,3 +124,15 @@ def test_user_module_output_shape_refused_before_compiling(case, tmp_path):
     with pytest.raises(ValueError, match=expect + r".*\(batch, num_classes\) = \(2, 3\)"):
         run_sweep([spec], tmp_path / "r.jsonl", progress=False)
     assert not (tmp_path / "r.jsonl").read_text()  # nothing trained, no row written
+
+
+def test_a_config_strength_that_disagrees_with_the_runs_is_refused():
+    from dreg_jax.engine import EngineData, RunHParams, train_many
+
+    x = jnp.ones((8, 3))
+    data = EngineData(x, jnp.arange(8) % 2, x, jnp.arange(8) % 2)
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(4,)),
+                                  regularizer=dreg_jax.RegularizerConfig(kind="dreg", strength=0.1), epochs=1)
+    runs = RunHParams.stack([RunHParams(seed=0, learning_rate=1e-3, strength=0.01)])
+    with pytest.raises(ValueError, match=r"RegularizerConfig.strength=0.1 but RunHParams.strength=\[0.0099"):
+        train_many(runs, data, config, 2)

@@ -577,3 +577,33 @@ def test_module_patterns_give_the_reference_or_a_clear_error(pattern, estimator,
     for i, ref in enumerate(refs):
         mean, se = float(jnp.mean(values[:, i])), float(jnp.std(values[:, i]) / np.sqrt(len(keys)))
         assert abs(mean - ref) < 3 * se + 1e-5 * ref, (pattern, i, mean, ref, se)
+
+
+def test_nnx_vmap_ensemble_gives_one_term_per_member():
+    class Member(nnx.Module):
+        def __init__(self, rngs):
+            self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(x)
+
+    class Ensemble(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=2)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Member(rngs)
+
+            self.members = make(rngs)
+
+        def __call__(self, x):
+            return nnx.vmap(lambda m, x: m(x), in_axes=(0, None), out_axes=0)(self.members, x).mean(0)
+
+    model = Ensemble(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    out, terms = dreg_jax.jacobian_terms(model, None, x, layers=["members/fc"], estimator="exact")
+    kernels = model.members.fc.kernel[...]
+    assert list(terms) == ["members/fc#0", "members/fc#1"]
+    np.testing.assert_allclose([terms["members/fc#0"], terms["members/fc#1"]],
+                               [jnp.sum(kernels[0] ** 2), jnp.sum(kernels[1] ** 2)], rtol=1e-5)
+    chex.assert_trees_all_close(out, model(x), rtol=1e-6)

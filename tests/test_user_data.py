@@ -53,9 +53,9 @@ def test_from_arrays_refuses_bad_input_with_the_place():
     bad[17, 3] = np.nan
     with pytest.raises(ValueError, match=r"column 3 \('x3'\) row 17 is nan"):
         from_arrays(bad, y)
-    with pytest.raises(ValueError, match="labels must be >= 0"):
-        from_arrays(x, y - 1)
-    with pytest.raises(ValueError, match="y_test has label 5"):
+    shifted = from_arrays(x, y - 1)  # labels are categories: {-1, 0, 1} is three classes
+    assert shifted.label_names == ("-1", "0", "1") and shifted.num_classes == 3
+    with pytest.raises(ValueError, match=r"y_test has label\(s\) \[5\]"):
         from_arrays(x, y, x[:5], np.array([0, 1, 2, 5, 0]))
     with pytest.raises(ValueError, match="178 rows but y_train has 10"):
         from_arrays(x, y[:10])

@@ -16,52 +16,7 @@ import pathlib
 
 import numpy as np
 
-CONFIG_COLUMNS = ("dataset", "activation", "hidden", "regularizer", "strength", "learning_rate",
-                  "epochs", "batch_size", "seed", "data_fraction", "label_noise", "input_noise")
-
-
-def flat_row(record: dict) -> dict:
-    """One results record as a flat dict (see the module docstring)."""
-    spec, config = record["spec"], record["spec"]["config"]
-    reg, model = config["regularizer"], config["model"]
-    hparams = record.get("hparams") or {}
-    row = {
-        "run_id": record["run_id"], "status": record["status"], "dataset": spec["dataset"],
-        "activation": model["activation"], "hidden": "x".join(map(str, model["hidden"])),
-        "regularizer": reg["kind"],
-        "strength": hparams.get("strength", reg.get("strength")),
-        "learning_rate": hparams.get("learning_rate", config["optimizer"]["learning_rate"]),
-        "epochs": config["epochs"], "batch_size": config["batch_size"], "seed": spec["seed"],
-        "data_fraction": spec["data_fraction"], "label_noise": spec["label_noise"],
-        "input_noise": spec["input_noise"], "featurizer": spec.get("featurizer", "hashed"),
-    }
-    scalar = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
-    row.update({k: scalar(v) for k, v in reg.items() if k not in ("kind", "strength")})
-    row.update({k: scalar(v) for k, v in model.items() if k not in ("hidden", "activation")})
-    row.update(fail_step=record.get("fail_step"), diverge_step=record.get("diverge_step"),
-               seconds=record.get("seconds"))
-    for name, value in record["metrics"].items():
-        if isinstance(value, list):
-            row.update({f"{name}_{i}": v for i, v in enumerate(value)})
-        elif isinstance(value, dict):
-            row.update({f"{name}/{k}": v for k, v in value.items()})
-        else:
-            row[name] = value
-    return row
-
-
-def load_records(path) -> list[dict]:
-    """The valid records of a results JSONL (bad lines reported and skipped; the file is not changed)."""
-    from dreg_jax.engine.sweep import ResultsFile
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise ValueError(f"results file {path} does not exist")
-    records = list(ResultsFile(path).load().values())
-    if not records:
-        raise ValueError(f"results file {path} holds no valid run")
-    return records
-
+from dreg_jax.engine.store import CONFIG_COLUMNS, ResultsFile, flat_row, load_records  # noqa: F401 (re-exported)
 
 def results_frame(records) -> "pandas.DataFrame":  # noqa: F821
     """One flat ``pandas.DataFrame`` row per record (see the module docstring)."""

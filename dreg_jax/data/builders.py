@@ -8,6 +8,7 @@ into ``data_dir`` and reads both splits into numpy. A partial or corrupt prepare
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pathlib
@@ -15,6 +16,8 @@ import shutil
 import sys
 
 import numpy as np
+
+from dreg_jax.data.sources import SOURCES
 
 DATA_DIR_ENV = "DREG_JAX_DATA_DIR"
 VERSION = "1.0.0"
@@ -40,7 +43,6 @@ def builder_class(name: str, num_classes: int, num_features: int | None):
     if name in _BUILDERS:
         return _BUILDERS[name]
     tfds = _quiet_tfds()
-    from dreg_jax.data.sources import SOURCES
 
     def _info(self):
         features = {"label": tfds.features.ClassLabel(num_classes=num_classes)}
@@ -125,9 +127,21 @@ def _read(builder, text: bool):
 
 
 def read_offline(name: str, num_classes: int, num_features: int | None, data_dir=None):
-    """Prepares (once) and reads ``name``: ``{"train": (x or texts, y), "test": (...)}``."""
+    """Prepares (once) and reads ``name``: ``{"train": (x or texts, y), "test": (...)}``.
+
+    Processes that use the same dataset for the first time at once take turns: an exclusive
+    lock on ``<data_dir>/<builder>.lock`` covers the build, the check and the read, so one
+    builds while the others wait and then read (none sees a half-built directory as damaged).
+    """
     data_dir = pathlib.Path(data_dir or default_data_dir())
     cls = builder_class(name, num_classes, num_features)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / f"{cls.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _prepare_and_read(cls, name, num_features, data_dir)
+
+
+def _prepare_and_read(cls, name, num_features, data_dir):
     prepared_dir = data_dir / cls.name / VERSION
     for attempt in (0, 1):
         try:  # the builder reads dataset_info.json when made: a damaged one fails here

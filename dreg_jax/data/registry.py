@@ -142,8 +142,18 @@ def check_dataset(name: str) -> str:
 
 
 def standardize(x_train, *others, per_feature: bool = True):
-    """Subtract the training mean and divide by the training std (per column, or one scalar)."""
+    """Subtract the training mean and divide by the training std (per column, or one scalar).
+
+    Values from about 1e154 up would overflow the variance in float64 and erase the column, so
+    such columns are first divided by their largest training magnitude (the standardized values
+    are the same up to rounding; ordinary columns take the plain arithmetic, bit for bit).
+    """
     axis = 0 if per_feature else None
+    x_train = np.asarray(x_train)
+    scale = np.max(np.abs(x_train.astype(np.float64)), axis=axis) if x_train.size else 1.0
+    scale = np.where(np.isfinite(scale) & (scale > 1e150), scale, 1.0)
+    if np.any(scale != 1.0):
+        x_train, others = x_train / scale, tuple(np.asarray(x, np.float64) / scale for x in others)
     mean = x_train.mean(axis=axis)
     std = x_train.std(axis=axis)
     std = np.where(std > 0, std, 1.0)

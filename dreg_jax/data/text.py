@@ -19,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from dreg_jax.models.bert import Tokenizer, minilm_path
 from dreg_jax.models.tokens import TOKEN_LENGTH, WORD_VOCAB, split_tokens, token_features, word_id_features  # noqa: F401
 
 TOKEN = re.compile(r"\w+")
@@ -76,7 +77,5 @@ def sentence_embeddings(texts, cache_dir: pathlib.Path) -> np.ndarray:
 #: Tokens per text of the token featurizers (``"word_ids"``, ``"minilm_tokens"``).
 def minilm_token_features(texts, length: int = TOKEN_LENGTH) -> np.ndarray:
     """all-MiniLM-L6-v2's WordPiece ids (``dreg_jax.models.load_minilm``'s tokenizer)."""
-    from dreg_jax.models.bert import Tokenizer, minilm_path
-
     batch = Tokenizer(minilm_path() / "tokenizer.json")(list(texts), max_length=length, pad_to_max_length=True)
     return token_features(batch["input_ids"], batch["attention_mask"])

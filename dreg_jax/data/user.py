@@ -36,34 +36,73 @@ from dreg_jax.data.registry import (
 )
 
 
+#: Cells read as missing (compared lowercased, after stripping spaces).
+MISSING = {"", "na", "n/a", "#n/a", "nan", "null", "none", "?", "-", "--"}
+
+
+def _labels(y, name):
+    """``y`` as class values: ints (integer or integral float labels) or stripped strings.
+
+    Missing markers, non-finite and non-integral numbers are refused with the row.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per row), got shape {y.shape}")
+    if y.dtype.kind in "USO":
+        values = [str(v).strip() for v in y]
+        bad = [i for i, v in enumerate(values) if v.lower() in MISSING]
+        if bad:
+            raise ValueError(f"{name} row {bad[0]} is missing ({y[bad[0]]!r}); {len(bad)} label(s) are "
+                             "missing in all: drop those rows or fill them in")
+        return values
+    if y.dtype.kind == "b":
+        return y.astype(np.int64).tolist()
+    if y.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(y))
+        if bad.size:
+            raise ValueError(f"{name} row {int(bad[0])} is {y[bad[0]]}: a class label must be finite "
+                             f"({bad.size} such label(s))")
+        frac = np.flatnonzero(y != np.round(y))
+        if frac.size:
+            raise ValueError(f"{name} row {int(frac[0])} is {y[frac[0]]}, not a class: labels must be "
+                             "integers or strings (a continuous target is regression, which this is not)")
+        return y.astype(np.int64).tolist()
+    if y.dtype.kind in "iu":
+        return y.astype(np.int64).tolist()
+    raise TypeError(f"{name} must hold integer class labels or strings, got dtype {y.dtype}")
+
+
 def _encode_labels(y_train, y_test):
-    y_train, y_test = np.asarray(y_train), None if y_test is None else np.asarray(y_test)
-    for name, y in (("y_train", y_train), ("y_test", y_test)):
-        if y is not None and y.ndim != 1:
-            raise ValueError(f"{name} must be 1-D (one label per row), got shape {y.shape}")
-    if y_train.dtype.kind in "USO":  # strings: encode, keep the mapping
-        names = sorted({str(v) for v in y_train})
-        index = {n: i for i, n in enumerate(names)}
-        unseen = sorted({str(v) for v in y_test} - set(names)) if y_test is not None else []
+    """Labels are categories whatever their dtype: the sorted distinct training values map to
+    ``0..C-1`` (integers in numeric order, strings in text order); the names are kept."""
+    train = _labels(y_train, "y_train")
+    test = None if y_test is None else _labels(y_test, "y_test")
+    if test is not None and train and test and isinstance(train[0], str) != isinstance(test[0], str):
+        raise ValueError("y_train and y_test hold different kinds of labels (numbers in one, strings in "
+                         "the other); give both the same")
+    classes = sorted(set(train))
+    index = {c: i for i, c in enumerate(classes)}
+    if test is not None:
+        unseen = sorted(set(test) - set(classes), key=str)
         if unseen:
-            raise ValueError(f"y_test has label(s) {unseen[:5]} that y_train never has; known: {names}")
-        encode = lambda y: np.array([index[str(v)] for v in y], np.int32)  # noqa: E731
-        return encode(y_train), None if y_test is None else encode(y_test), tuple(names)
-    for name, y in (("y_train", y_train), ("y_test", y_test)):
-        if y is None:
-            continue
-        if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
-            raise ValueError(f"{name} has NaN/inf labels at row(s) {np.flatnonzero(~np.isfinite(y))[:5].tolist()}")
-        if y.dtype.kind not in "iub" and not (y.dtype.kind == "f" and np.all(y == np.round(y))):
-            raise TypeError(f"{name} must hold integer class labels or strings, got dtype {y.dtype}")
-        if y.size and y.min() < 0:
-            raise ValueError(f"{name} labels must be >= 0, got {int(y.min())} at row {int(np.argmin(y))}")
-    num_classes = int(y_train.max()) + 1
-    if y_test is not None and y_test.size and y_test.max() >= num_classes:
-        raise ValueError(f"y_test has label {int(y_test.max())} but y_train's labels lie in [0, {num_classes}); "
-                         "the training split must contain every class")
-    names = tuple(str(i) for i in range(num_classes))
-    return y_train.astype(np.int32), None if y_test is None else y_test.astype(np.int32), names
+            raise ValueError(f"y_test has label(s) {unseen[:5]} that y_train never has; known: "
+                             f"{[str(c) for c in classes][:20]}")
+    encode = lambda ys: np.array([index[v] for v in ys], np.int32)  # noqa: E731
+    return encode(train), None if test is None else encode(test), tuple(str(c) for c in classes)
+
+
+def check_split_sizes(y, names, *, test_split: bool, validation_fraction: float, where: str):
+    """Every class needs a row in training, and one in each stratified split drawn from it."""
+    need = 1 + int(test_split) + int(validation_fraction > 0)
+    counts = np.bincount(y, minlength=len(names))
+    short = [(names[c], int(n)) for c, n in enumerate(counts) if n < need]
+    if short:
+        splits = " and ".join(s for s, on in (("a stratified test split", test_split),
+                                              ("a validation split", validation_fraction > 0)) if on)
+        shown = ", ".join(f"{n!r}: {k}" for n, k in short[:5])
+        raise ValueError(f"{where}: class(es) with too few rows ({shown}); training plus {splits} need at "
+                         f"least {need} rows of every class. Add rows, merge rare classes, pass a test "
+                         "file, or set the validation share to 0")
 
 
 def _check_features(x, split, feature_names):
@@ -88,13 +127,14 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
     """A :class:`Dataset` from arrays, checked, split and standardized (see the module docs).
 
     Args:
-      x_train, y_train: training features ``(n, d)`` and labels ``(n,)`` (ints >= 0 or strings).
+      x_train, y_train: training features ``(n, d)`` and labels ``(n,)``: integers, integral
+        floats or strings, each distinct value a class (sorted; ``label_names`` keeps them).
       x_test, y_test: a test split; None draws a stratified ``test_fraction`` of the training rows.
       validation_fraction: stratified share of the training rows held out for validation, in [0, 1).
       seed: seed of the test and validation splits.
       name: the dataset's name (what ``register_dataset`` registers).
       feature_names: column names for messages and records (default ``x0, x1, ...``).
-      label_names: names of the integer classes (strings are named by themselves).
+      label_names: names for the classes, in sorted label order (default: the labels themselves).
 
     Returns:
       A ``Dataset`` with ``x_val``/``y_val``, ``label_names`` and ``feature_names`` set.
@@ -121,10 +161,14 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
             raise ValueError(f"x_test has {len(x_test)} rows but y_test has {len(np.asarray(y_test))}")
     y_train, y_test, names = _encode_labels(y_train, y_test)
     if label_names is not None:
-        names = tuple(label_names)
+        if len(label_names) != len(names):
+            raise ValueError(f"label_names has {len(label_names)} names for {len(names)} classes {list(names)}")
+        names = tuple(str(n) for n in label_names)
     num_classes = len(names)
     if num_classes < 2:
-        raise ValueError(f"need at least 2 classes, got {num_classes}")
+        raise ValueError(f"{name}: need at least 2 classes, got {num_classes} {list(names)}")
+    check_split_sizes(y_train, names, test_split=x_test is None, validation_fraction=validation_fraction,
+                      where=name)
     rng = np.random.default_rng(seed)
     if x_test is None:
         test = stratified_holdout(y_train, test_fraction, rng)
@@ -143,26 +187,50 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
                    label_names=names, feature_names=feature_names)
 
 
-def _read_csv(path: pathlib.Path):
+#: A text column with a distinct value in at least this share of its rows (and >= 20 rows) is an
+#: identifier (a name, an id), not a category: refused, with the advice to drop it.
+ID_LIKE_SHARE = 0.9
+#: A column whose cells are numbers in at least this share of rows is numeric: its other cells
+#: are stray tokens, refused with their count and first line (impute them or drop the column).
+NUMERIC_SHARE = 0.5
+
+
+def _read_csv(path: pathlib.Path, encoding: str = "utf-8-sig"):
+    """``(header, rows, lines)``: the CSV line of every data row, blank lines skipped."""
     if not path.exists():
         raise ValueError(f"CSV file {path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ValueError(f"CSV file {path} is empty") from None
-        rows, lines = [], []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{path}:{reader.line_num}: {len(row)} cells, the header has {len(header)}")
-            rows.append(row)
-            lines.append(reader.line_num)
+    rows, lines, line = [], [], 1
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            reader = csv.reader(f)
+            try:
+                header = next(reader)
+            except StopIteration:
+                raise ValueError(f"CSV file {path} is empty") from None
+            for row in reader:
+                line = reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{path}:{line}: {len(row)} cells, the header has {len(header)}")
+                rows.append(row)
+                lines.append(line)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not {encoding} text after line {line} (byte {err.object[err.start:err.start + 1]!r} "
+                         f"at offset {err.start}); pass its encoding, e.g. --encoding latin-1") from None
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r} for {path}; e.g. utf-8, latin-1, cp1252") from None
     if not rows:
         raise ValueError(f"CSV file {path} has a header but no rows")
-    return [h.strip() for h in header], rows, lines
+    header = [h.strip() for h in header]
+    unnamed = [i + 1 for i, h in enumerate(header) if not h]
+    if unnamed:
+        raise ValueError(f"{path}: column(s) {unnamed} have no name in the header; name or drop them")
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise ValueError(f"{path}: column name(s) {dupes} appear more than once in the header; rename "
+                         "or drop the copies (each column must be read from one place)")
+    return header, rows, lines
 
 
 def _is_number(text: str) -> bool:
@@ -173,59 +241,131 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def _columns(header, rows, target, path):
+def _csv_labels(values, lines, path, target):
+    """The target column as class values (ints when every label is an integer), by CSV line."""
+    out = []
+    for v, line in zip(values, lines):
+        if v.lower() in MISSING:
+            raise ValueError(f"{path}: target column {target!r} line {line} is missing ({v!r}); drop that "
+                             "row or fill it in")
+        if _is_number(v):
+            f = float(v)
+            if not np.isfinite(f) or f != round(f):
+                raise ValueError(f"{path}: target column {target!r} line {line} is {v!r}, not a class label "
+                                 "(labels are integers or names; a continuous target is regression)")
+            out.append(int(f))
+        else:
+            out.append(v)
+    kinds = {type(v) for v in out}
+    return [str(v) for v in out] if len(kinds) > 1 else out
+
+
+def _columns(header, rows, lines, target, path, drop):
     if target not in header:
         raise ValueError(f"target column {target!r} is not in {path}; its columns: {', '.join(header)}")
+    unknown = sorted(set(drop) - set(header))
+    if unknown:
+        raise ValueError(f"--drop names column(s) {unknown} that {path} does not have; its columns: "
+                         f"{', '.join(header)}")
+    if target in drop:
+        raise ValueError(f"{path}: {target!r} is the target column; it cannot be dropped")
     t = header.index(target)
-    labels = [row[t].strip() for row in rows]
-    missing = [i for i, v in enumerate(labels) if v == ""]
-    if missing:
-        raise ValueError(f"{path}: target column {target!r} is empty in {len(missing)} row(s)")
-    features = [(name, [row[i].strip() for row in rows]) for i, name in enumerate(header) if i != t]
+    labels = _csv_labels([row[t].strip() for row in rows], lines, path, target)
+    features = [(name, [row[i].strip() for row in rows]) for i, name in enumerate(header)
+                if i != t and name not in drop]
+    if not features:
+        raise ValueError(f"{path} has no feature column left besides the target {target!r}")
     return labels, features
 
 
-MISSING = {"", "na", "nan", "null", "none", "?"}
+def _numeric_column(name, values, lines, path):
+    """The column as float64 if it is numeric; None if it is categorical; refuses the rest."""
+    numeric = [_is_number(v) and v.lower() not in MISSING for v in values]
+    missing = [i for i, v in enumerate(values) if v.lower() in MISSING]
+    if missing:
+        i = missing[0]
+        raise ValueError(f"{path}: column {name!r} line {lines[i]} is missing ({values[i]!r}); "
+                         f"{len(missing)} cell(s) in all: impute or drop them (or --drop {name})")
+    if all(numeric):
+        x = np.array([float(v) for v in values])
+        bad = np.flatnonzero(~np.isfinite(x))
+        if bad.size:
+            raise ValueError(f"{path}: column {name!r} line {lines[bad[0]]} is {values[bad[0]]!r}, not a "
+                             f"finite number ({bad.size} such cell(s))")
+        return x
+    if sum(numeric) >= NUMERIC_SHARE * len(values):
+        stray = [i for i, ok in enumerate(numeric) if not ok]
+        raise ValueError(f"{path}: column {name!r} is numeric in {sum(numeric)} of {len(values)} rows but has "
+                         f"{len(stray)} other cell(s), the first {values[stray[0]]!r} on line {lines[stray[0]]}: "
+                         f"fix or impute them, or --drop {name}")
+    distinct = len(set(values))
+    if len(values) >= 20 and distinct >= ID_LIKE_SHARE * len(values):
+        raise ValueError(f"{path}: column {name!r} has {distinct} distinct values in {len(values)} rows: an "
+                         f"identifier (a name or an id), not a category; drop it with --drop {name} "
+                         f"(from_csv(drop=[{name!r}]))")
+    return None
 
 
 def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0.1,
-             test_fraction: float = 0.2, seed: int = 0, name: str | None = None) -> Dataset:
+             test_fraction: float = 0.2, seed: int = 0, name: str | None = None, drop=(),
+             encoding: str = "utf-8-sig") -> Dataset:
     """A :class:`Dataset` from a CSV with a header row; ``target`` names the label column.
 
-    Numeric columns are used as they are; a column with any non-numeric cell is categorical and
-    one-hot encoded. Empty / ``NA`` / ``NaN`` / ``?`` cells are refused, naming column and line.
+    Rules (each refusal names the file, the column and the CSV line):
+
+    * the target is a category column whatever it holds: integer labels (``200``, ``404`` or
+      ``1.0``) and names map to ``0..C-1`` in sorted order, kept in ``label_names``; missing
+      markers, non-integral and non-finite numbers in it are refused;
+    * a column name used twice, or a column without a name, is refused;
+    * a feature column whose cells are all numbers is numeric; a column numeric in most rows
+      with some other cells is refused (its stray tokens are counted); any other column is
+      categorical and one-hot encoded with the training categories, unless it holds a distinct
+      value in nearly every row (an identifier), which is refused;
+    * missing cells (``MISSING``: empty, NA, N/A, NaN, null, none, ?, -) and infinite values
+      are refused; ``drop`` removes columns before any of this;
+    * values are standardized in float64 with the training statistics (huge magnitudes scaled
+      first, so nothing overflows);
+    * every class needs enough rows for its stratified test and validation splits.
+
+    Args:
+      path: the CSV file (``encoding``: its text encoding, default UTF-8 with or without BOM).
+      target: the label column.
+      test_csv: a test file with the same columns (any order); else a stratified
+        ``test_fraction`` of the rows is held out.
+      drop: columns to leave out (ids, names, leakage).
     """
     path = pathlib.Path(path)
-    header, rows, lines = _read_csv(path)
-    labels, features = _columns(header, rows, target, path)
+    drop = tuple(drop)
+    header, rows, lines = _read_csv(path, encoding)
+    labels, features = _columns(header, rows, lines, target, path, drop)
     test = None
     if test_csv is not None:
-        test_header, test_rows, test_lines = _read_csv(pathlib.Path(test_csv))
+        test_csv = pathlib.Path(test_csv)
+        test_header, test_rows, test_lines = _read_csv(test_csv, encoding)
         if sorted(test_header) != sorted(header):
             raise ValueError(f"{test_csv} has columns {test_header}, {path} has {header}")
-        test = (_columns(test_header, test_rows, target, test_csv), test_lines)
+        test_labels, test_features = _columns(test_header, test_rows, test_lines, target, test_csv, drop)
+        test = (test_labels, dict(test_features), test_lines)
     columns, names, test_columns = [], [], []
     for name_, values in features:
-        for i, v in enumerate(values):
-            if v.lower() in MISSING:
-                raise ValueError(f"{path}: column {name_!r} line {lines[i]} is missing ({v!r}); "
-                                 "impute or drop it before training")
-        test_values = dict(test[0][1])[name_] if test else None
-        if all(_is_number(v) for v in values):
-            columns.append(np.array([float(v) for v in values]))
+        numeric = _numeric_column(name_, values, lines, path)
+        test_values = test[1][name_] if test else None
+        if numeric is not None:
+            columns.append(numeric)
             names.append(name_)
             if test:
-                bad = [(i, v) for i, v in enumerate(test_values) if v.lower() in MISSING or not _is_number(v)]
-                if bad:
-                    raise ValueError(f"{test_csv}: column {name_!r} line {test[1][bad[0][0]]} is {bad[0][1]!r}, "
-                                     "not a number")
+                for i, v in enumerate(test_values):
+                    if v.lower() in MISSING or not _is_number(v) or not np.isfinite(float(v)):
+                        raise ValueError(f"{test_csv}: column {name_!r} line {test[2][i]} is {v!r}, not a "
+                                         "finite number")
                 test_columns.append(np.array([float(v) for v in test_values]))
             continue
         categories = sorted(set(values))  # categorical: one-hot with the training categories
         if test:
-            unseen = sorted(set(test_values) - set(categories))
+            unseen = [(i, v) for i, v in enumerate(test_values) if v not in categories]
             if unseen:
-                raise ValueError(f"{test_csv}: column {name_!r} has categories {unseen[:5]} that "
+                i, v = unseen[0]
+                raise ValueError(f"{test_csv}: column {name_!r} line {test[2][i]} has category {v!r} that "
                                  f"{path} never has; known: {categories[:20]}")
         for category in categories:
             columns.append(np.array([v == category for v in values], float))
@@ -234,13 +374,13 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
                 test_columns.append(np.array([v == category for v in test_values], float))
     x = np.stack(columns, axis=1)
     x_test = np.stack(test_columns, axis=1) if test else None
-    y_test = np.array(test[0][0]) if test else None
-    y = np.array(labels)
-    if all(_is_number(v) and float(v) == int(float(v)) for v in labels) and (
-            y_test is None or all(_is_number(v) for v in y_test)):
-        y = np.array([int(float(v)) for v in labels])
-        y_test = None if y_test is None else np.array([int(float(v)) for v in y_test])
-    return from_arrays(x, y, x_test, y_test, validation_fraction=validation_fraction,
+    y_test = None
+    if test:
+        y_test = test[0]
+        if {type(v) for v in labels} != {type(v) for v in y_test}:  # "1" in one file, 1 in the other
+            labels, y_test = [str(v) for v in labels], [str(v) for v in y_test]
+        y_test = np.array(y_test)
+    return from_arrays(x, np.array(labels), x_test, y_test, validation_fraction=validation_fraction,
                        test_fraction=test_fraction, seed=seed, name=name or f"csv:{path.name}",
                        feature_names=names)
 

@@ -23,8 +23,10 @@ from dreg_jax.engine.run import (
     training_mask,
 )
 
+# the sweep layer: run specs (specs.py), the results store (store.py), SweepConfig
+# (sweep_config.py), planning and run_sweep (sweep.py)
 _SWEEP_NAMES = ("ResultsFile", "RunSpec", "SweepConfig", "plan_programs", "run_sweep", "summary_table",
-                "engine_data", "dataset_engine_data")
+                "engine_data", "dataset_engine_data", "load_records")
 
 
 def __getattr__(name):  # the sweep layer (tqdm, datasets) loads on first use: the study extra
@@ -33,8 +35,9 @@ def __getattr__(name):  # the sweep layer (tqdm, datasets) loads on first use: t
 
         require_study_extra(f"dreg_jax.engine.{name} (sweeps over datasets)")
         from dreg_jax.engine import sweep
+        from dreg_jax.engine.store import load_records  # noqa: F401 (a reader: never writes)
 
-        return getattr(sweep, name)
+        return load_records if name == "load_records" else getattr(sweep, name)
     raise AttributeError(f"module 'dreg_jax.engine' has no attribute {name!r}")
 
 

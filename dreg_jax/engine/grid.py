@@ -179,6 +179,17 @@ def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, 
     return program
 
 
+def _check_one_strength(config: TrainConfig, hparams: RunHParams):
+    """The runs' strengths live in ``RunHParams.strength`` (traced); a config strength that says
+    otherwise would be silently ignored, so it is refused."""
+    given = config.regularizer.strength
+    if given is not None and not np.allclose(np.asarray(hparams.strength, np.float64), given):
+        raise ValueError(
+            f"RegularizerConfig.strength={given} but RunHParams.strength={np.asarray(hparams.strength).tolist()}: "
+            "train_many trains every run at its RunHParams.strength; leave RegularizerConfig.strength "
+            "unset (None) or pass the same value")
+
+
 def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
                options: EngineOptions = EngineOptions(), mesh: Mesh | None = None):
     """Trains every run in ``hparams`` (leading axis = runs); returns numpy (final, curves).
@@ -189,6 +200,7 @@ def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_c
     config.validate()
     hparams.validate().check_fold(config)
     data.check(num_classes)
+    _check_one_strength(config, hparams)
     num_runs = int(np.shape(hparams.seed)[0])
     width = block_width(options, mesh)
     outputs = []

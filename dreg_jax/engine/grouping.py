@@ -47,7 +47,7 @@ import jax
 
 from dreg_jax.training.config import Fold, TrainConfig
 from dreg_jax.training.regularizers import get_regularizer
-from dreg_jax.training.train import loss_branches
+from dreg_jax.training.train import build_model, loss_branches
 
 FOLD_MODES = ("auto", "none", "all")
 
@@ -78,8 +78,6 @@ def forward_flops(config: TrainConfig, num_features: int, num_classes: int) -> f
     MLP step is overhead-bound (``step_seconds``), a transformer's is compute-bound
     (``seconds_per_flop`` x FLOPs; 64 tokens x 2 blocks of width 64 is ~500x the MLP).
     """
-    from dreg_jax.training.train import build_model
-
     try:
         model = build_model(config, num_classes)
         x = jax.ShapeDtypeStruct((config.batch_size, num_features), jax.numpy.float32)

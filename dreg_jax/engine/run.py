@@ -233,8 +233,12 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         diag_x = data.x_test[: options.diag_size]
         final.update(tau=gradient_tail_ratio(state, diag_x),
                      tau_input=gradient_tail_ratio(state, diag_x, variant="input"))
+    n_val = 0 if data.x_val is None else data.x_val.shape[0]
     final.update(fail_step=fail_step, diverge_step=diverge_step, volatility_peak=peak,
-                 train_examples=num_included)
+                 train_examples=num_included,
+                 # the validation split actually scored (a user dataset carries its own split)
+                 validation_rows=jnp.asarray(n_val, jnp.int32),
+                 validation_share=jnp.asarray(n_val / (n + n_val), jnp.float32))
     if data.x_val is not None and data.x_val.shape[0] > 0:
         val = eval_step(state, {"x": data.x_val, "y": data.y_val}, config)
         final.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])

@@ -25,20 +25,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
-import datetime
-import difflib
 import fcntl
-import functools
-import hashlib
-import itertools
-import json
 import math
 import os
-import pathlib
-import sys
 import time
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,292 +37,19 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dreg_jax._checks import check_choice
-from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset, load_dataset
+from dreg_jax.data.registry import load_dataset
 from dreg_jax.engine.grid import PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, place, run_blocks
-from dreg_jax.engine.identity import model_identity
 from dreg_jax.engine.grouping import FOLD_MODES, fold_config, forward_flops, plan_folds
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
+from dreg_jax.engine.specs import RESULTS_VERSION, RunSpec  # noqa: F401 (re-exported)
+from dreg_jax.engine.store import (  # noqa: F401 (re-exported)
+    STATUSES, NotAResultsFile, ResultsFile, flat_row, record_problem, utc_now,
+)
+from dreg_jax.engine.sweep_config import SweepConfig  # noqa: F401 (re-exported)
 from dreg_jax.training.regularizers import KIND_CURVES, get_regularizer
 from dreg_jax.training.config import (
-    CUSTOM_ACTIVATION,
     Fold,
-    REGULARIZERS,
-    ModelConfig,
-    OptimizerConfig,
-    RegularizerConfig,
-    TrainConfig,
 )
-
-RESULTS_VERSION = 1
-#: Config fields added after RESULTS_VERSION 1, left out of the run_id hash while they hold
-#: these defaults, so results written before a field existed are still found on resume.
-_LATER_DEFAULTS = (  # (path to the mapping, field, default)
-    (("config", "regularizer"), "strength_schedule", "constant"),
-    (("config", "regularizer"), "warmup_fraction", 0.25),
-    (("config", "regularizer"), "noise_representation", "penultimate"),
-    ((), "featurizer", "hashed"),
-    ((), "validation_fraction", 0.0),
-    (("config", "model"), "module", None),
-    (("config", "model"), "jacobian_layers", []),
-    (("config",), "fold", None),  # set only on programs, never on a run's own config
-    (("config", "regularizer"), "weight_decay_reading", "times_lr"),
-    (("config", "regularizer"), "spectral_norm_head", True),
-    (("config", "regularizer"), "dreg_output_layer", False),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    dataset: str
-    config: TrainConfig = TrainConfig()
-    seed: int = 0
-    data_fraction: float = 1.0
-    label_noise: float = 0.0
-    input_noise: float = 0.0
-    featurizer: str = "hashed"  # text datasets: "hashed" n-grams or "minilm" (frozen encoder)
-    validation_fraction: float = 0.0  # built-in sets: training share held out for validation
-
-    def validate(self) -> "RunSpec":
-        check_dataset(self.dataset)
-        self.config.validate()
-        if not 0.0 < self.data_fraction <= 1.0:
-            raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
-        if not 0.0 <= self.label_noise < 1.0:
-            raise ValueError(f"label_noise must be in [0, 1), got {self.label_noise}")
-        if self.input_noise < 0.0:
-            raise ValueError(f"input_noise must be >= 0, got {self.input_noise}")
-        check_choice("featurizer", self.featurizer, FEATURIZERS)
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
-        if self.validation_fraction and self.dataset in USER_DATASETS:
-            raise ValueError(f"{self.dataset!r} is your own dataset: its validation split comes from "
-                             "from_arrays/from_csv; leave validation_fraction at 0")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        return self
-
-    def to_dict(self) -> dict:
-        """Plain JSON values; a user module is recorded as ``"<Class>@<fingerprint>"`` of what it
-        computes (:mod:`dreg_jax.engine.identity`), so an edit to its code changes the run id."""
-        spec = self
-        module = self.config.model.module
-        if module is not None and not isinstance(module, str):
-            model = dataclasses.replace(self.config.model, module=model_identity(module))
-            spec = dataclasses.replace(self, config=dataclasses.replace(self.config, model=model))
-        return json.loads(json.dumps(dataclasses.asdict(spec)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunSpec":
-        c = d["config"]
-        config = TrainConfig(
-            model=ModelConfig(**{**c["model"], "hidden": tuple(c["model"]["hidden"]),
-                                 "jacobian_layers": tuple(c["model"].get("jacobian_layers", ()))}),
-            regularizer=RegularizerConfig(**c["regularizer"]),
-            optimizer=OptimizerConfig(**c["optimizer"]),
-            epochs=c["epochs"], batch_size=c["batch_size"],
-        )
-        return cls(**{**d, "config": config})
-
-    @property
-    def run_id(self) -> str:
-        d = self.to_dict()
-        for path, name, default in _LATER_DEFAULTS:
-            fields = functools.reduce(lambda m, k: m[k], path, d)
-            if fields.get(name) == default:
-                del fields[name]
-        canonical = json.dumps({"v": RESULTS_VERSION, **d}, sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-    def structure(self):
-        """What must be equal for runs to be able to share one compiled program: everything
-        but the numbers (traced per run) and the activation and regularizer kind (folded
-        where the grouping cost model says so, :mod:`dreg_jax.engine.grouping`)."""
-        c = self.config
-        blank = dataclasses.replace(
-            c, optimizer=OptimizerConfig(), model=dataclasses.replace(c.model, activation=""),
-            regularizer=dataclasses.replace(c.regularizer, strength=None, kind=""),
-        )
-        return (self.dataset, self.featurizer, self.validation_fraction), blank
-
-    def hparams(self, program: TrainConfig | None = None) -> RunHParams:
-        """The run's traced values; ``program`` (a folded config) sets its fold indices."""
-        program = program or self.config
-        return RunHParams(seed=self.seed, learning_rate=self.config.optimizer.learning_rate,
-                          strength=self.config.regularizer.resolved_strength(),
-                          data_fraction=self.data_fraction, label_noise=self.label_noise,
-                          input_noise=self.input_noise,
-                          activation_index=program.activations.index(self.config.model.activation),
-                          regularizer_index=program.regularizers.index(self.config.regularizer.kind))
-
-
-STATUSES = ("ok", "failed", "diverged")
-
-
-def record_problem(record) -> str | None:
-    """Why ``record`` is not a valid results row (None when it is)."""
-    if not isinstance(record, dict):
-        return f"a JSON {type(record).__name__}, not a results row (an object)"
-    for field, kind in (("run_id", str), ("spec", dict), ("status", str), ("metrics", dict)):
-        if field not in record:
-            return f"row has no {field!r}"
-        if not isinstance(record[field], kind):
-            return f"row field {field!r} is a {type(record[field]).__name__}, expected {kind.__name__}"
-    if record["status"] not in STATUSES:
-        return f"row status {record['status']!r} is not one of {', '.join(STATUSES)}"
-    if record["status"] == "ok" and "test_accuracy" not in record["metrics"]:
-        return "ok row has no metrics.test_accuracy"
-    if _newer_fields(record["spec"]):
-        return None  # a row from a newer version: its id cannot be recomputed here; kept as is
-    try:
-        run_id = RunSpec.from_dict(record["spec"]).run_id
-    except (KeyError, TypeError, ValueError) as err:
-        return f"row spec cannot be read ({type(err).__name__}: {err})"
-    if run_id != record["run_id"]:
-        return f"row spec hashes to {run_id}, not its run_id {record['run_id']}"
-    return None
-
-
-def _newer_fields(spec: dict) -> list[str]:
-    """Spec fields that this version's dataclasses do not have (a row written by newer code)."""
-    known = {
-        (): {f.name for f in dataclasses.fields(RunSpec)},
-        ("config",): {f.name for f in dataclasses.fields(TrainConfig)},
-        ("config", "model"): {f.name for f in dataclasses.fields(ModelConfig)},
-        ("config", "regularizer"): {f.name for f in dataclasses.fields(RegularizerConfig)},
-        ("config", "optimizer"): {f.name for f in dataclasses.fields(OptimizerConfig)},
-    }
-    unknown = []
-    for path, names in known.items():
-        node = spec
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            unknown += [".".join(path + (k,)) for k in node if k not in names]
-    return unknown
-
-
-class NotAResultsFile(ValueError):
-    """A file with lines but no valid results row: refused, and left untouched."""
-
-
-class ResultsFile:
-    """Append-only JSON-lines results; see the module docstring.
-
-    ``load()`` (readers) returns every valid row, reports each bad line with its file and line,
-    and changes nothing. ``load(repair=True)`` (the writer, under its lock) also moves bad lines
-    to ``<file>.rejected`` (one JSON object per line: line number, reason, text) and rewrites the
-    results file without them, so the run a torn line shadowed is redone.
-    """
-
-    def __init__(self, path, *, log=None):
-        self.path = pathlib.Path(path)
-        self.real_path = self.path.resolve()  # a symlink's target: what is written and locked
-        self.rejected_path = self.real_path.with_name(self.real_path.name + ".rejected")
-        self.lock_path = self.real_path.with_name(self.real_path.name + ".lock")
-        self.log = log or (lambda message: print(message, file=sys.stderr))
-
-    def check_writable(self):
-        """Raise now (before any compute) if results cannot be appended to this path."""
-        if self.path.is_dir():
-            raise OSError(f"results path {self.path} is a directory; pass a file, e.g. {self.path / 'results.jsonl'}")
-        if self.path.exists() and not self.path.stat().st_mode & 0o222:
-            raise OSError(f"results file {self.path} is read-only; make it writable (chmod u+w) or "
-                          "pass another --results file")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
-        except OSError as err:
-            raise OSError(f"results file {self.path} cannot be written: {err.strerror or err}") from None
-
-    def load(self, *, repair: bool = False) -> dict:
-        """``run_id -> record`` of every valid row (the first, if a run appears twice).
-
-        Raises :class:`NotAResultsFile` (and changes nothing) when the file has complete lines
-        but not one valid row. ``repair`` (the writer only) sets bad lines aside.
-        """
-        if not self.real_path.exists():
-            return {}
-        raw = self.real_path.read_bytes()
-        lines = raw.split(b"\n")
-        unterminated = lines.pop() if lines else b""  # b"" when the file ends with a newline
-        records, kept, rejected = {}, [], []
-        numbered = [(n, line, True) for n, line in enumerate(lines, 1)]
-        if unterminated.strip():
-            numbered.append((len(lines) + 1, unterminated, False))
-        for number, line, terminated in numbered:
-            if not line.strip():
-                kept.append(line)
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-                problem = record_problem(record)
-            except UnicodeDecodeError:
-                problem = "binary bytes, not UTF-8 text"
-            except json.JSONDecodeError as err:
-                problem = ("an unterminated last line that does not parse (a write cut short)"
-                           if not terminated else f"not valid JSON ({err.msg} at column {err.colno})")
-            if problem:
-                rejected.append((number, line, problem))
-                continue
-            kept.append(line)
-            if record["run_id"] in records:
-                continue  # a duplicate of a run already loaded: harmless, left in place
-            records[record["run_id"]] = record
-        complete_bad = [(n, p) for n, _, p in rejected if n <= len(lines)]
-        if not records and complete_bad:
-            number, problem = complete_bad[0]
-            raise NotAResultsFile(
-                f"{self.path} is not a dreg_jax results file (line {number}: {problem}; no line is a "
-                "results row); it was left untouched. Pass a results .jsonl written by dreg-jax sweep/train")
-        if rejected and repair:
-            self._set_aside(rejected)
-            self._rewrite(kept)
-        elif rejected:
-            for number, _, problem in rejected:
-                self.log(f"{self.path}:{number}: {problem}; skipped (the file is left as it is)")
-        elif unterminated.strip() and repair:  # a valid last row without its newline: terminate it
-            with open(self.real_path, "ab") as f:
-                f.write(b"\n")
-            self.log(f"{self.path}:{len(lines) + 1}: valid last row had no trailing newline; added one")
-        return records
-
-    def _set_aside(self, rejected):
-        with open(self.rejected_path, "a", encoding="utf-8") as f:
-            for number, line, problem in rejected:
-                f.write(json.dumps({"file": str(self.path), "line": number, "reason": problem,
-                                    "text": line.decode("utf-8", errors="backslashreplace"),
-                                    "set_aside_at": _now()}) + "\n")
-        for number, _, problem in rejected:
-            self.log(f"{self.path}:{number}: {problem}; moved to {self.rejected_path} "
-                     "(the run is redone if this sweep contains it)")
-
-    def _rewrite(self, lines):
-        tmp = self.real_path.with_name(self.real_path.name + ".tmp")
-        data = b"".join(line + b"\n" for line in lines if line.strip())
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.real_path)
-
-    def append(self, records: Sequence[dict]):
-        if not records:
-            return
-        data = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records).encode()
-        self.real_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.real_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _now():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
-
 
 def engine_data(name: str, featurizer: str = "hashed", validation_fraction: float = 0.0) -> tuple[EngineData, int]:
     ds = load_dataset(name, featurizer=featurizer, validation_fraction=validation_fraction)
@@ -386,7 +104,7 @@ def _records(chunk, final, curves, seconds, robust_names):
             "curves": {k: _to_json(v[i]) for k, v in curves.items()
                        if k not in KIND_CURVES or k in get_regularizer(spec.config.regularizer.kind).curves},
             "seconds": seconds / len(chunk),
-            "finished_at": _now(),
+            "finished_at": utc_now(),
         })
     return out
 
@@ -511,8 +229,6 @@ def summary_table(records: Sequence[dict]) -> str:
     """Mean +- std of test (and robust) accuracy of the ok runs, grouped by dataset, activation,
     regularizer and every other config field that differs between the runs (learning rate,
     strength, fraction, noise, ...); failed and diverged runs are counted apart."""
-    from dreg_jax.analysis.results import flat_row
-
     rows = [(flat_row(r), r) for r in records]
     always = ("dataset", "activation", "regularizer")
     keys = [k for k in SUMMARY_KEYS if k in always or len({str(f.get(k)) for f, _ in rows}) > 1]
@@ -534,168 +250,3 @@ def summary_table(records: Sequence[dict]) -> str:
         lines.append("".join(f"{c:<{w}}" for c, w in zip(cell, widths))
                      + f"{len(rs):>6}{failed:>8}{diverged:>9}{fmt(acc):>16}{fmt(rob):>16}")
     return "\n".join(lines)
-
-
-_NAME_LISTS = ("datasets", "activations", "regularizers", "strength_schedules", "dreg_scope")
-_NUMBER_LISTS = ("fractions", "label_noise", "input_noise", "learning_rates")
-_POSITIVE_INTS = ("epochs", "batch_size")
-_NAMES = ("featurizer",)
-_FRACTIONS = ("validation_fraction",)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _coerce_field(key, value):
-    """Checks a sweep key's value type (lists where lists are expected); returns it as a tuple."""
-    as_list = list(value) if isinstance(value, (list, tuple)) else [value]
-    if key in _NAME_LISTS:
-        if not as_list or not all(isinstance(v, str) for v in as_list):
-            raise ValueError(f"{key} must be a name or a list of names, got {value!r}")
-        return tuple(as_list)
-    if key in _NUMBER_LISTS:
-        if not as_list or not all(_is_number(v) and math.isfinite(v) for v in as_list):
-            raise ValueError(f"{key} must be a finite number or a list of them, got {value!r}")
-        return tuple(float(v) for v in as_list)
-    if key == "seeds":
-        if _is_int(value) and value >= 1:
-            return int(value)
-        if isinstance(value, (list, tuple)) and value and all(_is_int(v) and 0 <= v < 2**32 for v in value):
-            return tuple(int(v) for v in value)
-        raise ValueError(f"seeds must be a positive count (0..n-1) or a list of integer seeds, got {value!r}")
-    if key == "hidden":
-        if not as_list or not all(_is_int(v) and v >= 1 for v in as_list):
-            raise ValueError(f"hidden must be a list of positive integer widths, got {value!r}")
-        return tuple(int(v) for v in as_list)
-    if key in _POSITIVE_INTS:
-        if not (_is_int(value) and value >= 1):
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        return int(value)
-    if key in _FRACTIONS:
-        if not (_is_number(value) and 0 <= value < 1):
-            raise ValueError(f"{key} must be a number in [0, 1), got {value!r}")
-        return float(value)
-    if key in ("module", "jacobian_layers"):
-        raise ValueError(f"{key} can only be given from Python (SweepConfig(module=..., jacobian_layers=...))")
-    if key in _NAMES:
-        if not isinstance(value, str):
-            raise ValueError(f"{key} must be a name, got {value!r}")
-        return value
-    if key == "strengths":
-        if not isinstance(value, dict):
-            raise ValueError(f"strengths must map regularizer names to strengths, got {value!r}")
-        out = {}
-        for name, v in value.items():
-            vs = list(v) if isinstance(v, (list, tuple)) else [v]
-            if not vs or not all(_is_number(x) and math.isfinite(x) and x >= 0 for x in vs):
-                raise ValueError(f"strengths[{name!r}] must be a finite number >= 0 or a list of them, got {v!r}")
-            out[name] = [float(x) for x in vs] if isinstance(v, (list, tuple)) else float(v)
-        return out
-    if key in ("regularizer_options", "model_options"):
-        if not isinstance(value, dict):
-            raise ValueError(f"{key} must map config fields to values, got {value!r}")
-        return dict(value)
-    return value
-
-
-def _options(key: str, options: dict, config_class, fixed: set) -> dict:
-    """``SweepConfig.regularizer_options`` / ``model_options`` checked against the config's fields."""
-    valid = {f.name for f in dataclasses.fields(config_class)} - fixed
-    for name in options:
-        if name in fixed:
-            raise ValueError(f"{key} cannot set {name!r}: the sweep's own key sets it")
-        if name not in valid:
-            hint = difflib.get_close_matches(name, valid, 1)
-            raise ValueError(f"{key} has unknown field {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                             + f"; valid: {', '.join(sorted(valid))}")
-    return dict(options)
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepConfig:
-    """A factorial grid, as written in a YAML/JSON sweep file (keys = field names)."""
-
-    datasets: tuple[str, ...] = ("digits",)
-    activations: tuple[str, ...] = ("gelu",)
-    regularizers: tuple[str, ...] = ("none", "dreg")
-    seeds: int | tuple[int, ...] = 3  # a count (0..n-1) or an explicit list
-    fractions: tuple[float, ...] = (1.0,)
-    label_noise: tuple[float, ...] = (0.0,)
-    input_noise: tuple[float, ...] = (0.0,)
-    learning_rates: tuple[float, ...] = (1e-3,)
-    strengths: dict = dataclasses.field(default_factory=dict)  # regularizer -> strength (lists ok)
-    hidden: tuple[int, ...] = (64, 64, 64)
-    epochs: int = 20
-    batch_size: int = 64
-    # DREG's reading: "activation" or "layer", or a list of both: one DREG arm per scope (the
-    # other regularizers' runs take the first)
-    dreg_scope: str | tuple[str, ...] = "activation"
-    # further RegularizerConfig fields for every run, e.g. {"layer_estimator": "exact",
-    # "weight_decay_reading": "per_step", "spectral_norm_head": False}
-    regularizer_options: dict = dataclasses.field(default_factory=dict)
-    # further ModelConfig fields for every run, e.g. {"chainzrule_input_bound": None} (no clip)
-    model_options: dict = dataclasses.field(default_factory=dict)
-    featurizer: str = "hashed"  # text datasets: "hashed" or "minilm"
-    validation_fraction: float = 0.0  # built-in sets: stratified training share held out (0: none)
-    strength_schedules: tuple[str, ...] = ("constant",)  # DREG runs only; see penalties.schedules
-    module: Any = None  # your own linen module (Python only; see ModelConfig.module)
-    jacobian_layers: tuple[str, ...] = ()  # its submodules for dreg_scope="layer"
-
-    @classmethod
-    def from_mapping(cls, mapping: dict) -> "SweepConfig":
-        """A config from a YAML/JSON mapping, every value type-checked (one-line errors)."""
-        if not isinstance(mapping, dict):
-            raise ValueError(f"a sweep config is a mapping of keys, got {type(mapping).__name__}")
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - valid)
-        if unknown:
-            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else repr(k)
-                     for k in unknown]
-            raise ValueError(f"unknown sweep key(s) {unknown}; valid keys: {', '.join(sorted(valid))}"
-                             + (f"; {', '.join(h for h in hints if 'did you mean' in h)}" if any('did you mean' in h for h in hints) else ""))
-        return cls(**{k: _coerce_field(k, v) for k, v in mapping.items()})
-
-    def expand(self) -> list[RunSpec]:
-        for kind in self.strengths:
-            if kind not in REGULARIZERS:
-                raise ValueError(f"strengths has unknown regularizer {kind!r}; expected one of: {', '.join(REGULARIZERS)}")
-        if set(self.strength_schedules) != {"constant"} and not any(
-                get_regularizer(r).schedulable for r in self.regularizers):
-            raise ValueError(f"strength_schedules {list(self.strength_schedules)} apply to the dreg regularizer "
-                             f"only; add dreg to regularizers (got {list(self.regularizers)})")
-        seeds = range(self.seeds) if isinstance(self.seeds, int) else self.seeds
-        activations = (CUSTOM_ACTIVATION,) if self.module is not None else self.activations
-        scopes = (self.dreg_scope,) if isinstance(self.dreg_scope, str) else tuple(self.dreg_scope)
-        if not scopes:
-            raise ValueError("dreg_scope must name a scope (activation, layer) or a list of them")
-        options = _options("regularizer_options", self.regularizer_options, RegularizerConfig,
-                           {"kind", "strength", "dreg_scope", "strength_schedule"})
-        model_options = _options("model_options", self.model_options, ModelConfig,
-                                 {"hidden", "activation", "module", "jacobian_layers"})
-        specs = []
-        for ds, act, reg, lr in itertools.product(self.datasets, activations, self.regularizers,
-                                                  self.learning_rates):
-            strengths = self.strengths.get(reg, None)
-            strengths = strengths if isinstance(strengths, (list, tuple)) else [strengths]
-            schedulable = get_regularizer(reg).schedulable  # several readings and lambda_t schedules
-            schedules = self.strength_schedules if schedulable else ("constant",)
-            for scope, strength, schedule, seed, frac, ln, inoise in itertools.product(
-                scopes if schedulable else scopes[:1], strengths, schedules, seeds, self.fractions,
-                self.label_noise, self.input_noise
-            ):
-                config = TrainConfig(
-                    model=ModelConfig(hidden=tuple(self.hidden), activation=act, module=self.module,
-                                      jacobian_layers=tuple(self.jacobian_layers), **model_options),
-                    regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=scope,
-                                                  strength_schedule=schedule, **options),
-                    optimizer=OptimizerConfig(learning_rate=lr),
-                    epochs=self.epochs, batch_size=self.batch_size,
-                )
-                specs.append(RunSpec(ds, config, int(seed), float(frac), float(ln), float(inoise), self.featurizer,
-                                     float(self.validation_fraction)))
-        return [s.validate() for s in specs]

@@ -97,11 +97,14 @@ from flax import nnx
 from dreg_jax._checks import check_choice, check_positive_int, is_concrete
 from dreg_jax.layers.chainzrule import ChainzRule
 from dreg_jax.layers.elementwise import Activation, NNXActivation
+from dreg_jax.penalties.dreg import LAYER_ESTIMATORS, SCOPES
 from dreg_jax.penalties.layer_jacobian import row_sq_norm_mean
 from dreg_jax.penalties.probes import rademacher
 
-TERM_SCOPES = ("layer", "activation")
-TERM_ESTIMATORS = ("probe", "exact")
+# one name each for the scopes and estimators (the configs' tuples); jacobian_terms defaults to
+# the layer scope because it selects submodules by path, a config to the activation scope
+TERM_SCOPES = SCOPES
+TERM_ESTIMATORS = LAYER_ESTIMATORS
 TERMS_COLLECTION = "dreg_terms"
 ELEMENTWISE_MODULES = (Activation, NNXActivation, ChainzRule)
 _LINEN_LINEAR = (nn.Dense, nn.Conv)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -46,10 +47,30 @@ class BertConfig:
 
     @classmethod
     def from_json(cls, path) -> "BertConfig":
-        """From a Hugging Face ``config.json`` (``BertModel``)."""
-        c = json.loads(pathlib.Path(path).read_text())
-        if c.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"only hidden_act='gelu' (erf) is supported, got {c['hidden_act']!r}")
+        """From a Hugging Face ``config.json`` (``BertModel``); anything this encoder would
+        compute differently (another model type, relative positions, another activation, heads
+        that do not divide the width) is refused, naming the file and the field."""
+        path = pathlib.Path(path)
+        try:
+            c = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+        refusals = {
+            "model_type": (c.get("model_type", "bert"), "bert"),
+            "position_embedding_type": (c.get("position_embedding_type", "absolute"), "absolute"),
+            "hidden_act": (c.get("hidden_act", "gelu"), "gelu"),
+        }
+        for field, (got, want) in refusals.items():
+            if got != want:
+                raise ValueError(f"{path}: {field} is {got!r}; this Flax BERT computes {field}={want!r} only "
+                                 "(another value would give different hidden states)")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size", "max_position_embeddings") if k not in c]
+        if missing:
+            raise ValueError(f"{path} has no {missing} (a BertModel config.json names them)")
+        if c["hidden_size"] % c["num_attention_heads"]:
+            raise ValueError(f"{path}: num_attention_heads={c['num_attention_heads']} does not divide "
+                             f"hidden_size={c['hidden_size']}")
         return cls(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
                    c["intermediate_size"], c["max_position_embeddings"], c.get("type_vocab_size", 2),
                    c.get("layer_norm_eps", 1e-12))
@@ -245,8 +266,29 @@ def load_bert(path) -> tuple[BertEncoder, dict, Tokenizer]:
             raise FileNotFoundError(f"{path / name} does not exist: a BERT checkpoint directory needs "
                                     "config.json, model.safetensors and tokenizer.json")
     config = BertConfig.from_json(path / "config.json")
-    variables = bert_variables(load_file(str(path / "model.safetensors")), config)
-    return BertEncoder(config), variables, Tokenizer(path / "tokenizer.json")
+    weights = path / "model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: one line naming the file
+        raise ValueError(f"{weights} cannot be read as safetensors ({type(err).__name__}: {err}); "
+                         "is the file complete?") from None
+    layers = {int(m.group(1)) for name in tensors if (m := re.search(r"encoder\.layer\.(\d+)\.", name))}
+    if layers and max(layers) + 1 != config.num_layers:
+        raise ValueError(f"{weights} holds {max(layers) + 1} layers but {path / 'config.json'} says "
+                         f"num_hidden_layers={config.num_layers}")
+    for name, value in tensors.items():
+        if "position_ids" not in name and not np.issubdtype(np.asarray(value).dtype, np.floating):
+            raise ValueError(f"{weights}: tensor {name!r} has dtype {np.asarray(value).dtype} (a quantized "
+                             "checkpoint?); load_bert needs float weights")
+    try:
+        variables = bert_variables(tensors, config)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"{weights} does not match {path / 'config.json'}: {err.args[0]}") from None
+    tokenizer = Tokenizer(path / "tokenizer.json")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model's vocab_size "
+                         f"is {config.vocab_size}: ids past it have no embedding")
+    return BertEncoder(config), variables, tokenizer
 
 
 def load_minilm(path=None) -> tuple[BertEncoder, dict, Tokenizer]:

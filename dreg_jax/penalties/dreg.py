@@ -99,9 +99,16 @@ def dreg_penalty(
     if not jnp.issubdtype(sq_norms.dtype, jnp.floating):  # integers would truncate lambda to 0
         sq_norms = sq_norms.astype(jnp.float32)
     sq_norms = sq_norms.astype(jnp.promote_types(sq_norms.dtype, jnp.float32))
-    if is_concrete(sq_norms) and not np.isfinite(np.asarray(sq_norms, np.float64)).all():
-        raise ValueError(f"sq_norms holds NaN/inf ({sq_norms}); the layer terms diverged or the input "
-                         "was not finite")
+    if is_concrete(sq_norms):
+        concrete = np.asarray(sq_norms, np.float64)
+        if not np.isfinite(concrete).all():
+            raise ValueError(f"sq_norms holds NaN/inf ({sq_norms}); the layer terms diverged or the input "
+                             "was not finite")
+        if (concrete < 0).any():  # squared norms: a negative one is not a DREG term
+            raise ValueError(f"sq_norms holds negative values ({sq_norms}); each term is a squared "
+                             "Jacobian norm, >= 0")
+    if isinstance(strength, (bool, np.bool_)) or (hasattr(strength, "dtype") and strength.dtype == bool):
+        raise TypeError(f"strength must be a number, got the boolean {strength!r}")
     if is_concrete(strength):
         lam_value = np.asarray(strength, dtype=np.float64)
         if lam_value.ndim != 0 or not np.isfinite(lam_value) or lam_value < 0:
@@ -116,11 +123,13 @@ def dreg_penalty(
                 'scaling="width" needs widths (the output width of every layer); pass '
                 'widths=dreg_jax.layer_widths(layer_fns, x) or use scaling="none"'
             )
-        widths = tuple(int(w) for w in widths)
-        if len(widths) != num_layers or min(widths) < 1:
+        given = tuple(widths)
+        if (len(given) != num_layers or any(isinstance(w, (bool, np.bool_)) for w in given)
+                or any(not float(w).is_integer() or w < 1 for w in given)):
             raise ValueError(
-                f"widths must hold {num_layers} positive ints (one per layer), got {widths}"
+                f"widths must hold {num_layers} positive ints (one per layer), got {given}"
             )
+        widths = tuple(int(w) for w in given)
         terms = terms / jnp.asarray(widths, dtype=terms.dtype)
     if layer_weights is not None:
         layer_weights = jnp.asarray(layer_weights, dtype=terms.dtype)
@@ -128,8 +137,14 @@ def dreg_penalty(
             raise ValueError(
                 f"layer_weights must have shape ({num_layers},), got {layer_weights.shape}"
             )
+        if is_concrete(layer_weights) and not (np.isfinite(np.asarray(layer_weights, np.float64)).all()
+                                               and (np.asarray(layer_weights) >= 0).all()):
+            raise ValueError(f"layer_weights must be finite and >= 0, got {layer_weights}")
         terms = terms * layer_weights
     penalty = jnp.asarray(strength, dtype=terms.dtype) * jnp.sum(terms)
+    if is_concrete(penalty) and not np.isfinite(np.asarray(penalty, np.float64)):
+        raise ValueError(f"the penalty overflows {penalty.dtype} (strength {strength!r} times terms summing to "
+                         f"{float(jnp.sum(terms)):.4g}); use a smaller strength or scaling='width'")
     if data_loss is not None:
         warn_if_penalty_dominates(penalty, data_loss)
     return penalty

@@ -11,6 +11,7 @@ from typing import Any
 from dreg_jax._checks import check_choice, check_finite_scalar, check_positive_int
 from dreg_jax.layers.activations import check_activation
 from dreg_jax.layers.chainzrule import INITS
+from dreg_jax.layers.nnx_model import NNXModel
 from dreg_jax.penalties.dreg import (
     DEFAULT_SCOPE,
     LAYER_ESTIMATORS,
@@ -56,7 +57,6 @@ class ModelConfig:
         if self.module is not None:
             import flax.linen as nn
 
-            from dreg_jax.layers.nnx_model import NNXModel
 
             if isinstance(self.module, NNXModel):
                 pass

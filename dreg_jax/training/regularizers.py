@@ -23,11 +23,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dreg_jax._checks import check_choice
+from dreg_jax.layers.jacobian_terms import jacobian_terms
+from dreg_jax.layers.mlp import MLP
 from dreg_jax.penalties.coherent import coherent_strong_regularization
 from dreg_jax.penalties.dreg import DEFAULT_LAMBDA, dreg_penalty
 from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA, input_gradient_penalty
 from dreg_jax.penalties.network_jacobian import DEFAULT_JACOBIAN_LAMBDA, network_jacobian_penalty
 from dreg_jax.penalties.schedules import representation_noise_ratio, strength_multiplier
+from dreg_jax.training.user_model import UserModel, dropout_key
 
 
 class LossTerms(NamedTuple):
@@ -67,7 +71,6 @@ def _plain_loss(ctx) -> LossTerms:
     if ctx.config.model.is_custom:
         logits, updates = ctx.apply(ctx.x)
     else:  # the MLP's pass with terms (unused here), the same arithmetic as the DREG runs'
-        from dreg_jax.layers.mlp import MLP
 
         (logits, _), updates = ctx.apply(ctx.x, update_stats=True, method=MLP.forward_with_jacobian_terms,
                                          **_model_pass_options(ctx.config.regularizer))
@@ -76,9 +79,7 @@ def _plain_loss(ctx) -> LossTerms:
 
 def custom_model_terms(ctx, scope, estimator, num_probes):
     """``(logits, sq_norms, widths, updates)`` of a user module through ``jacobian_terms``."""
-    from dreg_jax.layers.jacobian_terms import jacobian_terms
 
-    from dreg_jax.training.user_model import UserModel, dropout_key
 
     model = ctx.config.model
     layers = model.jacobian_layers if scope == "layer" else None
@@ -91,7 +92,6 @@ def custom_model_terms(ctx, scope, estimator, num_probes):
 
 
 def _dreg_loss(ctx) -> LossTerms:
-    from dreg_jax.layers.mlp import MLP  # the MLP's own pass computes the terms
 
     reg, state = ctx.config.regularizer, ctx.state
     if ctx.config.model.is_custom:
@@ -282,7 +282,5 @@ DEFAULT_STRENGTHS = {name: r.default_strength for name, r in REGISTRY.items()}
 def get_regularizer(name: str) -> Regularizer:
     """The :class:`Regularizer` called ``name`` (a ValueError lists the valid names)."""
     if name not in REGISTRY:
-        from dreg_jax._checks import check_choice
-
         check_choice("regularizer", name, REGULARIZERS)
     return REGISTRY[name]

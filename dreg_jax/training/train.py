@@ -16,9 +16,10 @@ from flax import struct
 from flax.training import train_state
 
 from dreg_jax.layers.mlp import MLP
+from dreg_jax.layers.jacobian_terms import jacobian_terms
 from dreg_jax.penalties.schedules import LENGTH_SCHEDULES
 from dreg_jax.training.config import TrainConfig
-from dreg_jax.training.regularizers import cross_entropy, get_regularizer
+from dreg_jax.training.regularizers import cross_entropy, get_regularizer, shares_model_pass
 from dreg_jax.training.user_model import UserModel, check_logits_shape, dropout_key
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -180,8 +181,6 @@ def loss_branches(config: TrainConfig) -> tuple[tuple[str, ...], ...]:
     kind (IGPen, the Jacobian penalty, probe DREG, ...) is a branch of its own. One branch per
     program unless the config is folded.
     """
-    from dreg_jax.training.regularizers import shares_model_pass
-
     shared, own = [], []
     for kind in config.regularizers:
         (shared if shares_model_pass(kind, config) else own).append(kind)
@@ -235,8 +234,6 @@ def train_step(state: TrainState, batch, key, config: TrainConfig):
 def _custom_eval_terms(config, variables, x):
     """A user module's logits (inference mode) and its marked activations' exact terms (none
     marked: ``(0,)``)."""
-    from dreg_jax.layers.jacobian_terms import jacobian_terms
-
     model = UserModel(config.model.module)
     module, module_variables, kwargs, _ = model.terms_call(variables, False, None)
     try:

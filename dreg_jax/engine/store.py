@@ -1,0 +1,236 @@
+"""The results store: one JSON row per finished run, appended by the writer, read by everyone.
+
+See :mod:`dreg_jax.engine.sweep` for the guarantees (torn lines, locks, readers that never
+write, rows from newer versions). ``flat_row`` turns a row into one flat table row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+
+from dreg_jax.engine.specs import RunSpec
+from dreg_jax.training.config import (
+    ModelConfig,
+    OptimizerConfig,
+    RegularizerConfig,
+    TrainConfig,
+)
+
+STATUSES = ("ok", "failed", "diverged")
+
+
+def record_problem(record) -> str | None:
+    """Why ``record`` is not a valid results row (None when it is)."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a results row (an object)"
+    for field, kind in (("run_id", str), ("spec", dict), ("status", str), ("metrics", dict)):
+        if field not in record:
+            return f"row has no {field!r}"
+        if not isinstance(record[field], kind):
+            return f"row field {field!r} is a {type(record[field]).__name__}, expected {kind.__name__}"
+    if record["status"] not in STATUSES:
+        return f"row status {record['status']!r} is not one of {', '.join(STATUSES)}"
+    if record["status"] == "ok" and "test_accuracy" not in record["metrics"]:
+        return "ok row has no metrics.test_accuracy"
+    if _newer_fields(record["spec"]):
+        return None  # a row from a newer version: its id cannot be recomputed here; kept as is
+    try:
+        run_id = RunSpec.from_dict(record["spec"]).run_id
+    except (KeyError, TypeError, ValueError) as err:
+        return f"row spec cannot be read ({type(err).__name__}: {err})"
+    if run_id != record["run_id"]:
+        return f"row spec hashes to {run_id}, not its run_id {record['run_id']}"
+    return None
+
+
+def _newer_fields(spec: dict) -> list[str]:
+    """Spec fields that this version's dataclasses do not have (a row written by newer code)."""
+    known = {
+        (): {f.name for f in dataclasses.fields(RunSpec)},
+        ("config",): {f.name for f in dataclasses.fields(TrainConfig)},
+        ("config", "model"): {f.name for f in dataclasses.fields(ModelConfig)},
+        ("config", "regularizer"): {f.name for f in dataclasses.fields(RegularizerConfig)},
+        ("config", "optimizer"): {f.name for f in dataclasses.fields(OptimizerConfig)},
+    }
+    unknown = []
+    for path, names in known.items():
+        node = spec
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            unknown += [".".join(path + (k,)) for k in node if k not in names]
+    return unknown
+
+
+class NotAResultsFile(ValueError):
+    """A file with lines but no valid results row: refused, and left untouched."""
+
+
+class ResultsFile:
+    """Append-only JSON-lines results; see the module docstring.
+
+    ``load()`` (readers) returns every valid row, reports each bad line with its file and line,
+    and changes nothing. ``load(repair=True)`` (the writer, under its lock) also moves bad lines
+    to ``<file>.rejected`` (one JSON object per line: line number, reason, text) and rewrites the
+    results file without them, so the run a torn line shadowed is redone.
+    """
+
+    def __init__(self, path, *, log=None):
+        self.path = pathlib.Path(path)
+        self.real_path = self.path.resolve()  # a symlink's target: what is written and locked
+        self.rejected_path = self.real_path.with_name(self.real_path.name + ".rejected")
+        self.lock_path = self.real_path.with_name(self.real_path.name + ".lock")
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+
+    def check_writable(self):
+        """Raise now (before any compute) if results cannot be appended to this path."""
+        if self.path.is_dir():
+            raise OSError(f"results path {self.path} is a directory; pass a file, e.g. {self.path / 'results.jsonl'}")
+        if self.path.exists() and not self.path.stat().st_mode & 0o222:
+            raise OSError(f"results file {self.path} is read-only; make it writable (chmod u+w) or "
+                          "pass another --results file")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        except OSError as err:
+            raise OSError(f"results file {self.path} cannot be written: {err.strerror or err}") from None
+
+    def load(self, *, repair: bool = False) -> dict:
+        """``run_id -> record`` of every valid row (the first, if a run appears twice).
+
+        Raises :class:`NotAResultsFile` (and changes nothing) when the file has complete lines
+        but not one valid row. ``repair`` (the writer only) sets bad lines aside.
+        """
+        if not self.real_path.exists():
+            return {}
+        raw = self.real_path.read_bytes()
+        lines = raw.split(b"\n")
+        unterminated = lines.pop() if lines else b""  # b"" when the file ends with a newline
+        records, kept, rejected = {}, [], []
+        numbered = [(n, line, True) for n, line in enumerate(lines, 1)]
+        if unterminated.strip():
+            numbered.append((len(lines) + 1, unterminated, False))
+        for number, line, terminated in numbered:
+            if not line.strip():
+                kept.append(line)
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+                problem = record_problem(record)
+            except UnicodeDecodeError:
+                problem = "binary bytes, not UTF-8 text"
+            except json.JSONDecodeError as err:
+                problem = ("an unterminated last line that does not parse (a write cut short)"
+                           if not terminated else f"not valid JSON ({err.msg} at column {err.colno})")
+            if problem:
+                rejected.append((number, line, problem))
+                continue
+            kept.append(line)
+            if record["run_id"] in records:
+                continue  # a duplicate of a run already loaded: harmless, left in place
+            records[record["run_id"]] = record
+        complete_bad = [(n, p) for n, _, p in rejected if n <= len(lines)]
+        if not records and complete_bad:
+            number, problem = complete_bad[0]
+            raise NotAResultsFile(
+                f"{self.path} is not a dreg_jax results file (line {number}: {problem}; no line is a "
+                "results row); it was left untouched. Pass a results .jsonl written by dreg-jax sweep/train")
+        if rejected and repair:
+            self._set_aside(rejected)
+            self._rewrite(kept)
+        elif rejected:
+            for number, _, problem in rejected:
+                self.log(f"{self.path}:{number}: {problem}; skipped (the file is left as it is)")
+        elif unterminated.strip() and repair:  # a valid last row without its newline: terminate it
+            with open(self.real_path, "ab") as f:
+                f.write(b"\n")
+            self.log(f"{self.path}:{len(lines) + 1}: valid last row had no trailing newline; added one")
+        return records
+
+    def _set_aside(self, rejected):
+        with open(self.rejected_path, "a", encoding="utf-8") as f:
+            for number, line, problem in rejected:
+                f.write(json.dumps({"file": str(self.path), "line": number, "reason": problem,
+                                    "text": line.decode("utf-8", errors="backslashreplace"),
+                                    "set_aside_at": utc_now()}) + "\n")
+        for number, _, problem in rejected:
+            self.log(f"{self.path}:{number}: {problem}; moved to {self.rejected_path} "
+                     "(the run is redone if this sweep contains it)")
+
+    def _rewrite(self, lines):
+        tmp = self.real_path.with_name(self.real_path.name + ".tmp")
+        data = b"".join(line + b"\n" for line in lines if line.strip())
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.real_path)
+
+    def append(self, records: Sequence[dict]):
+        if not records:
+            return
+        data = "".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records).encode()
+        self.real_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.real_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def utc_now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+CONFIG_COLUMNS = ("dataset", "activation", "hidden", "regularizer", "strength", "learning_rate",
+                  "epochs", "batch_size", "seed", "data_fraction", "label_noise", "input_noise")
+
+
+def flat_row(record: dict) -> dict:
+    """One results record as a flat dict (see the module docstring)."""
+    spec, config = record["spec"], record["spec"]["config"]
+    reg, model = config["regularizer"], config["model"]
+    hparams = record.get("hparams") or {}
+    row = {
+        "run_id": record["run_id"], "status": record["status"], "dataset": spec["dataset"],
+        "activation": model["activation"], "hidden": "x".join(map(str, model["hidden"])),
+        "regularizer": reg["kind"],
+        "strength": hparams.get("strength", reg.get("strength")),
+        "learning_rate": hparams.get("learning_rate", config["optimizer"]["learning_rate"]),
+        "epochs": config["epochs"], "batch_size": config["batch_size"], "seed": spec["seed"],
+        "data_fraction": spec["data_fraction"], "label_noise": spec["label_noise"],
+        "input_noise": spec["input_noise"], "featurizer": spec.get("featurizer", "hashed"),
+    }
+    scalar = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
+    row.update({k: scalar(v) for k, v in reg.items() if k not in ("kind", "strength")})
+    row.update({k: scalar(v) for k, v in model.items() if k not in ("hidden", "activation")})
+    row.update(fail_step=record.get("fail_step"), diverge_step=record.get("diverge_step"),
+               seconds=record.get("seconds"))
+    for name, value in record["metrics"].items():
+        if isinstance(value, list):
+            row.update({f"{name}_{i}": v for i, v in enumerate(value)})
+        elif isinstance(value, dict):
+            row.update({f"{name}/{k}": v for k, v in value.items()})
+        else:
+            row[name] = value
+    return row
+
+
+def load_records(path) -> list[dict]:
+    """The valid records of a results JSONL (bad lines reported and skipped; the file is not changed)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ValueError(f"results file {path} does not exist")
+    records = list(ResultsFile(path).load().values())
+    if not records:
+        raise ValueError(f"results file {path} holds no valid run")
+    return records

@@ -1,0 +1,61 @@
+"""The package's floors (docs/architecture.md): a module imports only from its own floor or below,
+and no import climbs back up, at the top of a module or inside a function."""
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "dreg_jax"
+FLOORS = {
+    "_checks": 1, "_extras": 1,
+    "penalties": 2,
+    "layers": 3, "models": 3,
+    "training": 4, "data": 4,
+    "engine": 5,
+    "analysis": 6,
+    "cli": 7, "__init__": 7,
+}
+# imports a floor may make upward on purpose: the engine's lazy door to its own sweep layer is
+# inside the engine; the top-level package re-exports everything (floor 7)
+LAYERS_OF = {"layers": {"layers"}, "models": {"models", "layers"}, "training": {"training"}, "data": {"data", "models"}}
+
+
+def package_of(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT)
+    return rel.parts[0].removesuffix(".py")
+
+
+def project_imports(path: pathlib.Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dreg_jax"):
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            yield node.lineno, node.module, names
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("dreg_jax"):
+                    yield node.lineno, alias.name, [alias.name]
+
+
+def target_package(module: str, names) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:  # "from dreg_jax import x": the submodule x
+        sub = names[1].split(".")[1] if len(names) > 1 else "__init__"
+        return sub if sub in FLOORS else "__init__"
+    return parts[1]
+
+
+MODULES = sorted(p for p in ROOT.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(ROOT)) for p in MODULES])
+def test_no_import_climbs_a_floor(path):
+    own = package_of(path)
+    for line, module, names in project_imports(path):
+        target = target_package(module, names)
+        if target == own:
+            continue
+        assert FLOORS[target] <= FLOORS[own], (
+            f"{path.relative_to(ROOT.parent)}:{line} imports {module} (floor {FLOORS[target]}) from floor {FLOORS[own]}")
+        if FLOORS[target] == FLOORS[own]:  # same floor: only the listed direction
+            assert target in LAYERS_OF.get(own, set()), f"{path.relative_to(ROOT.parent)}:{line}: {own} -> {target}"
