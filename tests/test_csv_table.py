@@ -80,6 +80,8 @@ CASES = {
                                                ("refused", "a", 5, "3 other cell")),
     "identifier column": (table(header=("a", "b", "name", "label"), extra=None,
                                 cells={(i, 2): NAMES[i] for i in range(ROWS)}), "label", {}, ("refused", "name", None, "identifier")),
+    "row index column": (table(header=("id", "b", "c", "label"), cells={(i, 0): str(i + 1) for i in range(ROWS)}),
+                         "label", {}, ("refused", "id", None, "row index")),
     "identifier column dropped": (table(header=("a", "b", "name", "label"), cells={(i, 2): NAMES[i] for i in range(ROWS)}),
                                   "label", {"drop": ["name"]}, dict(classes=("0", "1"), features=("a", "b"))),
     "drop an unknown column": (table(), "label", {"drop": ["zzz"]}, ("refused", "zzz", None, "does not have")),

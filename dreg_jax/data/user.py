@@ -292,6 +292,11 @@ def _numeric_column(name, values, lines, path):
         if bad.size:
             raise ValueError(f"{path}: column {name!r} line {lines[bad[0]]} is {values[bad[0]]!r}, not a "
                              f"finite number ({bad.size} such cell(s))")
+        if len(x) >= 20 and np.all(x == np.round(x)) and len(np.unique(x)) == len(x) \
+                and x.max() - x.min() == len(x) - 1:
+            raise ValueError(f"{path}: column {name!r} numbers the rows ({int(x.min())}..{int(x.max())}, each "
+                             f"once): a row index, not a feature (it can leak the row order); drop it with "
+                             f"--drop {name} (from_csv(drop=[{name!r}]))")
         return x
     if sum(numeric) >= NUMERIC_SHARE * len(values):
         stray = [i for i, ok in enumerate(numeric) if not ok]
@@ -317,7 +322,8 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
       ``1.0``) and names map to ``0..C-1`` in sorted order, kept in ``label_names``; missing
       markers, non-integral and non-finite numbers in it are refused;
     * a column name used twice, or a column without a name, is refused;
-    * a feature column whose cells are all numbers is numeric; a column numeric in most rows
+    * a feature column whose cells are all numbers is numeric (one that numbers the rows 1..n is
+      refused as a row index); a column numeric in most rows
       with some other cells is refused (its stray tokens are counted); any other column is
       categorical and one-hot encoded with the training categories, unless it holds a distinct
       value in nearly every row (an identifier), which is refused;
