@@ -607,3 +607,20 @@ def test_nnx_vmap_ensemble_gives_one_term_per_member():
     np.testing.assert_allclose([terms["members/fc#0"], terms["members/fc#1"]],
                                [jnp.sum(kernels[0] ** 2), jnp.sum(kernels[1] ** 2)], rtol=1e-5)
     chex.assert_trees_all_close(out, model(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["probe", "exact"])
+def test_capture_intermediates_gives_what_apply_gives(estimator):
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(6, name="h")(x)
+            return ScaledDense(3, name="scaled")(nn.gelu(h))  # a selected module calling super()
+
+    model = Net()
+    x = jax.random.normal(jax.random.key(0), (3, 5))
+    v = model.init(jax.random.key(1), x)
+    layers = ["h", "scaled"] if estimator == "probe" else ["h"]
+    out, _ = dreg_jax.jacobian_terms(model, v, x, key=jax.random.key(2), layers=layers, estimator=estimator,
+                                     capture_intermediates=True)
+    chex.assert_trees_all_close(out, model.apply(v, x, capture_intermediates=True), rtol=1e-6)

@@ -84,6 +84,7 @@ workaround: add ``"dreg_terms": 0`` to its ``variable_axes`` or select the trans
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 from typing import Any
@@ -184,8 +185,11 @@ class _Recorder:
     def handle(self, path, module, call, args, kwargs):
         """Runs ``call(*args, **kwargs)`` (the original call), recording a term if selected."""
         self.seen.setdefault(path, type(module).__name__)
-        if self.passthrough or path in self.active:  # side pass, closed form, or re-entry
+        if self.passthrough:  # side pass, closed form
             return call(*args, **kwargs)
+        if path in self.active:  # re-entry: super().__call__, or the forward-mode pass's own call
+            with self.adapter.reentered(module):
+                return call(*args, **kwargs)
         if self.frames and (is_elementwise(module) or self.adapter.is_linear(module)):
             return self._record_child(path, module, call, args, kwargs)
         if not self.selected(path, module):
@@ -452,6 +456,29 @@ class _LinenAdapter:
     def __init__(self, params_carrier: bool):
         self.params_carrier = params_carrier
         self.deferred = 0  # > 0: inside a raw jax.jvp, where flax variables must not be written
+        self.clones: dict[int, list] = {}  # id(nn.jvp's module) -> [call depth, capture dropped]
+
+    @contextlib.contextmanager
+    def reentered(self, module):
+        state = self.clones.get(id(module))
+        if state is not None:
+            state[0] += 1
+        try:
+            yield
+        finally:
+            if state is not None:
+                state[0] -= 1
+
+    def capture_filter(self, base):
+        """``capture_intermediates`` as the user gave it, minus the one extra ``__call__`` that the
+        forward-mode pass makes on the selected module (so ``out`` equals ``apply``'s)."""
+        def keep(module, name):
+            state = self.clones.get(id(module))
+            if state is not None and name == "__call__" and state[0] == 0 and not state[1]:
+                state[1] = True  # the outermost call of nn.jvp's module returns: not the user's
+                return False
+            return base(module, name)
+        return keep
 
     @staticmethod
     def is_linear(module) -> bool:
@@ -507,6 +534,7 @@ class _LinenAdapter:
             return y, jv, aux
 
         def fn(mdl, inp):
+            self.clones[id(mdl)] = [0, False]
             return mdl(inp, *rest, **kwargs)  # re-enters the selected path: runs straight through
 
         y, jv = nn.jvp(fn, module, (h,), (v,), {})
@@ -596,8 +624,14 @@ def _split_carried(tree, ours, path=()):
 
 def _linen_apply(model, variables, x, args, kwargs, recorder_args, params_carrier):
     kwargs = dict(kwargs)
-    user_mutable, mutable = _user_mutable(kwargs)
     recorder = _Recorder(*recorder_args, _LinenAdapter(params_carrier))
+    user_mutable, mutable = _user_mutable(kwargs)
+    capture = kwargs.get("capture_intermediates")
+    if capture:
+        if not user_mutable:  # apply then returns (out, state)
+            user_mutable, mutable = True, []
+        kwargs["capture_intermediates"] = recorder.adapter.capture_filter(
+            nn.module.capture_call_intermediates if capture is True else capture)
     if mutable is True:
         ours = True
     else:
@@ -658,6 +692,11 @@ class _DregTerm(nnx.Variable):
 class _NNXAdapter:
     def __init__(self, originals):
         self.originals = originals  # id -> the model's own submodule objects (not transform copies)
+
+    @staticmethod
+    def reentered(module):
+        del module
+        return contextlib.nullcontext()
 
     @staticmethod
     def is_linear(module) -> bool:
