@@ -46,6 +46,12 @@ def probe_mean(fn, keys):
     return float(jnp.mean(values)), float(jnp.std(values) / np.sqrt(len(keys)))
 
 
+def assert_unbiased(term_of_key, ref, num_keys):
+    """The probe term's mean over ``num_keys`` keys lies within 3 standard errors of ``ref``."""
+    mean, se = probe_mean(term_of_key, jax.random.split(jax.random.key(3), num_keys))
+    assert abs(mean - ref) < 3 * se + 1e-5 * ref, (mean, ref, se)
+
+
 # --------------------------------------------------------------- a big_vision-style ViT encoder
 class MlpBlock(nn.Module):
     @nn.compact
@@ -304,9 +310,7 @@ def test_dense_subclass_calling_super_counts_once_with_the_right_value():
         dreg_jax.jacobian_terms(model, v, x, layers=["scaled"], estimator="exact")
     _, terms = jax.jit(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["scaled"]))(jax.random.key(2))
     assert list(terms) == ["scaled"]
-    mean, se = probe_mean(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["scaled"])[1]["scaled"],
-                          jax.random.split(jax.random.key(3), 400))
-    assert abs(mean - true) < 3 * se + 1e-5 * true
+    assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["scaled"])[1]["scaled"], true, 400)
 
 
 def test_self_attention_selected_under_jit_matches_jacfwd():
@@ -321,9 +325,7 @@ def test_self_attention_selected_under_jit_matches_jacfwd():
     _, terms = jax.jit(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["sa"]))(jax.random.key(2))
     assert list(terms) == ["sa"]
     ref = jac_sq(lambda z: model.apply(v, z), x)
-    mean, se = probe_mean(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["sa"], num_probes=4)[1]["sa"],
-                          jax.random.split(jax.random.key(3), 200))
-    assert abs(mean - ref) < 3 * se + 1e-5 * ref
+    assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["sa"], num_probes=4)[1]["sa"], ref, 200)
 
 
 # --------------------------------------------------------------- multi-output blocks
@@ -339,9 +341,7 @@ def test_block_returning_x_and_aux_covers_x_only():
     v = model.init(jax.random.key(1), x)
     sub = lambda z: Encoder1DBlock().apply({"params": v["params"]["blk"]}, z)[0]
     ref = jac_sq(sub, x)
-    mean, se = probe_mean(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["blk"], num_probes=2)[1]["blk"],
-                          jax.random.split(jax.random.key(3), 300))
-    assert abs(mean - ref) < 3 * se + 1e-5 * ref
+    assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["blk"], num_probes=2)[1]["blk"], ref, 300)
     assert dreg_jax.term_widths(model, v, x, layers=["blk"]) == {"blk": 5 * D}
     widths = jax.jit(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["blk"], with_widths=True)[2])
     assert widths(jax.random.key(0)) == {"blk": 5 * D}
@@ -378,9 +378,7 @@ def test_conv_padding_modes_exact_or_refused_and_probe_right(kw):
         exact = dreg_jax.jacobian_terms(model, v, x, layers=["conv"], estimator="exact")[1]["conv"]
         np.testing.assert_allclose(float(exact), ref, rtol=1e-5)
         return  # probes on zero-padded convs are checked in test_jacobian_terms
-    mean, se = probe_mean(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["conv"])[1]["conv"],
-                          jax.random.split(jax.random.key(3), 200))
-    assert abs(mean - ref) < 3 * se + 1e-5 * ref
+    assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["conv"])[1]["conv"], ref, 200)
 
 
 # --------------------------------------------------------------- train-mode BatchNorm, row subsampling
@@ -410,8 +408,7 @@ def test_train_mode_batchnorm_term_is_the_batch_map_for_any_num_probes(num_probe
                                                   mutable=["batch_stats"])
         return t["blk"]
 
-    mean, se = probe_mean(term, jax.random.split(jax.random.key(3), 400))
-    assert abs(mean - ref) < 3 * se + 1e-5 * ref, (mean, ref, se)
+    assert_unbiased(term, ref, 400)
     (out, state), _ = dreg_jax.jacobian_terms(model, v, x, True, key=jax.random.key(0), layers=["blk"],
                                               num_probes=num_probes, mutable=["batch_stats"])
     ref_out, ref_state = model.apply(v, x, True, mutable=["batch_stats"])
@@ -433,9 +430,7 @@ def test_row_fraction_with_auto_named_children():
     x = jax.random.normal(jax.random.key(0), (8, D))
     v = model.init(jax.random.key(1), x)
     ref = jac_sq(lambda z: Blk().apply({"params": v["params"]["blk"]}, z), x)
-    mean, se = probe_mean(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["blk"], row_fraction=0.5)[1]["blk"],
-                          jax.random.split(jax.random.key(3), 400))
-    assert abs(mean - ref) < 3 * se + 1e-5 * ref
+    assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["blk"], row_fraction=0.5)[1]["blk"], ref, 400)
 
 
 # --------------------------------------------------------------- nested selections: linear in probes
