@@ -110,8 +110,8 @@ def dreg_penalty(
     if isinstance(strength, (bool, np.bool_)) or (hasattr(strength, "dtype") and strength.dtype == bool):
         raise TypeError(f"strength must be a number, got the boolean {strength!r}")
     if is_concrete(strength):
-        lam_value = np.asarray(strength, dtype=np.float64)
-        if lam_value.ndim != 0 or not np.isfinite(lam_value) or lam_value < 0:
+        strength_value = np.asarray(strength, dtype=np.float64)
+        if strength_value.ndim != 0 or not np.isfinite(strength_value) or strength_value < 0:
             raise ValueError(f"strength must be a finite scalar >= 0, got {strength!r}")
     if sq_norms.ndim != 1:
         raise ValueError(f"sq_norms must be a 1-D array of per-layer terms, got shape {sq_norms.shape}")
