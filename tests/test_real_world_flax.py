@@ -330,16 +330,22 @@ def test_self_attention_selected_under_jit_matches_jacfwd():
 
 # --------------------------------------------------------------- multi-output blocks
 def test_block_returning_x_and_aux_covers_x_only():
+    class AuxBlock(nn.Module):  # big_vision's encoder-block contract: (x, aux dict)
+        @nn.compact
+        def __call__(self, x):
+            y = MlpBlock()(nn.LayerNorm()(x))
+            return x + y, {"mlp": y, "+mlp": x + y, "count": jnp.ones(())}
+
     class Net(nn.Module):
         @nn.compact
         def __call__(self, x):
-            y, aux = Encoder1DBlock(name="blk")(x)
+            y, aux = AuxBlock(name="blk")(x)
             return y + aux["mlp"]
 
     model = Net()
     x = jax.random.normal(jax.random.key(0), (3, 5, D))
     v = model.init(jax.random.key(1), x)
-    sub = lambda z: Encoder1DBlock().apply({"params": v["params"]["blk"]}, z)[0]
+    sub = lambda z: AuxBlock().apply({"params": v["params"]["blk"]}, z)[0]
     ref = jac_sq(sub, x)
     assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["blk"], num_probes=2)[1]["blk"], ref, 300)
     assert dreg_jax.term_widths(model, v, x, layers=["blk"]) == {"blk": 5 * D}

@@ -312,8 +312,9 @@ def _hand_written_steps(kind, steps, batch, lr):
     tx = optax.adam(lr)
     opt = tx.init(params)
     keys = [jax.random.fold_in(jax.random.key(7), t) for t in range(steps)]
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
     for k in keys:
-        (_, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, k)
+        (_, stats), grads = grad(params, stats, k)
         updates, opt = tx.update(grads, opt, params)
         params = optax.apply_updates(params, updates)
     return params, stats, evaluate(params, stats), keys
