@@ -99,6 +99,13 @@ def _sweep_config(args):
         value = getattr(args, field, None)
         if value is not None:
             mapping[field] = value
+    grid = getattr(args, "strength_grid", None)
+    if grid is not None:  # one grid for every regularizer with a strength (none and SN have none)
+        from dreg_jax.training.regularizers import DEFAULT_STRENGTHS
+
+        regularizers = mapping.get("regularizers") or SweepConfig().regularizers
+        mapping["strengths"] = {**mapping.get("strengths", {}),
+                                **{r: list(grid) for r in regularizers if DEFAULT_STRENGTHS[r] is not None}}
     return SweepConfig.from_mapping(mapping)
 
 
@@ -306,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float)
             p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float)
             p.add_argument("--learning-rates", dest="learning_rates", nargs="+", type=float)
+            p.add_argument("--strengths", dest="strength_grid", nargs="+", type=float, metavar="LAMBDA",
+                           help="strengths for every regularizer that has one (default: each one's own)")
             p.add_argument("--strength-schedules", dest="strength_schedules", nargs="+", choices=SCHEDULES,
                            help="lambda schedules for the dreg runs (default constant)")
         p.add_argument("--hidden", nargs="+", type=int, help="hidden widths, e.g. 64 64 64")

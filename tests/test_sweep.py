@@ -129,3 +129,13 @@ def test_kill_at_five_moments_then_resume_gives_the_same_bits(tmp_path):
         got = {r["run_id"]: (r["metrics"], r["curves"]) for r in _lines(results)}
         assert got == expected, f"kill at {name}: results differ from the uninterrupted sweep"
     assert killed >= 4  # the moments really interrupted the sweep
+
+
+def test_cli_strengths_grid_goes_to_every_regularizer_with_a_strength(tmp_path):
+    from dreg_jax.cli import _sweep_config, build_parser
+
+    args = build_parser().parse_args(["sweep", "--datasets", "iris", "--regularizers", "none", "dreg", "weight_decay",
+                                      "--strengths", "0.1", "0.01", "--seeds", "1", "--results", str(tmp_path / "r.jsonl")])
+    specs = _sweep_config(args).expand()
+    got = sorted((s.config.regularizer.kind, s.config.regularizer.strength) for s in specs)
+    assert got == [("dreg", 0.01), ("dreg", 0.1), ("none", None), ("weight_decay", 0.01), ("weight_decay", 0.1)]

@@ -101,3 +101,18 @@ def test_fit_rejects_bad_data():
         dreg_jax.fit(cfg, ds.x_train, ds.y_train.astype(float), ds.x_test, ds.y_test, progress=False)
     with pytest.raises(ValueError, match="features"):
         dreg_jax.fit(cfg, ds.x_train, ds.y_train, ds.x_test[:, :2], ds.y_test, progress=False)
+
+
+def test_fit_works_on_a_training_set_smaller_than_half_a_batch():
+    import dreg_jax
+    from dreg_jax.training.fit import epoch_batch_indices
+
+    idx = np.asarray(epoch_batch_indices(jax.random.key(0), 16, 64))
+    assert idx.shape == (1, 64) and sorted(set(idx.ravel().tolist())) == list(range(16))
+    assert np.array_equal(np.asarray(epoch_batch_indices(jax.random.key(0), 100, 64))[0, :64],
+                          np.asarray(jax.random.permutation(jax.random.key(0), 100))[:64])
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    y = np.arange(16) % 2
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(4,)), epochs=2, batch_size=64)
+    result = dreg_jax.fit(config, x, y, x, y, progress=False)
+    assert len(result.history["train_loss"]) == 2 and np.isfinite(result.history["train_loss"]).all()

@@ -25,11 +25,11 @@ class FitResult(NamedTuple):
 
 
 def epoch_batch_indices(key, num_examples: int, batch_size: int) -> jax.Array:
-    """``(steps, batch_size)`` indices covering a fresh permutation, wrapped to fill the end."""
+    """``(steps, batch_size)`` indices covering a fresh permutation, wrapped (as often as needed,
+    so a training set smaller than a batch works) to fill the end."""
     steps = math.ceil(num_examples / batch_size)
     perm = jax.random.permutation(key, num_examples)
-    padded = jnp.concatenate([perm, perm[: steps * batch_size - num_examples]])
-    return padded.reshape(steps, batch_size)
+    return perm[jnp.arange(steps * batch_size) % num_examples].reshape(steps, batch_size)
 
 
 def check_labels(y, num_classes: int, name: str = "y"):
