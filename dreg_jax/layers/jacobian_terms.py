@@ -58,7 +58,11 @@ refused for ``r < 1``: its map on ``m`` rows is not its map on the batch.
 
 Side passes (probes ``1..P-1``, sampled rows) draw their own dropout masks (keys folded from
 the call's key) and discard any state they change: the model's state and random streams are
-those of the plain forward pass, and ``out`` equals ``model.apply`` exactly.
+those of the plain forward pass, and ``out`` equals ``model.apply`` exactly. One exception: a
+linen submodule that holds its layers as attributes (``nn.Sequential``, wrappers) runs its side
+pass through the bound call, so dropout inside it draws from the model's own stream (with
+``num_probes > 1`` or ``row_fraction < 1`` and dropout active, later masks then differ from
+``apply``'s; select its layers, or use ``num_probes=1``).
 
 Probes and sampled rows are reproducible: the ``k``-th recorded call (in call order, from 0)
 draws its probes from ``fold_in(key, k)``: ``rademacher(fold_in(k_call, 0), (P, *h.shape))``
