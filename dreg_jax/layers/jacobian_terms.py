@@ -60,9 +60,9 @@ Side passes (probes ``1..P-1``, sampled rows) draw their own dropout masks (keys
 the call's key) and discard any state they change: the model's state and random streams are
 those of the plain forward pass, and ``out`` equals ``model.apply`` exactly. One exception: a
 linen submodule that holds its layers as attributes (``nn.Sequential``, wrappers) runs its side
-pass through the bound call, so dropout inside it draws from the model's own stream (with
-``num_probes > 1`` or ``row_fraction < 1`` and dropout active, later masks then differ from
-``apply``'s; select its layers, or use ``num_probes=1``).
+pass through the bound call, so dropout inside it draws from the model's own stream: with
+``num_probes > 1`` or ``row_fraction < 1`` and dropout active, a later call of that same
+submodule draws other masks than under ``apply`` (select its layers, or use ``num_probes=1``).
 
 Probes and sampled rows are reproducible: the ``k``-th recorded call (in call order, from 0)
 draws its probes from ``fold_in(key, k)``: ``rademacher(fold_in(k_call, 0), (P, *h.shape))``
