@@ -59,6 +59,7 @@ from dreg_jax.training import (
     get_regularizer,
     train_step,
 )
+from dreg_jax.tuning import TuneResult, strength_grid, tune
 
 __version__ = "0.1.0"
 
@@ -88,6 +89,8 @@ __all__ = [
     "Regularizer", "REGISTRY", "REGULARIZERS", "DEFAULT_STRENGTHS", "get_regularizer",
     "ModelConfig", "OptimizerConfig", "RegularizerConfig", "TrainConfig", "TrainState",
     "create_train_state", "train_step", "eval_step", "fit",
+    # choosing the strength on validation
+    "tune", "TuneResult", "strength_grid",
     # results
     "load_results",
 ]

@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -136,6 +137,44 @@ def cmd_sweep(args) -> int:
     failed = sum(r["status"] == "failed" for r in records)
     diverged = sum(r["status"] == "diverged" for r in records)
     print(f"{len(records)} runs ({failed} failed, {diverged} diverged) in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from dreg_jax.engine import engine_data
+    from dreg_jax.training.regularizers import DEFAULT_STRENGTHS
+    from dreg_jax.tuning import plot_tuning, tune
+
+    if getattr(args, "validation_fraction", None) is None and args.csv is None:
+        args.validation_fraction = 0.2  # built-in sets: a stratified 20% of training to choose on
+    sweep = _sweep_config(args)
+    if len(sweep.datasets) != 1:
+        raise ValueError(f"tune chooses on one dataset at a time, got {list(sweep.datasets)}")
+    kinds = [r for r in sweep.regularizers if DEFAULT_STRENGTHS[r] is not None]
+    if not kinds:
+        raise ValueError(f"none of {list(sweep.regularizers)} has a strength to tune")
+    args.out.mkdir(parents=True, exist_ok=True)
+    template = dataclasses.replace(sweep, regularizers=(kinds[0],), seeds=1, strengths={}).expand()[0]
+    data, num_classes = engine_data(template.dataset, template.featurizer, template.validation_fraction)
+    seeds = sweep.seeds if isinstance(sweep.seeds, int) else tuple(sweep.seeds)
+    results = []
+    for kind in kinds:
+        config = dataclasses.replace(template.config, regularizer=dataclasses.replace(
+            template.config.regularizer, kind=kind, strength=None))
+        grid = (sweep.strengths or {}).get(kind)
+        result = tune(data, config, num_classes, strengths=grid, learning_rates=sweep.learning_rates,
+                      seeds=seeds, max_extensions=args.max_extensions)
+        results.append(result)
+        print(f"\n{kind}: strength {result.strength:.3g}, learning rate {result.learning_rate:g} "
+              f"(validation rows {result.validation_rows}, {result.extensions} grid extension(s))")
+        print(result.table())
+        if result.note:
+            print(f"note: {result.note}")
+    (args.out / "tune.md").write_text("\n\n".join(f"## {r.regularizer}\n\n{r.table()}" + (f"\n\nNote: {r.note}" if r.note else "")
+                                                  for r in results) + "\n")
+    (args.out / "tune.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    plot_tuning(results, args.out / "tune.png")
+    print(f"wrote {args.out / 'tune.md'}, {args.out / 'tune.json'}, {args.out / 'tune.png'}")
     return 0
 
 
@@ -362,6 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("--no-epoch-diagnostics", action="store_true",
                          help="compute tau only at the end (faster)")
     p_sweep.set_defaults(func=cmd_sweep)
+
+    p_tune = sub.add_parser("tune", help="choose each regularizer's strength on the validation split "
+                                         "(a log grid x seeds, one compiled program; test data unused)")
+    grid_options(p_tune, plural=True)
+    p_tune.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tune"),
+                        help="folder for tune.md, tune.png and tune.json (default results/tune)")
+    p_tune.add_argument("--max-extensions", dest="max_extensions", type=int, default=2,
+                        help="how often an edge pick may extend the grid (default 2)")
+    p_tune.set_defaults(func=cmd_tune)
 
     p_results = sub.add_parser("results", help="a sweep's results: summary table, flat CSV")
     p_results.add_argument("file", type=pathlib.Path, help="a results JSONL written by sweep")

@@ -107,3 +107,15 @@ def test_readme_scanned_section_trains_and_gives_one_term_per_layer():
     assert list(terms) == [f"blocks/mlp#{i}" for i in range(4)]
     assert all(np.isfinite(float(v)) and float(v) > 0 for v in terms.values())
     np.testing.assert_allclose(out, model.apply({"params": params}, tokens), rtol=1e-6)
+
+
+def test_readme_choose_lambda_section_runs(tmp_path, monkeypatch, capsys):
+    block = section_block("Choose lambda on your data")
+    monkeypatch.chdir(tmp_path)  # it writes wine.csv
+    namespace = {}
+    exec(compile(block, "README.md: Choose lambda on your data", "exec"), namespace)
+    result = namespace["result"]
+    assert len(result.rows) >= 5 and result.strength in [r["strength"] for r in result.rows]
+    best = max(r["mean"] for r in result.rows)
+    assert next(r for r in result.rows if r["strength"] == result.strength)["mean"] == best
+    assert "(pick)" in capsys.readouterr().out

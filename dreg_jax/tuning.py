@@ -1,0 +1,182 @@
+r"""Choose a regularizer's strength on validation data: :func:`tune`.
+
+The grid is log-spaced around the regularizer's default,
+:math:`\lambda_k = \lambda_{default} \cdot 10^{\,d (2k/(K-1) - 1)}`, :math:`k = 0..K-1`
+(``points=K``, ``decades=d``), optionally times learning rates, times seeds. Every run of the grid
+trains in one compiled program (the strength and the learning rate are traced per run).
+
+The pick is the strength (and learning rate) with the best **mean validation accuracy over
+seeds**; ties go to the smaller strength, then the smaller learning rate. When the pick lies on
+an edge of the grid and is strictly better than its neighbour, the grid is extended one step
+past that edge and the new points are trained (at most ``max_extensions`` times), so a pick on
+the edge means the curve is flat there, not that the grid stopped.
+
+Test data never enters: the runs are evaluated on the validation split only (the engine's test
+arrays are replaced by the validation arrays before anything trains). Where the validation split
+is too small to tell the grid's points apart (the best and the runner-up differ by less than one
+validation example), :attr:`TuneResult.note` says so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
+from dreg_jax.training.config import TrainConfig
+from dreg_jax.training.regularizers import get_regularizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What :func:`tune` found.
+
+    Attributes:
+      regularizer: the regularizer kind tuned.
+      rows: one dict per (strength, learning rate): ``strength, learning_rate, mean, std,
+        seeds`` (validation accuracy over seeds), in strength order.
+      strength, learning_rate: the pick.
+      extensions: how many times the grid was extended past an edge.
+      validation_rows: the validation split's size (accuracy moves in steps of its inverse).
+      note: empty, or why the pick should be read with care.
+    """
+
+    regularizer: str
+    rows: tuple
+    strength: float
+    learning_rate: float
+    extensions: int
+    validation_rows: int
+    note: str = ""
+
+    def table(self) -> str:
+        """A markdown table of validation accuracy (mean +- std over seeds) per grid point."""
+        lines = ["| strength | learning rate | validation accuracy (%) | seeds |", "|---|---|---|---|"]
+        for r in self.rows:
+            mark = " **(pick)**" if (r["strength"], r["learning_rate"]) == (self.strength, self.learning_rate) else ""
+            lines.append(f"| {r['strength']:.3g} | {r['learning_rate']:.3g} | {100 * r['mean']:.2f} +- "
+                         f"{100 * r['std']:.2f}{mark} | {r['seeds']} |")
+        return "\n".join(lines)
+
+    def plot(self, path):
+        """:func:`plot_tuning` of this result alone."""
+        return plot_tuning([self], path)
+
+
+def plot_tuning(results, path):
+    """Validation accuracy against strength (mean and spread over seeds), one line per
+    regularizer and learning rate; each pick circled. Needs matplotlib (the study extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for result in results:
+        for lr in sorted({r["learning_rate"] for r in result.rows}):
+            rows = [r for r in result.rows if r["learning_rate"] == lr]
+            s = np.array([r["strength"] for r in rows])
+            m = np.array([100 * r["mean"] for r in rows])
+            sd = np.array([100 * r["std"] for r in rows])
+            (line,) = ax.plot(s, m, marker="o", label=f"{result.regularizer}, lr {lr:g}")
+            ax.fill_between(s, m - sd, m + sd, alpha=0.2, color=line.get_color())
+            if lr == result.learning_rate:
+                pick = next(r for r in rows if r["strength"] == result.strength)
+                ax.plot([pick["strength"]], [100 * pick["mean"]], "o", ms=12, mfc="none", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_xlabel("strength")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def strength_grid(regularizer: str, points: int = 5, decades: float = 2.0) -> tuple[float, ...]:
+    """``points`` log-spaced strengths, ``decades`` either side of the regularizer's default."""
+    default = get_regularizer(regularizer).default_strength
+    if default is None:
+        raise ValueError(f"regularizer {regularizer!r} has no strength to tune")
+    if points < 2:
+        raise ValueError(f"points must be >= 2, got {points}")
+    return tuple(float(default * 10 ** e) for e in np.linspace(-decades, decades, points))
+
+
+def choose(accuracy: dict) -> tuple[float, float]:
+    """``(strength, learning_rate)`` with the best mean over seeds of ``accuracy[(s, lr)]``
+    (lists of per-seed accuracies); ties to the smaller strength, then learning rate."""
+    return max(sorted(accuracy), key=lambda k: (float(np.mean(accuracy[k])), -k[0], -k[1]))
+
+
+def tune(data: EngineData, config: TrainConfig, num_classes: int, *, strengths=None, learning_rates=None,
+         seeds=3, max_extensions: int = 2, options: EngineOptions | None = None) -> TuneResult:
+    """Chooses ``config``'s regularizer strength (and optionally the learning rate) on validation.
+
+    Args:
+      data: the engine's arrays; ``x_val``/``y_val`` must hold a validation split. The test
+        arrays are never used.
+      config: the run's config; its ``regularizer.kind`` is tuned (its ``strength`` is ignored).
+      num_classes: number of classes.
+      strengths: the grid (default :func:`strength_grid`: 5 points over +-2 decades).
+      learning_rates: learning rates to try with every strength (default: the config's).
+      seeds: number of seeds (``0..seeds-1``) or a sequence of seeds.
+      max_extensions: how often an edge pick may extend the grid.
+
+    Returns:
+      A :class:`TuneResult`.
+    """
+    kind = config.regularizer.kind
+    grid = sorted(float(s) for s in (strengths if strengths is not None else strength_grid(kind)))
+    if len(grid) < 2 or grid[0] <= 0:
+        raise ValueError(f"strengths must be >= 2 positive values, got {grid}")
+    lrs = tuple(float(lr) for lr in (learning_rates or (config.optimizer.learning_rate,)))
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
+    if data.x_val is None or len(data.x_val) == 0:
+        raise ValueError("tune chooses on a validation split, and this data has none: use "
+                         "validation_fraction > 0 (from_csv / from_arrays / load_dataset)")
+    # the test split never enters: the runs are scored on the validation rows only
+    scored = data._replace(x_test=data.x_val, y_test=data.y_val, x_robust=None)
+    config = dataclasses.replace(config, regularizer=dataclasses.replace(config.regularizer, strength=None))
+    options = options or EngineOptions(per_epoch_diagnostics=False)
+    options = dataclasses.replace(options, vmap_width=len(seeds) * len(lrs))  # extensions reuse the program
+    accuracy: dict = {}
+
+    def train(new_strengths):
+        keys = [(s, lr, seed) for s in new_strengths for lr in lrs for seed in seeds]
+        runs = RunHParams.stack([RunHParams(seed=seed, learning_rate=lr, strength=s) for s, lr, seed in keys])
+        final, _ = train_many(runs, scored, config, num_classes, options)
+        for (s, lr, _), acc in zip(keys, np.asarray(final["test_accuracy"], np.float64)):
+            accuracy.setdefault((s, lr), []).append(float(acc))
+
+    train(grid)
+    extensions = 0
+    step = math.log10(grid[1] / grid[0])
+    while True:
+        best = choose(accuracy)
+        strengths_now = sorted({s for s, _ in accuracy})
+        i = strengths_now.index(best[0])
+        edge = i in (0, len(strengths_now) - 1)
+        neighbour = strengths_now[1] if i == 0 else strengths_now[-2]
+        strictly = np.mean(accuracy[best]) > np.mean(accuracy[(neighbour, best[1])])
+        if not edge or not strictly or extensions >= max_extensions:
+            break
+        beyond = best[0] * 10 ** (-step if i == 0 else step)
+        train([beyond])
+        extensions += 1
+    rows = tuple({"strength": s, "learning_rate": lr, "mean": float(np.mean(a)), "std": float(np.std(a)),
+                  "seeds": len(a)} for (s, lr), a in sorted(accuracy.items()))
+    n_val = len(data.y_val)
+    means = sorted((float(np.mean(a)) for a in accuracy.values()), reverse=True)
+    notes = []
+    if len(means) > 1 and means[0] - means[1] < 1.0 / n_val:
+        notes.append(f"the best and the runner-up differ by less than one validation example "
+                     f"({n_val} rows: accuracy moves in steps of {100 / n_val:.2f} pp); the split cannot "
+                     "separate them, so the pick is weak evidence")
+    if edge and strictly and extensions >= max_extensions:
+        notes.append(f"the pick is still on the grid's edge after {extensions} extension(s); widen the grid")
+    return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes))
+
+
+__all__ = ["TuneResult", "choose", "plot_tuning", "strength_grid", "tune"]

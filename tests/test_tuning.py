@@ -1,0 +1,63 @@
+"""Choosing the strength on validation: the pick is the argmax of mean validation accuracy
+(ties to the smaller strength), test data never enters, an edge pick extends the grid."""
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+
+import dreg_jax
+from dreg_jax.data import from_arrays
+from dreg_jax.engine import dataset_engine_data
+from dreg_jax.tuning import choose
+
+
+def test_choose_is_the_argmax_of_the_mean_with_ties_to_the_smaller_strength():
+    acc = {(1e-3, 1e-3): [0.8, 0.9], (1e-2, 1e-3): [0.85, 0.85], (1e-1, 1e-3): [0.9, 0.8], (1.0, 1e-3): [0.7, 0.7]}
+    assert choose(acc) == (1e-3, 1e-3)  # three tie at 0.85: the smallest strength
+    acc[(1e-2, 1e-3)] = [0.9, 0.9]
+    assert choose(acc) == (1e-2, 1e-3)
+    assert choose({(0.1, 3e-3): [0.5], (0.1, 1e-3): [0.5]}) == (0.1, 1e-3)  # then the smaller learning rate
+
+
+@pytest.fixture(scope="module")
+def iris():
+    x, y = load_iris(return_X_y=True)
+    ds = from_arrays(x, y, validation_fraction=0.3, seed=0)
+    return ds
+
+
+def test_tune_picks_the_best_validation_mean_and_never_reads_test_data(iris):
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), regularizer=dreg_jax.RegularizerConfig(kind="weight_decay"),
+                                  optimizer=dreg_jax.OptimizerConfig(learning_rate=1e-2), epochs=3, batch_size=16)
+    data = dataset_engine_data(iris)
+    grid = (1e-4, 1e-2, 1.0, 100.0)
+    result = dreg_jax.tune(data, config, 3, strengths=grid, seeds=2, max_extensions=0)
+    means = {(r["strength"], r["learning_rate"]): r["mean"] for r in result.rows}
+    best = max(sorted(means), key=lambda k: (means[k], -k[0]))
+    assert (result.strength, result.learning_rate) == best
+    assert [r["strength"] for r in result.rows] == list(grid) and all(r["seeds"] == 2 for r in result.rows)
+    # poisoned test data: shuffled labels and garbage features change nothing
+    rng = np.random.default_rng(0)
+    poisoned = data._replace(y_test=rng.permutation(np.asarray(data.y_test)), x_test=100 + 0 * data.x_test)
+    again = dreg_jax.tune(poisoned, config, 3, strengths=grid, seeds=2, max_extensions=0)
+    assert again.rows == result.rows and again.strength == result.strength
+    assert "| strength |" in result.table() and "(pick)" in result.table()
+
+
+def test_an_edge_pick_extends_the_grid(iris):
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), regularizer=dreg_jax.RegularizerConfig(kind="weight_decay"),
+                                  optimizer=dreg_jax.OptimizerConfig(learning_rate=1e-2), epochs=3, batch_size=16)
+    data = dataset_engine_data(iris)
+    # a decay of 1e3 and 1e4 per step wipes the weights: the smallest strength wins, on the edge
+    result = dreg_jax.tune(data, config, 3, strengths=(1e2, 1e3, 1e4), seeds=2, max_extensions=1)
+    strengths = [r["strength"] for r in result.rows]
+    assert result.extensions == 1 and min(strengths) == pytest.approx(10.0)
+    assert result.strength <= 1e2
+
+
+def test_tune_refuses_data_without_validation_and_kinds_without_strength(iris):
+    data = dataset_engine_data(iris)._replace(x_val=None, y_val=None)
+    config = dreg_jax.TrainConfig(regularizer=dreg_jax.RegularizerConfig(kind="dreg"))
+    with pytest.raises(ValueError, match="validation split"):
+        dreg_jax.tune(data, config, 3, strengths=(1e-3, 1e-2))
+    with pytest.raises(ValueError, match="'none' has no strength"):
+        dreg_jax.strength_grid("none")
