@@ -421,32 +421,25 @@ def test_train_mode_batchnorm_term_is_the_batch_map_for_any_num_probes(num_probe
     chex.assert_trees_all_close((out, state), (ref_out, ref_state), rtol=1e-6, atol=1e-7)
 
 
+class OneBlock(nn.Module):
+    """A model whose one submodule is an ``MlpBlock`` (auto-named children) called "blk"."""
+
+    @nn.compact
+    def __call__(self, x):
+        return MlpBlock(name="blk")(x)
+
+
 def test_row_fraction_with_auto_named_children():
-    class Blk(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(D)(nn.gelu(nn.Dense(HID)(x)))
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return Blk(name="blk")(x)
-
-    model = Net()
+    model = OneBlock()
     x = jax.random.normal(jax.random.key(0), (8, D))
     v = model.init(jax.random.key(1), x)
-    ref = jac_sq(lambda z: Blk().apply({"params": v["params"]["blk"]}, z), x)
+    ref = jac_sq(lambda z: MlpBlock().apply({"params": v["params"]["blk"]}, z), x)
     assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, v, x, key=k, layers=["blk"], row_fraction=0.5)[1]["blk"], ref, 400)
 
 
 # --------------------------------------------------------------- nested selections: linear in probes
 def test_nested_selection_costs_linear_in_num_probes():
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return MlpBlock(name="blk")(x)
-
-    model = Net()
+    model = OneBlock()
     x = jax.random.normal(jax.random.key(0), (32, D))
     v = model.init(jax.random.key(1), x)
 
