@@ -39,6 +39,7 @@ def pima():
     return engine_data("pima")
 
 
+@pytest.mark.slow  # 6 programs (~37 s); the default suite keeps the user-module fold and record checks
 def test_folded_program_gives_each_run_its_unfolded_results(pima):
     data, classes = pima
     folded = dataclasses.replace(BASE, fold=Fold(ACTS, KINDS))

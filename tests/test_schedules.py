@@ -133,6 +133,7 @@ def test_config_errors():
         dreg_jax.create_train_state(config("linear_warmup"), jax.random.key(0), 6, 3)
 
 
+@pytest.mark.slow  # 28 s of compiles: the schedules' formulas are checked above; `make test-slow`
 def test_engine_curves_follow_the_schedule():
     data, classes = engine_data("wine")
     hp = RunHParams.stack([RunHParams(0, 1e-3, 10**-2.5, 1.0, 0.0, 0.0)])
