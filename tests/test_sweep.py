@@ -139,3 +139,15 @@ def test_cli_strengths_grid_goes_to_every_regularizer_with_a_strength(tmp_path):
     specs = _sweep_config(args).expand()
     got = sorted((s.config.regularizer.kind, s.config.regularizer.strength) for s in specs)
     assert got == [("dreg", 0.01), ("dreg", 0.1), ("none", None), ("weight_decay", 0.01), ("weight_decay", 0.1)]
+
+
+def test_summary_shows_validation_beside_test_accuracy():
+    record = {"run_id": "x", "status": "ok", "metrics": {"test_accuracy": 0.8, "validation_accuracy": 0.7},
+              "spec": {"dataset": "d", "seed": 0, "data_fraction": 1.0, "label_noise": 0.0, "input_noise": 0.0,
+                       "config": {"model": {"activation": "gelu", "hidden": [8]}, "epochs": 1, "batch_size": 8,
+                                  "regularizer": {"kind": "dreg", "strength": 0.1},
+                                  "optimizer": {"learning_rate": 1e-3}}}}
+    table = summary_table([record])
+    assert "val acc %" in table.splitlines()[0] and "70.00" in table and "80.00" in table
+    del record["metrics"]["validation_accuracy"]
+    assert "val acc %" not in summary_table([record])

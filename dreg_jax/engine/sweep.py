@@ -226,9 +226,10 @@ _SHORT = {"data_fraction": "frac", "label_noise": "lnoise", "input_noise": "inoi
 
 
 def summary_table(records: Sequence[dict]) -> str:
-    """Mean +- std of test (and robust) accuracy of the ok runs, grouped by dataset, activation,
-    regularizer and every other config field that differs between the runs (learning rate,
-    strength, fraction, noise, ...); failed and diverged runs are counted apart."""
+    """Mean +- std of validation (where the runs have a validation split), test and robust
+    accuracy of the ok runs, grouped by dataset, activation, regularizer and every other config
+    field that differs between the runs (learning rate, strength, fraction, noise, ...); failed
+    and diverged runs are counted apart. Choose on the validation column, report the test one."""
     rows = [(flat_row(r), r) for r in records]
     always = ("dataset", "activation", "regularizer")
     keys = [k for k in SUMMARY_KEYS if k in always or len({str(f.get(k)) for f, _ in rows}) > 1]
@@ -236,8 +237,10 @@ def summary_table(records: Sequence[dict]) -> str:
     for flat, r in rows:
         cells[tuple(str(flat.get(k)) for k in keys)].append(r)
     widths = [max(len(_SHORT.get(k, k)), *(len(c[i]) for c in cells)) + 2 for i, k in enumerate(keys)]
+    with_val = any(r["metrics"].get("validation_accuracy") is not None for _, r in rows)
     header = ("".join(f"{_SHORT.get(k, k):<{w}}" for k, w in zip(keys, widths))
-              + f"{'runs':>6}{'failed':>8}{'diverged':>9}{'test acc %':>16}{'robust acc %':>16}")
+              + f"{'runs':>6}{'failed':>8}{'diverged':>9}" + (f"{'val acc %':>16}" if with_val else "")
+              + f"{'test acc %':>16}{'robust acc %':>16}")
     lines = [header, "-" * len(header)]
     for cell in sorted(cells):
         rs = cells[cell]
@@ -245,8 +248,11 @@ def summary_table(records: Sequence[dict]) -> str:
         failed = sum(r["status"] == "failed" for r in rs)
         diverged = sum(r["status"] == "diverged" for r in rs)
         acc = [100 * r["metrics"]["test_accuracy"] for r in ok]
+        val = [100 * r["metrics"]["validation_accuracy"] for r in ok
+               if r["metrics"].get("validation_accuracy") is not None]
         rob = [100 * r["metrics"]["robust_accuracy"] for r in ok if r["metrics"].get("robust_accuracy") is not None]
         fmt = lambda v: f"{np.mean(v):6.2f} +- {np.std(v):5.2f}" if v else f"{'n/a':>15}"  # noqa: E731
         lines.append("".join(f"{c:<{w}}" for c, w in zip(cell, widths))
-                     + f"{len(rs):>6}{failed:>8}{diverged:>9}{fmt(acc):>16}{fmt(rob):>16}")
+                     + f"{len(rs):>6}{failed:>8}{diverged:>9}" + (f"{fmt(val):>16}" if with_val else "")
+                     + f"{fmt(acc):>16}{fmt(rob):>16}")
     return "\n".join(lines)
