@@ -27,7 +27,6 @@ import functools
 import inspect
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -85,9 +84,7 @@ class UserModel:
             module = self.bound_nnx(variables, train, dropout_rng)
             out = module(x)
             return (out, self.nnx_updates(module)) if mutable else out
-        kwargs = linen_mode_kwargs(self.module, train)
-        if train and dropout_rng is not None:
-            kwargs["rngs"] = {DROPOUT_STREAM: dropout_rng}
+        kwargs = self._linen_kwargs(train, dropout_rng)
         if not train or not mutable:
             out = self.module.apply(variables, x, **kwargs)
             return (out, {}) if mutable else out
@@ -100,13 +97,18 @@ class UserModel:
         if self.is_nnx:
             module = self.bound_nnx(variables, train, dropout_rng)
             return module, None, {}, lambda out: (out, self.nnx_updates(module) if train else {})
-        kwargs = linen_mode_kwargs(self.module, train)
-        if train and dropout_rng is not None:
-            kwargs["rngs"] = {DROPOUT_STREAM: dropout_rng}
+        kwargs = self._linen_kwargs(train, dropout_rng)
         if train and "batch_stats" in variables:
             kwargs["mutable"] = ["batch_stats"]
             return self.module, variables, kwargs, lambda out: out
         return self.module, variables, kwargs, lambda out: (out, {})
+
+    def _linen_kwargs(self, train: bool, dropout_rng) -> dict:
+        """The mode keyword of the linen module, plus this step's dropout key in training."""
+        kwargs = linen_mode_kwargs(self.module, train)
+        if train and dropout_rng is not None:
+            kwargs["rngs"] = {DROPOUT_STREAM: dropout_rng}
+        return kwargs
 
     # -- NNX -------------------------------------------------------------------------------
     def bound_nnx(self, variables, train: bool, dropout_rng):
@@ -138,6 +140,3 @@ def check_logits_shape(model: UserModel, variables, num_features: int, num_class
             f"for this dataset ({num_classes} classes): give its last layer {num_classes} outputs and "
             "keep the batch axis")
 
-
-def is_linen(module) -> bool:
-    return isinstance(module, nn.Module)
