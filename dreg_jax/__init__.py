@@ -59,6 +59,8 @@ from dreg_jax.training import (
     get_regularizer,
     train_step,
 )
+from dreg_jax.preprocessing import Preprocessing
+from dreg_jax.saved_model import TrainedModel, load_model, save_model
 from dreg_jax.tuning import TuneResult, strength_grid, tune
 
 __version__ = "0.1.0"
@@ -91,6 +93,8 @@ __all__ = [
     "create_train_state", "train_step", "eval_step", "fit",
     # choosing the strength on validation
     "tune", "TuneResult", "strength_grid",
+    # keeping and using a trained model
+    "save_model", "load_model", "TrainedModel", "Preprocessing",
     # results
     "load_results",
 ]

@@ -153,6 +153,11 @@ def cmd_tune(args) -> int:
     kinds = [r for r in sweep.regularizers if DEFAULT_STRENGTHS[r] is not None]
     if not kinds:
         raise ValueError(f"none of {list(sweep.regularizers)} has a strength to tune")
+    if args.save_model is not None:  # fail before training, not after it
+        from dreg_jax.saved_model import check_model_directory
+
+        for kind in kinds:
+            check_model_directory(args.save_model / kind)
     args.out.mkdir(parents=True, exist_ok=True)
     template = dataclasses.replace(sweep, regularizers=(kinds[0],), seeds=1, strengths={}).expand()[0]
     data, num_classes = engine_data(template.dataset, template.featurizer, template.validation_fraction)
@@ -163,7 +168,8 @@ def cmd_tune(args) -> int:
             template.config.regularizer, kind=kind, strength=None))
         grid = (sweep.strengths or {}).get(kind)
         result = tune(data, config, num_classes, strengths=grid, learning_rates=sweep.learning_rates,
-                      seeds=seeds, max_extensions=args.max_extensions)
+                      seeds=seeds, max_extensions=args.max_extensions, keep_model=args.save_model is not None,
+                      preprocessing=_preprocessing_of(template.dataset))
         results.append(result)
         print(f"\n{kind}: strength {result.strength:.3g}, learning rate {result.learning_rate:g} "
               f"(validation rows {result.validation_rows}, {result.extensions} grid extension(s))")
@@ -172,9 +178,13 @@ def cmd_tune(args) -> int:
             print(f"note: {result.note}")
     (args.out / "tune.md").write_text("\n\n".join(f"## {r.regularizer}\n\n{r.table()}" + (f"\n\nNote: {r.note}" if r.note else "")
                                                   for r in results) + "\n")
-    (args.out / "tune.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    (args.out / "tune.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
     plot_tuning(results, args.out / "tune.png")
     print(f"wrote {args.out / 'tune.md'}, {args.out / 'tune.json'}, {args.out / 'tune.png'}")
+    for r in results if args.save_model is not None else ():
+        directory = args.save_model / r.regularizer
+        r.model.save(directory)
+        print(f"saved the {r.regularizer} model at its pick to {directory}")
     return 0
 
 
@@ -190,6 +200,10 @@ def cmd_train(args) -> int:
         setattr(args, noise, None if getattr(args, noise) is None else [getattr(args, noise)])
     if args.out is not None:  # fail before training, not after it (the run would be lost)
         _check_output_path(args.out)
+    if args.save_model is not None:
+        from dreg_jax.saved_model import check_model_directory
+
+        check_model_directory(args.save_model)
     sweep = _sweep_config(args)
     if args.strength is not None:
         import dataclasses
@@ -206,7 +220,8 @@ def cmd_train(args) -> int:
           flush=True)
     start = time.perf_counter()
     final, curves = train_many(RunHParams.stack([spec.hparams()]), data, spec.config, num_classes,
-                               EngineOptions())
+                               EngineOptions(return_variables=args.save_model is not None))
+    variables = final.pop("variables", None)
     from dreg_jax.engine.sweep import _status, _to_json
 
     metrics = {k: _to_json(v[0]) for k, v in final.items()}
@@ -227,7 +242,60 @@ def cmd_train(args) -> int:
     if args.out:
         args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
         print(f"wrote {args.out}")
+    if args.save_model is not None:
+        if status != "ok":
+            print(f"  the run {status}: no model saved to {args.save_model}")
+        else:
+            import jax
+
+            _save_model(args.save_model, jax.tree_util.tree_map(lambda a: a[0], variables), spec.config,
+                        num_classes, data, spec.dataset,
+                        {"seed": spec.seed, "strength": spec.config.regularizer.resolved_strength(),
+                                       "learning_rate": spec.config.optimizer.learning_rate,
+                                       **{k: metrics[k] for k in ("validation_accuracy", "test_accuracy") if k in metrics}})
     return 0 if status == "ok" else 1
+
+
+def _preprocessing_of(dataset: str):
+    from dreg_jax.data.registry import USER_DATASETS
+
+    ds = USER_DATASETS.get(dataset)
+    return None if ds is None else ds.preprocessing
+
+
+def _save_model(directory, variables, config, num_classes, data, dataset, run):
+    import dataclasses
+
+    from dreg_jax.saved_model import save_model
+
+    config = dataclasses.replace(config, regularizer=dataclasses.replace(
+        config.regularizer, strength=config.regularizer.resolved_strength()))
+    save_model(directory, variables, config, num_classes, int(data.x_train.shape[1]),
+               preprocessing=_preprocessing_of(dataset), run={"dataset": dataset, **run})
+    print(f"saved the model to {directory} (dreg-jax predict --model {directory} --csv NEW.csv --out OUT.csv)")
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    from dreg_jax.saved_model import load_model
+
+    out = args.out.resolve()
+    if out == args.csv.resolve():
+        raise ValueError(f"--out {args.out} is the input --csv; write the predictions to another file")
+    _check_output_path(args.out)
+    model = load_model(args.model)
+    labels, probabilities, lines = model.predict_csv(args.csv, args.encoding)
+    names = model.labels(range(model.num_classes))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["line", "predicted", *(f"probability_{n}" for n in names)])
+        for line, label, p in zip(lines, labels, probabilities):
+            writer.writerow([line, label, *(f"{v:.6g}" for v in p)])
+    counts = {n: labels.count(n) for n in names}
+    print(f"predicted {len(labels)} rows of {args.csv} -> {args.out} ({', '.join(f'{n}: {c}' for n, c in counts.items())})")
+    return 0
 
 
 def _check_output_path(path: pathlib.Path):
@@ -340,26 +408,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dreg-jax", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    dataset_help = "a dataset name (`dreg-jax data list`: 10 offline sets, public TFDS names)"
+    dataset_help = "a dataset name (`dreg-jax data list`: 15 offline sets, public TFDS names)"
+
+    from dreg_jax.engine.sweep_config import SweepConfig
+
+    defaults = SweepConfig()  # every command's defaults come from here, and --help says them
+    said = lambda v: " ".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)  # noqa: E731
 
     def grid_options(p, plural: bool):
         if plural:
-            p.add_argument("--datasets", nargs="+", type=_dataset_name, metavar="NAME", help=dataset_help)
-            p.add_argument("--activations", nargs="+", choices=ACTIVATIONS)
-            p.add_argument("--regularizers", nargs="+", choices=REGULARIZERS)
-            p.add_argument("--seeds", type=_positive_int, help="number of seeds (0..n-1)")
-            p.add_argument("--fractions", nargs="+", type=float, help="training fractions in (0, 1]")
-            p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float)
-            p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float)
-            p.add_argument("--learning-rates", dest="learning_rates", nargs="+", type=float)
+            p.add_argument("--datasets", nargs="+", type=_dataset_name, metavar="NAME",
+                           help=f"{dataset_help} (default {said(defaults.datasets)})")
+            p.add_argument("--activations", nargs="+", choices=ACTIVATIONS,
+                           help=f"(default {said(defaults.activations)})")
+            p.add_argument("--regularizers", nargs="+", choices=REGULARIZERS,
+                           help=f"(default {said(defaults.regularizers)})")
+            p.add_argument("--seeds", type=_positive_int, help=f"number of seeds (0..n-1) (default {defaults.seeds})")
+            p.add_argument("--fractions", nargs="+", type=float,
+                           help=f"training fractions in (0, 1] (default {said(defaults.fractions)})")
+            p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float, help="(default 0)")
+            p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float, help="(default 0)")
+            p.add_argument("--learning-rates", dest="learning_rates", nargs="+", type=float,
+                           help=f"(default {said(defaults.learning_rates)})")
             p.add_argument("--strengths", dest="strength_grid", nargs="+", type=float, metavar="LAMBDA",
                            help="strengths for every regularizer that has one (default: each one's own)")
             p.add_argument("--strength-schedules", dest="strength_schedules", nargs="+", choices=SCHEDULES,
                            help="lambda schedules for the dreg runs (default constant)")
-        p.add_argument("--hidden", nargs="+", type=int, help="hidden widths, e.g. 64 64 64")
-        p.add_argument("--epochs", type=_positive_int)
-        p.add_argument("--batch-size", dest="batch_size", type=_positive_int)
-        p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"])
+        p.add_argument("--hidden", nargs="+", type=int, help=f"hidden widths (default {said(defaults.hidden)})")
+        p.add_argument("--epochs", type=_positive_int, help=f"(default {defaults.epochs})")
+        p.add_argument("--batch-size", dest="batch_size", type=_positive_int, help=f"(default {defaults.batch_size})")
+        p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"],
+                       help=f"(default {defaults.dreg_scope})")
         p.add_argument("--featurizer", choices=FEATURIZERS,
                        help="text features: hashed n-grams (default) or minilm (needs the encoder extra)")
         p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")
@@ -378,9 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text encoding of --csv (default UTF-8; e.g. latin-1, cp1252)")
 
     p_train = sub.add_parser("train", help="train one run and print its metrics")
-    p_train.add_argument("--dataset", type=_dataset_name, default="digits", metavar="NAME", help=dataset_help)
-    p_train.add_argument("--activation", choices=ACTIVATIONS, default="chainzrule")
-    p_train.add_argument("--regularizer", choices=REGULARIZERS, default="dreg")
+    p_train.add_argument("--dataset", type=_dataset_name, default=defaults.datasets[0], metavar="NAME",
+                         help=f"{dataset_help} (default {defaults.datasets[0]})")
+    p_train.add_argument("--activation", choices=ACTIVATIONS, default=defaults.activations[0],
+                         help=f"(default {defaults.activations[0]}, as sweep and tune)")
+    p_train.add_argument("--regularizer", choices=REGULARIZERS, default="dreg", help="(default dreg)")
     p_train.add_argument("--seed", type=int, default=0)
     p_train.add_argument("--fraction", type=float)
     p_train.add_argument("--label-noise", dest="label_noise", type=float)
@@ -390,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--strength-schedule", dest="strength_schedule", choices=SCHEDULES,
                          help="lambda schedule of the dreg penalty (default constant)")
     p_train.add_argument("--out", type=pathlib.Path, help="write metrics and curves as JSON")
+    p_train.add_argument("--save-model", dest="save_model", type=pathlib.Path, metavar="DIR",
+                         help="keep the trained model in DIR (dreg_jax.load_model, dreg-jax predict)")
     grid_options(p_train, plural=False)
     p_train.set_defaults(func=cmd_train)
 
@@ -409,7 +492,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for tune.md, tune.png and tune.json (default results/tune)")
     p_tune.add_argument("--max-extensions", dest="max_extensions", type=int, default=2,
                         help="how often an edge pick may extend the grid (default 2)")
+    p_tune.add_argument("--save-model", dest="save_model", type=pathlib.Path, metavar="DIR",
+                        help="keep the model trained at each regularizer's pick (first seed) in DIR/<regularizer>")
     p_tune.set_defaults(func=cmd_tune)
+
+    p_predict = sub.add_parser("predict", help="predict the rows of a CSV with a saved model")
+    p_predict.add_argument("--model", type=pathlib.Path, required=True, metavar="DIR",
+                           help="a model directory (train/tune --save-model)")
+    p_predict.add_argument("--csv", type=pathlib.Path, required=True,
+                           help="rows with the training columns (any order; the target may be there)")
+    p_predict.add_argument("--out", type=pathlib.Path, required=True,
+                           help="predictions CSV: line, predicted label, one probability per class")
+    p_predict.add_argument("--encoding", default="utf-8-sig", help="text encoding of --csv (default UTF-8)")
+    p_predict.set_defaults(func=cmd_predict)
 
     p_results = sub.add_parser("results", help="a sweep's results: summary table, flat CSV")
     p_results.add_argument("file", type=pathlib.Path, help="a results JSONL written by sweep")

@@ -11,6 +11,10 @@ an edge of the grid and is strictly better than its neighbour, the grid is exten
 past that edge and the new points are trained (at most ``max_extensions`` times), so a pick on
 the edge means the curve is flat there, not that the grid stopped.
 
+With ``keep_model`` (the default) the result also holds the model trained at the pick with the
+first seed (:attr:`TuneResult.model`, a :class:`dreg_jax.saved_model.TrainedModel`: ``.save(dir)``
+keeps it, ``.predict_csv(path)`` uses it).
+
 Test data never enters: the runs are evaluated on the validation split only (the engine's test
 arrays are replaced by the validation arrays before anything trains). Where the validation split
 is too small to tell the grid's points apart (the best and the runner-up differ by less than one
@@ -21,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import numpy as np
 
 from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
+from dreg_jax.saved_model import TrainedModel
 from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.regularizers import get_regularizer
 
@@ -40,6 +46,8 @@ class TuneResult:
       extensions: how many times the grid was extended past an edge.
       validation_rows: the validation split's size (accuracy moves in steps of its inverse).
       note: empty, or why the pick should be read with care.
+      model: the pick's first-seed model (``keep_model``), a ``TrainedModel``.
+      on_edge: the pick is still strictly best on an edge of the grid after every extension.
     """
 
     regularizer: str
@@ -49,6 +57,12 @@ class TuneResult:
     extensions: int
     validation_rows: int
     note: str = ""
+    model: object = dataclasses.field(default=None, compare=False, repr=False)
+    on_edge: bool = False  # the pick is strictly best on an edge even after the extensions
+
+    def to_dict(self) -> dict:
+        """JSON-able fields (the model is saved with ``model.save(dir)``)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
 
     def table(self) -> str:
         """A markdown table of validation accuracy (mean +- std over seeds) per grid point."""
@@ -104,33 +118,88 @@ def strength_grid(regularizer: str, points: int = 5, decades: float = 2.0) -> tu
     return tuple(float(default * 10 ** e) for e in np.linspace(-decades, decades, points))
 
 
-def choose(accuracy: dict) -> tuple[float, float]:
+def choose(accuracy: dict, near: float | None = None) -> tuple[float, float]:
     """``(strength, learning_rate)`` with the best mean over seeds of ``accuracy[(s, lr)]``
-    (lists of per-seed accuracies); ties to the smaller strength, then learning rate."""
-    return max(sorted(accuracy), key=lambda k: (float(np.mean(accuracy[k])), -k[0], -k[1]))
+    (lists of per-seed validation accuracies; NaNs ignored, a point without any finite value
+    ranks last). Ties go to the strength nearest ``near`` on a log scale (when given), then to
+    the smaller strength, then to the smaller learning rate.
+
+    The one implementation of "choose on validation": :func:`tune` and the DREG study's fair
+    protocol (which passes the paper's strength as ``near``) both call it.
+    """
+    def score(key):
+        values = np.asarray(accuracy[key], np.float64)
+        mean = float(np.nanmean(values)) if np.isfinite(values).any() else -np.inf
+        s, lr = key
+        distance = abs(math.log10(s / near)) if s and near else 0.0
+        return mean, -distance, -s, -lr
+
+    return max(sorted(accuracy), key=score)
 
 
-def tune(data: EngineData, config: TrainConfig, num_classes: int, *, strengths=None, learning_rates=None,
-         seeds=3, max_extensions: int = 2, options: EngineOptions | None = None) -> TuneResult:
+def edge_extension(accuracy: dict, step: float) -> float | None:
+    """The strength to add when :func:`choose`'s pick lies on an edge of the strengths tried and
+    is strictly better than its neighbour (same learning rate): one ``step`` (in decades) past
+    that edge. None when the pick is inside the grid, or the curve is flat at the edge.
+    Shared by :func:`tune` and the DREG study v3, so both extend a grid by the same rule."""
+    best = choose(accuracy)
+    strengths = sorted({s for s, _ in accuracy})
+    if len(strengths) < 2:
+        return None
+    i = strengths.index(best[0])
+    if i not in (0, len(strengths) - 1):
+        return None
+    neighbour = strengths[1] if i == 0 else strengths[-2]
+    if (neighbour, best[1]) not in accuracy:
+        return None
+    if not np.nanmean(accuracy[best]) > np.nanmean(accuracy[(neighbour, best[1])]):
+        return None
+    return best[0] * 10 ** (-step if i == 0 else step)
+
+
+def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths=None, learning_rates=None,
+         seeds=3, max_extensions: int = 2, options: EngineOptions | None = None, keep_model: bool = True,
+         preprocessing=None) -> TuneResult:
     """Chooses ``config``'s regularizer strength (and optionally the learning rate) on validation.
 
     Args:
-      data: the engine's arrays; ``x_val``/``y_val`` must hold a validation split. The test
-        arrays are never used.
+      data: a ``Dataset`` (``from_csv``/``from_arrays``/``load_dataset``; its class count and
+        preprocessing are taken from it) or the engine's arrays (``EngineData``);
+        ``x_val``/``y_val`` must hold a validation split. The test arrays are never used.
       config: the run's config; its ``regularizer.kind`` is tuned (its ``strength`` is ignored).
-      num_classes: number of classes.
+      num_classes: number of classes (default: the Dataset's).
       strengths: the grid (default :func:`strength_grid`: 5 points over +-2 decades).
       learning_rates: learning rates to try with every strength (default: the config's).
       seeds: number of seeds (``0..seeds-1``) or a sequence of seeds.
       max_extensions: how often an edge pick may extend the grid.
+      keep_model: keep the variables of each grid point's first-seed run, and return the pick's
+        as :attr:`TuneResult.model`.
+      preprocessing: ``Dataset.preprocessing`` of the data (user tables), stored with the model.
 
     Returns:
       A :class:`TuneResult`.
     """
+    if not isinstance(data, EngineData):  # a Dataset: its arrays, class count and preprocessing
+        if not all(hasattr(data, a) for a in ("x_train", "y_train", "x_val", "y_val", "num_classes")):
+            raise TypeError(f"data must be a Dataset or an EngineData, got {type(data).__name__}")
+        preprocessing = preprocessing if preprocessing is not None else getattr(data, "preprocessing", None)
+        num_classes = num_classes or data.num_classes
+        has_val = data.x_val is not None and len(data.x_val) > 0
+        data = EngineData(np.asarray(data.x_train), np.asarray(data.y_train), np.asarray(data.x_test),
+                          np.asarray(data.y_test), None, np.asarray(data.x_val) if has_val else None,
+                          np.asarray(data.y_val) if has_val else None)
+    if num_classes is None:
+        raise ValueError("pass num_classes with EngineData (a Dataset carries its own)")
     kind = config.regularizer.kind
-    grid = sorted(float(s) for s in (strengths if strengths is not None else strength_grid(kind)))
-    if len(grid) < 2 or grid[0] <= 0:
-        raise ValueError(f"strengths must be >= 2 positive values, got {grid}")
+    if get_regularizer(kind).default_strength is None:  # none, spectral norm: the learning rates only
+        if strengths is not None:
+            raise ValueError(f"regularizer {kind!r} has no strength to tune; leave strengths unset "
+                             "(its learning_rates are still chosen)")
+        grid = [0.0]
+    else:
+        grid = sorted(float(s) for s in (strengths if strengths is not None else strength_grid(kind)))
+        if len(grid) < 2 or grid[0] <= 0:
+            raise ValueError(f"strengths must be >= 2 positive values, got {grid}")
     lrs = tuple(float(lr) for lr in (learning_rates or (config.optimizer.learning_rate,)))
     seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
     if data.x_val is None or len(data.x_val) == 0:
@@ -140,31 +209,31 @@ def tune(data: EngineData, config: TrainConfig, num_classes: int, *, strengths=N
     scored = data._replace(x_test=data.x_val, y_test=data.y_val, x_robust=None)
     config = dataclasses.replace(config, regularizer=dataclasses.replace(config.regularizer, strength=None))
     options = options or EngineOptions(per_epoch_diagnostics=False)
-    options = dataclasses.replace(options, vmap_width=len(seeds) * len(lrs))  # extensions reuse the program
+    options = dataclasses.replace(options, vmap_width=len(seeds) * len(lrs),  # extensions reuse the program
+                                  return_variables=keep_model)
     accuracy: dict = {}
+    kept: dict = {}
 
     def train(new_strengths):
         keys = [(s, lr, seed) for s in new_strengths for lr in lrs for seed in seeds]
         runs = RunHParams.stack([RunHParams(seed=seed, learning_rate=lr, strength=s) for s, lr, seed in keys])
         final, _ = train_many(runs, scored, config, num_classes, options)
-        for (s, lr, _), acc in zip(keys, np.asarray(final["test_accuracy"], np.float64)):
+        for i, ((s, lr, seed), acc) in enumerate(zip(keys, np.asarray(final["test_accuracy"], np.float64))):
             accuracy.setdefault((s, lr), []).append(float(acc))
+            if keep_model and seed == seeds[0]:
+                kept[(s, lr)] = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
 
     train(grid)
     extensions = 0
-    step = math.log10(grid[1] / grid[0])
-    while True:
-        best = choose(accuracy)
-        strengths_now = sorted({s for s, _ in accuracy})
-        i = strengths_now.index(best[0])
-        edge = i in (0, len(strengths_now) - 1)
-        neighbour = strengths_now[1] if i == 0 else strengths_now[-2]
-        strictly = np.mean(accuracy[best]) > np.mean(accuracy[(neighbour, best[1])])
-        if not edge or not strictly or extensions >= max_extensions:
+    step = math.log10(grid[1] / grid[0]) if len(grid) > 1 else 0.0
+    best = choose(accuracy)
+    while len(grid) > 1 and extensions < max_extensions:
+        beyond = edge_extension(accuracy, step)
+        if beyond is None:
             break
-        beyond = best[0] * 10 ** (-step if i == 0 else step)
         train([beyond])
         extensions += 1
+    best = choose(accuracy)
     rows = tuple({"strength": s, "learning_rate": lr, "mean": float(np.mean(a)), "std": float(np.std(a)),
                   "seeds": len(a)} for (s, lr), a in sorted(accuracy.items()))
     n_val = len(data.y_val)
@@ -174,9 +243,18 @@ def tune(data: EngineData, config: TrainConfig, num_classes: int, *, strengths=N
         notes.append(f"the best and the runner-up differ by less than one validation example "
                      f"({n_val} rows: accuracy moves in steps of {100 / n_val:.2f} pp); the split cannot "
                      "separate them, so the pick is weak evidence")
-    if edge and strictly and extensions >= max_extensions:
+    on_edge = len(grid) > 1 and edge_extension(accuracy, step) is not None
+    if on_edge:
         notes.append(f"the pick is still on the grid's edge after {extensions} extension(s); widen the grid")
-    return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes))
+    model = None
+    if keep_model:
+        run = {"seed": int(seeds[0]), "strength": best[0], "learning_rate": best[1], "tuned": True,
+               "validation_accuracy": accuracy[best][0], "validation_rows": n_val}
+        model = TrainedModel(dataclasses.replace(config, regularizer=dataclasses.replace(
+            config.regularizer, strength=best[0]), optimizer=dataclasses.replace(
+            config.optimizer, learning_rate=best[1])), kept[best], num_classes, int(data.x_train.shape[1]),
+            preprocessing, run)
+    return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes), model, on_edge)
 
 
-__all__ = ["TuneResult", "choose", "plot_tuning", "strength_grid", "tune"]
+__all__ = ["TuneResult", "choose", "edge_extension", "plot_tuning", "strength_grid", "tune"]

@@ -53,6 +53,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 
 from dreg_jax.analysis.stats import holm, pairs_needed, signed_rank_test  # noqa: E402
 from dreg_jax.training.regularizers import REGISTRY  # noqa: E402
+from dreg_jax.tuning import choose  # noqa: E402
 
 REGIMES = ("clean", "noise", "scarcity", "overall")
 ARMS = ("none", "weight_decay", "spectral_norm", "igpen", "jacobian", "dreg_act", "dreg_layer")
@@ -122,12 +123,9 @@ def select_protocol(rows, protocol: str, paper_strengths: dict):
             if not matches:
                 continue  # the paper strength was not run for this arm
             pick = matches[0]
-        else:
-            def score(s):
-                vals = [r["val"] for r in group if _same(r["strength"], s)]
-                distance = abs(np.log10(s / paper)) if s and paper else 0.0
-                return (np.nanmean(vals) if np.any(np.isfinite(vals)) else -np.inf, -distance, -s)
-            pick = max(strengths, key=score)
+        else:  # best mean validation accuracy; ties nearest the paper's strength, then smaller
+            accuracy = {(s, 0.0): [r["val"] for r in group if _same(r["strength"], s)] for s in strengths}
+            pick = choose(accuracy, near=paper)[0]
         choices[key] = pick
         chosen += [r for r in group if _same(r["strength"], pick)]
     return chosen, choices

@@ -119,3 +119,36 @@ def test_readme_choose_lambda_section_runs(tmp_path, monkeypatch, capsys):
     best = max(r["mean"] for r in result.rows)
     assert next(r for r in result.rows if r["strength"] == result.strength)["mean"] == best
     assert "(pick)" in capsys.readouterr().out
+
+
+def test_readme_keep_your_model_section_runs(tmp_path, monkeypatch, capsys):
+    """The "Keep and use your model" blocks, after the "Choose lambda" one they continue: the
+    reloaded model predicts what the in-memory one does, and the shell lines run as written."""
+    import shlex
+
+    from dreg_jax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    for title in ("Choose lambda on your data", "Keep and use your model"):
+        exec(compile(section_block(title), f"README.md: {title}", "exec"), namespace)
+    result, model, ds = namespace["result"], namespace["model"], namespace["ds"]
+    assert np.array_equal(model.predict_proba(ds.x_test), result.model.predict_proba(ds.x_test))
+    x = namespace["x"]
+    x_new, _ = ds.preprocessing.transform_csv("new_wines.csv")
+    expected = result.model.labels(result.model.predict(x_new))
+    assert namespace["labels"] == expected and len(expected) == 5
+    text = README.read_text()
+    shell = re.search(r"### Keep and use your model\n.*?```bash\n(.*?)```", text, flags=re.S).group(1)
+    lines = [line.split("#")[0].strip() for line in shell.splitlines() if line.strip()]
+    for line in lines:
+        assert main(shlex.split(line)[1:]) == 0, line
+    with open("predictions.csv") as f:
+        rows = f.read().splitlines()
+    assert rows[0].startswith("line,predicted,probability_") and len(rows) == 6
+    import dreg_jax
+
+    kept = dreg_jax.load_model("wine_model2")  # the CLI's split (10% validation), the same columns
+    assert kept.preprocessing.label_names == ds.label_names
+    assert kept.preprocessing.feature_names == ds.preprocessing.feature_names
+    assert dreg_jax.load_model("wine_fit").num_features == x.shape[1] == 13

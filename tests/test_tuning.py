@@ -61,3 +61,41 @@ def test_tune_refuses_data_without_validation_and_kinds_without_strength(iris):
         dreg_jax.tune(data, config, 3, strengths=(1e-3, 1e-2))
     with pytest.raises(ValueError, match="'none' has no strength"):
         dreg_jax.strength_grid("none")
+
+
+def test_restore_best_epoch_keeps_the_best_validation_epoch():
+    """Early stopping on validation: the final metrics are the best epoch's (the first epoch
+    with the highest validation accuracy), read against the per-epoch curves of the same run."""
+    import dreg_jax
+    from dreg_jax.data import load_dataset
+    from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
+
+    ds = load_dataset("iris", validation_fraction=0.3)
+    data = EngineData(ds.x_train, ds.y_train, ds.x_test, ds.y_test, None, ds.x_val, ds.y_val)
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=12, batch_size=16,
+                                  regularizer=dreg_jax.RegularizerConfig(kind="dreg"))
+    runs = RunHParams.stack([RunHParams(seed=s, learning_rate=lr, strength=1e-3)
+                             for s in range(2) for lr in (3e-3, 3e-2)])
+    final, curves = train_many(runs, data, config, 3, EngineOptions(restore_best_epoch=True, vmap_width=4))
+    for i in range(4):
+        val = curves["validation_accuracy"][i]
+        best = int(np.argmax(val))  # first maximum
+        assert final["best_epoch"][i] == best + 1
+        assert final["validation_accuracy"][i] == pytest.approx(val[best], abs=1e-6)
+        assert final["test_accuracy"][i] == pytest.approx(curves["test_accuracy"][i][best], abs=1e-6)
+    with pytest.raises(ValueError, match="validation"):
+        train_many(runs, data._replace(x_val=None, y_val=None), config, 3, EngineOptions(restore_best_epoch=True))
+
+
+def test_tune_a_regularizer_without_strength_chooses_the_learning_rate():
+    import dreg_jax
+    from dreg_jax.data import load_dataset
+
+    ds = load_dataset("iris", validation_fraction=0.3)
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=3, batch_size=16)
+    result = dreg_jax.tune(ds, config, learning_rates=[1e-4, 3e-2], seeds=2, keep_model=False)
+    assert [r["strength"] for r in result.rows] == [0.0, 0.0] and result.extensions == 0
+    means = {r["learning_rate"]: r["mean"] for r in result.rows}
+    assert result.learning_rate == max(sorted(means), key=lambda lr: (means[lr], -lr))
+    with pytest.raises(ValueError, match="no strength"):
+        dreg_jax.tune(ds, config, strengths=[1e-3, 1e-2])

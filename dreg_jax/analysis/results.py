@@ -52,23 +52,27 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     ok = frame[frame.status == "ok"]
     groups = [c for c in varying_columns(ok) if c not in ("dataset", "regularizer")]
     datasets = sorted(ok.dataset.unique())
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        sub = ok[ok.dataset == dataset]
-        labels = sub[groups].astype(str).agg(" ".join, axis=1) if groups else None
-        keys = sorted(set(labels)) if groups else [""]
-        regs = list(dict.fromkeys(sub.regularizer))
-        width = 0.8 / len(keys)
-        for j, key in enumerate(keys):
-            part = sub if not groups else sub[labels == key]
-            means = [100 * part[part.regularizer == r].test_accuracy.mean() for r in regs]
-            errs = [100 * part[part.regularizer == r].test_accuracy.std(ddof=0) for r in regs]
-            ax.bar(np.arange(len(regs)) + j * width, means, width, yerr=errs, capsize=2, label=key or None)
-        ax.set_xticks(np.arange(len(regs)) + 0.4 - width / 2, regs, rotation=30)
-        ax.set_title(dataset)
-        ax.set_ylabel("test accuracy % (mean +- std over seeds)")
-        if groups:
-            ax.legend(fontsize=7, title=" ".join(groups), title_fontsize=7)
+    # validation accuracy (when the runs have a validation split) in a second row, beside test
+    metrics = [m for m in ("test_accuracy", "validation_accuracy") if m in ok and ok[m].notna().any()]
+    fig, axes = plt.subplots(len(metrics), len(datasets), figsize=(4.5 * len(datasets), 3.6 * len(metrics)),
+                             squeeze=False)
+    for row, metric in zip(axes, metrics):
+        for ax, dataset in zip(row, datasets):
+            sub = ok[ok.dataset == dataset]
+            labels = sub[groups].astype(str).agg(" ".join, axis=1) if groups else None
+            keys = sorted(set(labels)) if groups else [""]
+            regs = list(dict.fromkeys(sub.regularizer))
+            width = 0.8 / len(keys)
+            for j, key in enumerate(keys):
+                part = sub if not groups else sub[labels == key]
+                means = [100 * part[part.regularizer == r][metric].mean() for r in regs]
+                errs = [100 * part[part.regularizer == r][metric].std(ddof=0) for r in regs]
+                ax.bar(np.arange(len(regs)) + j * width, means, width, yerr=errs, capsize=2, label=key or None)
+            ax.set_xticks(np.arange(len(regs)) + 0.4 - width / 2, regs, rotation=30)
+            ax.set_title(dataset)
+            ax.set_ylabel(f"{metric.replace('_', ' ')} % (mean +- std over seeds)")
+            if groups:
+                ax.legend(fontsize=7, title=" ".join(groups), title_fontsize=7)
     fig.tight_layout()
     written.append(out_dir / "accuracy_by_regularizer.png")
     fig.savefig(written[-1], dpi=120)
@@ -77,14 +81,17 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     records = [r for r in records if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     curves = {}
-    for r in records:
-        key = (r["spec"]["dataset"], r["spec"]["config"]["regularizer"]["kind"])
+    for r in records:  # one curve per dataset, regularizer and strength (a tuning grid is not averaged)
+        row = flat_row(r)
+        key = (row["dataset"], row["regularizer"], row["strength"])
         curves.setdefault(key, []).append(r["curves"])
-    for (dataset, reg), runs in sorted(curves.items()):
+    several = {(d, g) for d, g, _ in curves if sum(k[:2] == (d, g) for k in curves) > 1}
+    for (dataset, reg, strength), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
+        label = f"{dataset} {reg}" + (f" lambda {strength:.3g}" if (dataset, reg) in several else "")
         for ax, metric in zip(axes, ("train_loss", "test_accuracy")):
             values = np.array([c[metric] for c in runs if metric in c], float)
             if values.size:
-                ax.plot(np.arange(1, values.shape[1] + 1), np.nanmean(values, axis=0), label=f"{dataset} {reg}")
+                ax.plot(np.arange(1, values.shape[1] + 1), np.nanmean(values, axis=0), label=label)
     for ax, metric in zip(axes, ("train loss", "test accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)

@@ -27,6 +27,7 @@ import socket
 
 import numpy as np
 
+from dreg_jax.preprocessing import apply_standardization, standardization
 from dreg_jax._checks import check_choice
 from dreg_jax.data import builders
 from dreg_jax.data.text import hashed_ngram_features, minilm_token_features, sentence_embeddings, word_id_features
@@ -73,6 +74,11 @@ OFFLINE = {
     "reviews_noisy": DatasetInfo("reviews_noisy", "text", 2, "offline", messy=True),
     "wine": DatasetInfo("wine", "tabular", 3, "offline", 13),
     "iris": DatasetInfo("iris", "tabular", 3, "offline", 4),
+    "glass": DatasetInfo("glass", "tabular", 6, "offline", 9),
+    "oj": DatasetInfo("oj", "tabular", 2, "offline", 17),
+    "crabs": DatasetInfo("crabs", "tabular", 2, "offline", 6),
+    "swiss_labor": DatasetInfo("swiss_labor", "tabular", 2, "offline", 6),
+    "birthwt": DatasetInfo("birthwt", "tabular", 2, "offline", 10),
 }
 #: The eight datasets of the DREG study (tabular, vision, messy vision, NLP, messy NLP).
 STUDY_DATASETS = ("pima", "breast_cancer", "digits", "digits_corrupted", "mnist1d",
@@ -122,6 +128,8 @@ class Dataset:
     y_val: np.ndarray | None = None
     label_names: tuple | None = None  # class index -> original label (user data)
     feature_names: tuple | None = None  # column names, one-hot columns as "column=value"
+    # how raw rows became x (user data): dreg_jax.data.preprocessing.Preprocessing
+    preprocessing: object = None
 
     @property
     def num_features(self) -> int:
@@ -142,22 +150,10 @@ def check_dataset(name: str) -> str:
 
 
 def standardize(x_train, *others, per_feature: bool = True):
-    """Subtract the training mean and divide by the training std (per column, or one scalar).
-
-    Values from about 1e154 up would overflow the variance in float64 and erase the column, so
-    such columns are first divided by their largest training magnitude (the standardized values
-    are the same up to rounding; ordinary columns take the plain arithmetic, bit for bit).
-    """
-    axis = 0 if per_feature else None
-    x_train = np.asarray(x_train)
-    scale = np.max(np.abs(x_train.astype(np.float64)), axis=axis) if x_train.size else 1.0
-    scale = np.where(np.isfinite(scale) & (scale > 1e150), scale, 1.0)
-    if np.any(scale != 1.0):
-        x_train, others = x_train / scale, tuple(np.asarray(x, np.float64) / scale for x in others)
-    mean = x_train.mean(axis=axis)
-    std = x_train.std(axis=axis)
-    std = np.where(std > 0, std, 1.0)
-    return tuple(((x - mean) / std).astype(np.float32) for x in (x_train, *others))
+    """Subtract the training mean and divide by the training std (per column, or one scalar),
+    with the scaling of :func:`dreg_jax.preprocessing.standardization` for huge magnitudes."""
+    stats = standardization(x_train, per_feature)
+    return tuple(apply_standardization(x, stats) for x in (np.asarray(x_train), *others))
 
 
 def check_finite(name: str, split: str, x: np.ndarray):

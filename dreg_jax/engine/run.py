@@ -151,6 +151,15 @@ class EngineOptions:
     # Which runs share a program: "auto" (cost model per backend), "none", "all"; see
     # dreg_jax.engine.grouping.
     fold: str = "auto"
+    # Also return each run's trained variables (final["variables"]: {"params", "batch_stats"},
+    # a leading run axis), e.g. to keep the model (dreg_jax.saved_model). Off by default: a
+    # sweep records metrics only, and the parameters of a wide grid can be large.
+    return_variables: bool = False
+    # Early stopping on validation: every epoch scores the validation split, the parameters of
+    # the best epoch (highest validation accuracy; ties keep the earlier) are kept, and the
+    # final metrics (test, robust, tau, variables) are those of the best epoch; curves gain
+    # validation_accuracy/validation_loss and final gains best_epoch (1-based). Needs x_val.
+    restore_best_epoch: bool = False
 
 
 def run_keys(seed):
@@ -206,7 +215,14 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         schedule = {k: m[k] for k in ("strength_multiplier", "representation_noise") if k in m}
         return carry, (m["loss"], m["accuracy"], m["penalty"], vol, m["grad_norm"], schedule)
 
+    restore = options.restore_best_epoch
+    has_val = data.x_val is not None and data.x_val.shape[0] > 0
+    if restore and not has_val:
+        raise ValueError("EngineOptions.restore_best_epoch chooses the epoch on validation data: give "
+                         "EngineData.x_val/y_val (validation_fraction > 0)")
+
     def one_epoch(carry, k_epoch):
+        carry, best = carry
         k_perm, k_steps = jax.random.split(k_epoch)
         u = jax.random.uniform(k_perm, (n,))
         order = jnp.argsort(jnp.where(mask, u, 2.0 + u))  # included examples first, shuffled
@@ -218,17 +234,32 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                   "volatility": vol.mean(), "tau_steps": tail_ratio(grad_norm),
                   **{k: v.mean() for k, v in schedule.items()}}
         curves.update(_evaluate(carry[0], data, config, options, options.per_epoch_diagnostics))
-        return carry, curves
+        if restore:
+            val = eval_step(carry[0], {"x": data.x_val, "y": data.y_val}, config)
+            curves.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
+            params, batch_stats, best_val, best_epoch, epoch = best
+            better = val["accuracy"] > best_val
+            keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
+            best = (jax.tree_util.tree_map(keep, carry[0].params, params),
+                    jax.tree_util.tree_map(keep, carry[0].batch_stats, batch_stats),
+                    jnp.where(better, val["accuracy"], best_val), jnp.where(better, epoch, best_epoch), epoch + 1)
+        return (carry, best), curves
 
     carry0 = (state, jnp.zeros([], jnp.float32), jnp.array(-1, jnp.int32),
               jnp.array(0, jnp.int32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
               jnp.array(-1, jnp.int32))
-    (state, _, fail_step, _, peak, _, diverge_step), curves = jax.lax.scan(
-        one_epoch, carry0, jax.random.split(k_loop, config.epochs)
+    best0 = ((state.params, state.batch_stats, jnp.array(-1.0, jnp.float32), jnp.array(0, jnp.int32),
+              jnp.array(0, jnp.int32)) if restore else ())
+    ((state, _, fail_step, _, peak, _, diverge_step), best), curves = jax.lax.scan(
+        one_epoch, (carry0, best0), jax.random.split(k_loop, config.epochs)
     )
     # the last epoch's evaluation is the final one (no second copy of the eval program)
     final = {k: v[-1] for k, v in curves.items()
              if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input", "tau_steps")}
+    if restore:  # the best epoch's parameters are the run's result
+        state = state.replace(params=best[0], batch_stats=best[1])
+        final.update(_evaluate(state, data, config, options, options.per_epoch_diagnostics))
+        final["best_epoch"] = best[3] + 1
     if not options.per_epoch_diagnostics:
         diag_x = data.x_test[: options.diag_size]
         final.update(tau=gradient_tail_ratio(state, diag_x),
@@ -239,9 +270,11 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                  # the validation split actually scored (a user dataset carries its own split)
                  validation_rows=jnp.asarray(n_val, jnp.int32),
                  validation_share=jnp.asarray(n_val / (n + n_val), jnp.float32))
-    if data.x_val is not None and data.x_val.shape[0] > 0:
+    if has_val:
         val = eval_step(state, {"x": data.x_val, "y": data.y_val}, config)
         final.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
+    if options.return_variables:
+        final["variables"] = {"params": state.params, "batch_stats": state.batch_stats}
     if data.x_robust is not None and data.x_robust.shape[0] > 0:
         robust = jax.vmap(
             lambda xr: eval_step(state, {"x": xr, "y": data.y_test}, config)["accuracy"]

@@ -16,9 +16,7 @@ from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset
 from dreg_jax.engine.identity import model_identity
 from dreg_jax.engine.run import RunHParams
 from dreg_jax.training.config import (
-    ModelConfig,
     OptimizerConfig,
-    RegularizerConfig,
     TrainConfig,
 )
 
@@ -82,15 +80,7 @@ class RunSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSpec":
-        c = d["config"]
-        config = TrainConfig(
-            model=ModelConfig(**{**c["model"], "hidden": tuple(c["model"]["hidden"]),
-                                 "jacobian_layers": tuple(c["model"].get("jacobian_layers", ()))}),
-            regularizer=RegularizerConfig(**c["regularizer"]),
-            optimizer=OptimizerConfig(**c["optimizer"]),
-            epochs=c["epochs"], batch_size=c["batch_size"],
-        )
-        return cls(**{**d, "config": config})
+        return cls(**{**d, "config": TrainConfig.from_dict(d["config"])})
 
     @property
     def run_id(self) -> str:

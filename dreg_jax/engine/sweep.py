@@ -162,6 +162,9 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
     if not specs:
         raise ValueError("the sweep has no runs")
     check_choice("fold", options.fold, FOLD_MODES)
+    if options.return_variables:
+        raise ValueError("a sweep records metrics, not parameters: leave EngineOptions.return_variables "
+                         "off (train_many returns them; dreg_jax.tune and `dreg-jax train --save-model` keep a model)")
     unique = list({s.run_id: s for s in specs}.values())
     results = ResultsFile(results_path)
     results.check_writable()  # a bad results path fails now, not after the first chunk

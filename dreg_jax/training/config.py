@@ -193,6 +193,20 @@ class TrainConfig:
         """The regularizer kinds a program built from this config holds (one unless folded)."""
         return self.fold.regularizers if self.fold and self.fold.regularizers else (self.regularizer.kind,)
 
+    @classmethod
+    def from_dict(cls, c: dict) -> "TrainConfig":
+        """The config of ``dataclasses.asdict(config)`` (JSON round trip: lists back to tuples).
+        A user module recorded by its identity string stays that string (pass the module to use
+        it). A fold is a program's, never a run's, and is not read back."""
+        model = c["model"]
+        return cls(
+            model=ModelConfig(**{**model, "hidden": tuple(model["hidden"]),
+                                 "jacobian_layers": tuple(model.get("jacobian_layers", ()))}),
+            regularizer=RegularizerConfig(**c["regularizer"]),
+            optimizer=OptimizerConfig(**c["optimizer"]),
+            epochs=c["epochs"], batch_size=c["batch_size"],
+        )
+
     def validate(self):
         self.model.validate()
         self.regularizer.validate()
