@@ -104,7 +104,8 @@ def exact_permutation_difference(group_a, group_b) -> dict:
             "p_less": float(np.mean(diffs <= observed + TOLERANCE)), "min_p": 1.0 / splits}
 
 
-def hierarchical_bootstrap(effects: dict, resamples: int = 4000, seed: int = 0, level: float = 0.95) -> dict:
+def hierarchical_bootstrap(effects: dict, resamples: int = 4000, seed: int = 0, level: float = 0.95,
+                           keep_draws: bool = False) -> dict:
     """Mean over units of the mean over seeds, with a hierarchical percentile interval.
 
     Args:
@@ -114,7 +115,8 @@ def hierarchical_bootstrap(effects: dict, resamples: int = 4000, seed: int = 0, 
       level: interval coverage.
 
     Returns:
-      ``mean`` (the point estimate), ``low``, ``high``, ``units``, ``per_unit`` (unit means).
+      ``mean`` (the point estimate), ``low``, ``high``, ``units``, ``per_unit`` (unit means),
+      and ``draws`` (every resampled mean) with ``keep_draws``.
     """
     units = sorted(effects)
     if not units:
@@ -139,8 +141,11 @@ def hierarchical_bootstrap(effects: dict, resamples: int = 4000, seed: int = 0, 
                                 for j in picks[i]])
     alpha = (1 - level) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha])
-    return {"mean": float(per_unit.mean()), "low": float(low), "high": float(high), "units": n,
-            "per_unit": dict(zip(units, per_unit.tolist()))}
+    out = {"mean": float(per_unit.mean()), "low": float(low), "high": float(high), "units": n,
+           "per_unit": dict(zip(units, per_unit.tolist()))}
+    if keep_draws:
+        out["draws"] = draws
+    return out
 
 
 def can_reach(min_p: float, alpha: float, tests: int) -> bool:

@@ -32,7 +32,10 @@ same whatever it computes (the step is latency-bound), so everything foldable is
 Greedy: the pair with the largest saving is merged first, until no merge saves time.
 
 ``EngineOptions.fold`` overrides the model: ``"none"`` (one program per activation and
-regularizer, the engine's layout before folding), ``"all"`` (everything foldable).
+regularizer, the engine's layout before folding), ``"all"`` (everything foldable),
+``"activations"`` (one program per regularizer kind holding a fixed set of activations,
+``EngineOptions.fold_activations``, whatever runs are pending: a study that adds runs in rounds
+reuses the same compiled programs in every round).
 
 Results do not depend on the grouping: a run's selected branch is bit for bit the code it
 runs unfolded (tested: ``tests/test_grouping.py``).
@@ -49,7 +52,7 @@ from dreg_jax.training.config import Fold, TrainConfig
 from dreg_jax.training.regularizers import get_regularizer
 from dreg_jax.training.train import build_model, loss_branches
 
-FOLD_MODES = ("auto", "none", "all")
+FOLD_MODES = ("auto", "none", "all", "activations")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +126,15 @@ def _greedy(groups, cost, counts, saving_per_merge, step_seconds):
 
 
 def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], steps_per_run: int,
-               mode: str = "auto", backend: str | None = None, flops: float | None = None) -> list[Fold]:
+               mode: str = "auto", backend: str | None = None, flops: float | None = None,
+               fold_activations: tuple = ()) -> list[Fold]:
     """The programs for runs of one structure: a :class:`Fold` per program.
 
     Args:
       config: the shared structure (activation and regularizer kind are ignored).
       run_counts: ``(activation, regularizer) -> number of runs``.
       steps_per_run: optimizer steps of one run (epochs x steps per epoch).
-      mode: ``"auto"`` (the cost model), ``"none"`` or ``"all"``.
+      mode: ``"auto"`` (the cost model), ``"none"``, ``"all"`` or ``"activations"``.
       backend: ``"cpu"``, ``"gpu"``, ``"tpu"`` (default: JAX's default backend).
       flops: the model's forward FLOPs per batch (:func:`forward_flops`); the step time is
         ``max(step_seconds, seconds_per_flop * flops)``.
@@ -149,7 +153,14 @@ def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], s
     act_counts = {a: sum(n for (x, _), n in run_counts.items() if x == a) for a in activations}
     kind_counts = {k: sum(n for (_, x), n in run_counts.items() if x == k) for k in kinds}
     can_fold_activations = not config.model.is_custom
-    if mode == "none":
+    fixed = tuple(fold_activations)
+    if mode == "activations":
+        missing = [a for a in activations if a not in fixed]
+        if not fixed or missing or not can_fold_activations:
+            raise ValueError(f"fold='activations' needs EngineOptions.fold_activations to list every activation "
+                             f"of the runs (built-in MLP only); missing: {missing or list(activations)}")
+        act_groups, kind_groups = [fixed], [(k,) for k in kinds]
+    elif mode == "none":
         act_groups, kind_groups = [(a,) for a in activations], [(k,) for k in kinds]
     elif mode == "all":
         act_groups = [tuple(activations)] if can_fold_activations else [(a,) for a in activations]
@@ -167,7 +178,8 @@ def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], s
     folds = []
     for acts, regs in itertools.product(act_groups, kind_groups):
         if any((a, k) in run_counts for a in acts for k in regs):
-            present_acts = tuple(a for a in activations if a in acts and any((a, k) in run_counts for k in regs))
+            present_acts = (fixed if mode == "activations" else  # the same program whatever is pending
+                            tuple(a for a in activations if a in acts and any((a, k) in run_counts for k in regs)))
             present_regs = tuple(k for k in kinds if k in regs and any((a, k) in run_counts for a in acts))
             folds.append(Fold(present_acts, present_regs))
     return folds

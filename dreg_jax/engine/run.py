@@ -151,6 +151,8 @@ class EngineOptions:
     # Which runs share a program: "auto" (cost model per backend), "none", "all"; see
     # dreg_jax.engine.grouping.
     fold: str = "auto"
+    # fold="activations": the activations every program holds (see dreg_jax.engine.grouping)
+    fold_activations: tuple = ()
     # Also return each run's trained variables (final["variables"]: {"params", "batch_stats"},
     # a leading run axis), e.g. to keep the model (dreg_jax.saved_model). Off by default: a
     # sweep records metrics only, and the parameters of a wide grid can be large.

@@ -136,7 +136,7 @@ def plan_programs(specs: Sequence[RunSpec], options: EngineOptions = EngineOptio
             first = members[0].config
             flops = forward_flops(fold_config(config, Fold((first.model.activation,), (first.regularizer.kind,))),
                                   ds.x_train.shape[1], ds.num_classes)
-        for fold in plan_folds(config, counts, steps, options.fold, backend, flops):
+        for fold in plan_folds(config, counts, steps, options.fold, backend, flops, options.fold_activations):
             runs = [s for s in members if s.config.model.activation in fold.activations
                     and s.config.regularizer.kind in fold.regularizers]
             programs.append((source, fold_config(config, fold), runs))
