@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-chainzrule study-full chainzrule-full transformer-full test test-slow bench clean rebuild-reports
+.PHONY: demo demo-chainzrule study-full study-v2-full chainzrule-full transformer-full test test-slow bench clean rebuild-reports
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,15 +12,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The headline job: the DREG study's quick profile (report + figures in results/dreg_study/quick).
+# The headline job: the DREG study v3's quick profile (report + figures in results/dreg_study_v3/quick).
 demo: $(STAMP)
-	$(PY) experiments/dreg_study.py --profile quick
+	$(PY) experiments/dreg_study_v3.py --profile quick
 
 # ChainzRule MLP on digits with and without DREG (accuracies and per-layer terms).
 demo-chainzrule: $(STAMP)
 	$(PY) experiments/demo.py
 
 study-full: $(STAMP)
+	$(PY) experiments/dreg_study_v3.py --profile full
+
+study-v2-full: $(STAMP)
 	$(PY) experiments/dreg_study.py --profile full
 
 # The ChainzRule studies' and the coherent strong-regularization experiment's full profiles

@@ -67,12 +67,12 @@ def boosting_model(out: pathlib.Path) -> str:
     return boosting_name()
 
 
-def all_accuracies(records, profile, out: pathlib.Path, progress: bool):
+def all_accuracies(records, profile, out: pathlib.Path, progress: bool, cached_only: bool = False):
     """Neural accuracies from ``records`` and the classical models' (cached in classical.json)."""
     acc = neural_accuracies(records)
     acc.update(classical_scores({"SVM": "svm", boosting_model(out): "boosting"}, profile["datasets"],
                                 profile["fractions"], profile["seeds"], out / "classical.json", progress,
-                                validation_fraction=VALIDATION_FRACTION))
+                                validation_fraction=VALIDATION_FRACTION, cached_only=cached_only))
     return acc
 
 
@@ -150,7 +150,8 @@ def main(argv=None):
 def rebuild_report(out, meta) -> str:
     """The report from ``out``'s raw results, classical.json and meta.json (rebuild_report.py)."""
     profile = PROFILES[meta["profile"]]
-    return write_report(all_accuracies(load_raw_results(out), profile, out, False), profile, out, None)
+    # the cached scores of whatever boosting model the study ran, never a retraining
+    return write_report(all_accuracies(load_raw_results(out), profile, out, False, cached_only=True), profile, out, None)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ VALIDATION_FRACTION = 0.2
 
 def accuracies(profile, out: pathlib.Path, progress: bool, featurizer: str = "hashed", records=None):
     """Neural accuracies (from ``records``, or trained now) and logistic regression's (cached)."""
+    rebuilding = records is not None  # a rebuild reads the cached scores, never trains
     if records is None:
         records = run_neural_models(profile["datasets"], profile["fractions"], profile["seeds"], profile["hidden"],
                                     profile["epochs"], profile["batch_size"], out, progress, featurizer=featurizer,
@@ -71,7 +72,7 @@ def accuracies(profile, out: pathlib.Path, progress: bool, featurizer: str = "ha
            for (d, f, m), rs in by_model(records).items() for r in rs}
     acc.update(classical_scores({"LogReg": "logreg"}, profile["datasets"], profile["fractions"],
                                 profile["seeds"], out / "logreg.json", progress, featurizer=featurizer,
-                                validation_fraction=VALIDATION_FRACTION))
+                                validation_fraction=VALIDATION_FRACTION, cached_only=rebuilding))
     return acc
 
 

@@ -71,7 +71,7 @@ def fit_and_score(name: str, x_train, y_train, x_test, y_test, seed: int = 0) ->
 
 
 def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, progress: bool = True,
-                     featurizer: str = "hashed", validation_fraction: float = 0.0) -> dict:
+                     featurizer: str = "hashed", validation_fraction: float = 0.0, cached_only: bool = False) -> dict:
     """Test accuracy of each classical model on every (dataset, fraction, seed) subset.
 
     Args:
@@ -83,6 +83,8 @@ def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, 
       validation_fraction: the share of the training split held out as the neural runs'
         validation split (the same rows, :func:`dreg_jax.data.carve_validation`), so both see
         the same training rows; part of the cache key.
+      cached_only: read the cache and never train (a report rebuild): a missing score is an
+        error, whatever models are installed.
 
     Returns:
       ``{(dataset, fraction, name, seed): accuracy}``.
@@ -102,6 +104,9 @@ def classical_scores(models: dict, datasets, fractions, seeds: int, cache_path, 
     for d, f, s, name in tqdm(jobs, desc=", ".join(models), disable=not progress):
         key = (f"{d}|{f}|{s}|{name}" + ("" if featurizer == "hashed" else f"|{featurizer}")
                + (f"|val{validation_fraction:g}" if validation_fraction else ""))
+        if key not in cache and cached_only:
+            raise SystemExit(f"{cache_path} has no score for {key}: a rebuild reads the cached classical scores "
+                             "and never trains; run the study itself to compute them")
         if key not in cache:
             ds = load_dataset(d, featurizer=featurizer, validation_fraction=validation_fraction)
             mask = training_mask(s, ds.y_train, f, ds.num_classes)

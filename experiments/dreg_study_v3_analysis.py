@@ -41,6 +41,7 @@ CLAIMS = {
     "C5": "DREG is strongest on messy data: its gain over none is larger on the messy datasets than on the clean ones",
     "C6": "One fixed lambda = 10^-2.5 needs no tuning: tuned DREG and fixed-lambda DREG are equivalent",
 }
+README_BEGIN, README_END = "<!-- dreg-study-v3-summary:begin -->", "<!-- dreg-study-v3-summary:end -->"
 V2_NAMES = {"C1": "best on clean accuracy", "C2": "second to SN on noise robustness",
             "C3": "best regularizer under GELU (all learnable datasets)", "C4": "gains largest under data scarcity",
             "C5": "best regularizer under GELU (messy sets"}
@@ -236,7 +237,7 @@ def write_report(records, out: pathlib.Path, meta) -> str:
            f"{a['family']} directional comparisons; with {len(a['datasets'])} datasets the smallest one-sided exact "
            f"p is {2.0 ** -len(a['datasets']):.2g} against Holm's first threshold {profile['alpha'] / max(1, a['family']):.2g}.",
            ""]
-    md += ["## Verdicts", "", "| claim | reading | verdict |", "|---|---|---|"]
+    md += ["## Verdicts", "", README_BEGIN, "", "| claim | reading | verdict |", "|---|---|---|"]
     for (claim, reading), word in a["verdicts"].items():
         md.append(f"| {claim}: {CLAIMS[claim]} | {reading} | **{word}** |")
     md += ["", "Each claim's comparisons (effect in pp, mean over datasets of the mean over seeds; 95% "
@@ -248,7 +249,7 @@ def write_report(records, out: pathlib.Path, meta) -> str:
         note = "" if c["reachable"] else " (cannot reach alpha)"
         md.append(f"| {c['claim']} | {c['label']} | {c['units']} | {_pct(c['mean'])} | [{_pct(c['low'])}, "
                   f"{_pct(c['high'])}] | {p} | {ph} | {c['verdict']}{note} |")
-    md += ["", "Forest plots (per dataset: mean over seeds +- 1.96 standard errors; pooled: the bootstrap interval):", ""]
+    md += ["", README_END, "", "Forest plots (per dataset: mean over seeds +- 1.96 standard errors; pooled: the bootstrap interval):", ""]
     for claim in CLAIMS:
         comps = [c for c in a["comparisons"] if c["claim"] == claim]
         if comps:
@@ -267,8 +268,13 @@ def write_report(records, out: pathlib.Path, meta) -> str:
     ext = collections.Counter(p["extensions"] for p in with_strength)
     md.append("- Extensions per tuned cell: " + ", ".join(f"{k}: {v}" for k, v in sorted(ext.items())) + ".")
     lr_edge = collections.Counter(p["arm"] for p in picks if p["lr_on_edge"])
+    lrs = profile["learning_rates"]
+    ends = collections.Counter(p["learning_rate"] for p in picks if p["lr_on_edge"])
     md.append(f"- Learning-rate picks at an end of the shared set: {sum(lr_edge.values())} of {len(picks)} "
-              f"({', '.join(f'{k} {v}' for k, v in sorted(lr_edge.items()))}); the set is not extended (pre-registered).")
+              f"({', '.join(f'{k} {v}' for k, v in sorted(lr_edge.items()))}; {ends.get(min(lrs), 0)} at "
+              f"{min(lrs):g}, {ends.get(max(lrs), 0)} at {max(lrs):g}); the set is not extended (pre-registered), "
+              "so the learning rate has not converged where a pick sits at an end (not pre-registered: this "
+              "breakdown is descriptive).")
     best = [(r["metrics"].get("best_epoch"), r["spec"]["config"]["epochs"]) for r in records if r["status"] == "ok"]
     capped = sum(b == cap for b, cap in best)
     late = sum(b > 0.8 * cap for b, cap in best)

@@ -35,6 +35,7 @@ def load_experiment():
     def load(name):
         spec = importlib.util.spec_from_file_location(name, root / "experiments" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses in the script look their module up here
         spec.loader.exec_module(module)
         return module
 

@@ -39,3 +39,44 @@ def test_committed_dreg_report_is_rebuilt_from_its_raw_results(tmp_path, load_ex
     (out / "report.md").unlink()
     load_experiment("rebuild_report").rebuild(out)
     assert (out / "report.md").read_text() == (STUDY / "report.md").read_text()
+
+
+V3 = ROOT / "docs" / "results" / "dreg_study_v3_full"
+
+
+def _v3_block(text: str) -> str:
+    from dreg_study_v3_analysis import README_BEGIN, README_END
+
+    start, end = text.index(README_BEGIN), text.index(README_END)
+    return text[start + len(README_BEGIN):end].strip()
+
+
+def test_readme_dreg_study_v3_block_is_the_reports():
+    assert _v3_block((ROOT / "README.md").read_text()) == _v3_block((V3 / "report.md").read_text())
+
+
+def test_committed_v3_report_is_rebuilt_from_its_raw_results(tmp_path, load_experiment):
+    out = tmp_path / "results" / "dreg_study_v3_full"
+    shutil.copytree(V3, out, ignore=shutil.ignore_patterns("*.png"))
+    shutil.copytree(STUDY, tmp_path / "results" / "dreg_study_full", ignore=shutil.ignore_patterns("*.png", "*.gz"))
+    (out / "report.md").unlink()
+    load_experiment("rebuild_report").rebuild(out)
+    assert (out / "report.md").read_text() == (V3 / "report.md").read_text()
+
+
+def test_v3_preregistration_came_before_the_results():
+    """The commit the report names as the pre-registration is an ancestor of the commit that
+    added the results (skipped outside a git checkout)."""
+    import json
+    import subprocess
+
+    prereg = json.loads((V3 / "meta.json").read_text())["preregistration_commit"]
+    try:
+        added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", str(V3 / "results.jsonl.gz")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("no git")
+    if not added:
+        pytest.skip("the results are not committed yet (or this is not a git checkout)")
+    done = subprocess.run(["git", "merge-base", "--is-ancestor", prereg, added[-1]], cwd=ROOT, timeout=30)
+    assert done.returncode == 0 and prereg != added[-1]

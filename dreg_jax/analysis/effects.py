@@ -128,17 +128,21 @@ def hierarchical_bootstrap(effects: dict, resamples: int = 4000, seed: int = 0, 
     n = len(units)
     per_unit = np.array([v.mean() for v in values])
     picks = rng.integers(0, n, size=(resamples, n))  # datasets, with replacement
-    sizes = {v.size for v in values}
-    if len(sizes) == 1:  # every unit has the same seeds: one gather
-        s = sizes.pop()
+    sizes = np.array([v.size for v in values])
+    if len(set(sizes.tolist())) == 1:  # every unit has the same seeds: one gather
+        s = int(sizes[0])
         table = np.stack(values)  # (units, seeds)
         inner = rng.integers(0, s, size=(resamples, n, s))  # seeds within each drawn dataset
         draws = table[picks[..., None], inner].mean(axis=2).mean(axis=1)
-    else:
-        draws = np.empty(resamples)
-        for i in range(resamples):
-            draws[i] = np.mean([values[j][rng.integers(0, values[j].size, size=values[j].size)].mean()
-                                for j in picks[i]])
+    else:  # ragged: pad, draw within each unit's own size, average over its own seeds only
+        width = int(sizes.max())
+        table = np.zeros((n, width))
+        for j, v in enumerate(values):
+            table[j, : v.size] = v
+        own = sizes[picks][..., None]  # (resamples, n, 1)
+        inner = (rng.random((resamples, n, width)) * own).astype(int)
+        used = np.arange(width) < own
+        draws = ((table[picks[..., None], inner] * used).sum(axis=2) / own[..., 0]).mean(axis=1)
     alpha = (1 - level) / 2
     low, high = np.quantile(draws, [alpha, 1 - alpha])
     out = {"mean": float(per_unit.mean()), "low": float(low), "high": float(high), "units": n,
