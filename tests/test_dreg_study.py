@@ -17,6 +17,7 @@ from dreg_study_analysis import (
 LAMBDA = 10 ** -2.5
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_tiny_profile_end_to_end(tmp_path, load_experiment):
     study = load_experiment("dreg_study")
     specs, grid = study.study_specs(study.PROFILES["full"])

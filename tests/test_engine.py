@@ -107,6 +107,7 @@ def test_tail_ratio_closed_form():
     np.testing.assert_allclose(dreg_jax.engine.tail_ratio(jnp.full(10, 3.0)), 1.0, rtol=1e-6)
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_per_example_grad_norms_match_loop():
     state = dreg_jax.create_train_state(CFG, jax.random.key(0), 5, 3)
     x = jax.random.normal(jax.random.key(1), (6, 5))
@@ -152,6 +153,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_sharded_over_8_cpu_devices_equals_unsharded():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600)
@@ -162,6 +164,7 @@ def test_sharded_over_8_cpu_devices_equals_unsharded():
     assert result["max_diff"] < 1e-4
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_compiled_program_cache_is_bounded(wine, monkeypatch):
     from dreg_jax.engine import grid
 

@@ -24,6 +24,7 @@ def fake_minilm(monkeypatch):
     registry._load.cache_clear()
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_minilm_features_reach_dataset_engine_and_baselines(fake_minilm, tmp_path):
     ds = load_dataset("reviews", featurizer="minilm")
     assert ds.x_train.shape[1] == 384 and all(v.shape == ds.x_test.shape for v in ds.robust.values())

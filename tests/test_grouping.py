@@ -141,6 +141,7 @@ def test_sweep_records_do_not_depend_on_the_grouping(tmp_path, capsys):
     assert [r["run_id"] for r in again] == [r["run_id"] for r in folded]
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_user_module_folds_weight_decay_and_dreg(pima):
     import flax.linen as nn
 

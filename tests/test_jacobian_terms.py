@@ -131,7 +131,7 @@ def brute_force(fn, h):
     return jnp.mean(frob), jnp.mean(var)
 
 
-@pytest.mark.parametrize("name", sorted(LINEN))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cnn" else n for n in sorted(LINEN)])
 def test_linen_probe_terms_match_brute_force_jacobians(name):
     model, variables, x, subs = setup_linen(name)
     paths, probes = list(subs), 500
@@ -170,7 +170,7 @@ def test_residual_branch_not_identity_plus_jacobian():
     assert abs(float(terms["mlp0"]) - float(branch)) < abs(float(terms["mlp0"]) - float(with_skip))
 
 
-@pytest.mark.parametrize("name", ["transformer", "residual_mlp", "cnn"])
+@pytest.mark.parametrize("name", [pytest.param("transformer", marks=pytest.mark.slow), "residual_mlp", "cnn"])
 def test_linen_term_gradients_equal_direct_gradients_with_same_probes(name):
     model, variables, x, subs = setup_linen(name)
     path = list(subs)[1]
@@ -206,6 +206,7 @@ def test_bfloat16_terms_within_one_percent_of_float32():
         np.testing.assert_allclose(float(t16[path]), float(t32[path]), rtol=0.01)
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_vmap_over_seeds_equals_loop_and_row_subsampling_is_unbiased():
     model, variables, x, _ = setup_linen("residual_mlp")
     x = jnp.concatenate([x] * 8)  # 24 rows

@@ -91,7 +91,7 @@ def _params(dtype=jnp.float32):
     return [dense_layer(keys[0], 4, 6, dtype=dtype)[1], dense_layer(keys[1], 6, 3, dtype=dtype)[1]]
 
 
-@pytest.mark.parametrize("scaling", ["width", "none"])
+@pytest.mark.parametrize("scaling", [pytest.param("width", marks=pytest.mark.slow), "none"])
 def test_penalty_gradient_matches_finite_differences(x64, scaling):
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), _params())
     x = jax.random.normal(jax.random.key(12), (3, 4), jnp.float64)

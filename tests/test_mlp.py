@@ -38,7 +38,7 @@ def test_activation_scope_matches_jacfwd_of_each_activation(activation):
 
 
 @pytest.mark.parametrize(
-    "estimator,num_probes,rtol", [("probe", 3000, 0.04), ("exact", 1, 1e-5)]
+    "estimator,num_probes,rtol", [pytest.param("probe", 3000, 0.04, marks=pytest.mark.slow), ("exact", 1, 1e-5)]
 )
 @pytest.mark.parametrize("activation,spectral_norm", [("tanh", False), ("chainzrule", False), ("gelu", True)])
 def test_layer_scope_matches_jacfwd_of_dense_plus_activation(activation, spectral_norm, estimator, num_probes, rtol):

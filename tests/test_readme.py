@@ -70,6 +70,7 @@ def test_readme_own_data_section_runs(tmp_path, monkeypatch, capsys):
 
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_readme_own_model_section_trains_8_seeds(capsys):
     namespace = {}
     exec(compile(section_block("Your own model", level=2), "README.md: Your own model", "exec"), namespace)

@@ -20,6 +20,7 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_sigkill_mid_sweep_then_resume_runs_every_run_exactly_once(tmp_path):
     results = tmp_path / "results.jsonl"
     env = {**os.environ, "DREG_JAX_CACHE": str(tmp_path / "cache")}
