@@ -49,6 +49,7 @@ def test_vmapped_grid_equals_runs_one_by_one(wine):
     assert (final["fail_step"] == -1).all()
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_step_tail_ratio_wiring(wine):
     data, classes = wine
     final, curves = train_many(RunHParams.stack([hp(0), hp(1)]), data, CFG, classes, OPTS)

@@ -113,6 +113,7 @@ def test_cost_model_folds_everything_foldable_on_a_gpu_and_the_cheap_part_on_a_c
     assert BACKEND_COSTS["cpu"].step_seconds > 100 * BACKEND_COSTS["gpu"].step_seconds
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_quick_study_compiles_at_most_12_programs_on_a_cpu(load_experiment):
     study = load_experiment("dreg_study")
     specs, _ = study.study_specs(study.PROFILES["quick"])

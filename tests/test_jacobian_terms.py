@@ -131,7 +131,7 @@ def brute_force(fn, h):
     return jnp.mean(frob), jnp.mean(var)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cnn" else n for n in sorted(LINEN)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("cnn", "transformer") else n for n in sorted(LINEN)])
 def test_linen_probe_terms_match_brute_force_jacobians(name):
     model, variables, x, subs = setup_linen(name)
     paths, probes = list(subs), 500
@@ -170,7 +170,7 @@ def test_residual_branch_not_identity_plus_jacobian():
     assert abs(float(terms["mlp0"]) - float(branch)) < abs(float(terms["mlp0"]) - float(with_skip))
 
 
-@pytest.mark.parametrize("name", [pytest.param("transformer", marks=pytest.mark.slow), "residual_mlp", "cnn"])
+@pytest.mark.parametrize("name", [pytest.param("transformer", marks=pytest.mark.slow), "residual_mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_linen_term_gradients_equal_direct_gradients_with_same_probes(name):
     model, variables, x, subs = setup_linen(name)
     path = list(subs)[1]

@@ -55,7 +55,7 @@ def test_chain_output_is_plain_composition_and_terms_per_layer():
     chex.assert_trees_all_close(sq[1], brute_force_sq_norm(f2, f1(x)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("d_in,d_out", [(7, 5), (3, 9)])
+@pytest.mark.parametrize("d_in,d_out", [(7, 5), pytest.param(3, 9, marks=pytest.mark.slow)])
 def test_dense_layer_mean_over_many_probes_matches_frobenius(d_in, d_out):
     fn, (w, b) = dense_layer(jax.random.key(6), d_in, d_out)
     x = jax.random.normal(jax.random.key(7), (4, d_in))

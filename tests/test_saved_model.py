@@ -191,3 +191,18 @@ def test_a_sweep_refuses_to_return_variables(tmp_path):
 
     with pytest.raises(ValueError, match="records metrics, not parameters"):
         run_sweep([RunSpec("iris")], tmp_path / "r.jsonl", options=EngineOptions(return_variables=True))
+
+
+def test_tune_a_user_module_and_keep_it(tmp_path):
+    """``tune`` on your own linen module (DREG on its marked activation): the pick's model saves,
+    reloads with the module and predicts what the in-memory model predicts."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(96, 4)).astype(np.float32)
+    ds = from_arrays(x, (x[:, 0] + x[:, 1] > 0).astype(int), validation_fraction=0.25)
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(module=Net(), activation="custom"), epochs=2,
+                                  batch_size=16, regularizer=dreg_jax.RegularizerConfig(kind="dreg"))
+    result = dreg_jax.tune(ds, config, strengths=[1e-3, 1e-1], seeds=1, max_extensions=0)
+    assert result.strength in (1e-3, 1e-1) and result.model.variables["batch_stats"]
+    result.model.save(tmp_path / "m")
+    loaded = dreg_jax.load_model(tmp_path / "m", module=Net())
+    np.testing.assert_array_equal(loaded.predict_proba(ds.x_test), result.model.predict_proba(ds.x_test))

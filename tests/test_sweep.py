@@ -82,6 +82,7 @@ def test_cli_help_and_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "x.jsonl").exists()  # rejected before anything ran
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_cli_train_and_data_list(tmp_path, capsys):
     out = tmp_path / "run.json"
     assert cli_main(["train", "--dataset", "iris", "--epochs", "2", "--hidden", "8", "--out", str(out)]) == 0

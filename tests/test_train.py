@@ -42,6 +42,7 @@ def test_dreg_penalty_in_step_equals_library_formula(scope, estimator):
     np.testing.assert_allclose(metrics["penalty"], expected, rtol=1e-6)
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_vmap_over_seeds_and_strengths_equals_loop():
     cfg = config("dreg")
     seeds = jnp.arange(3)

@@ -143,7 +143,7 @@ class TinyCNN(nn.Module):
         return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
 
 
-@pytest.mark.parametrize("scope", ["activation", "layer"])
+@pytest.mark.parametrize("scope", ["activation", pytest.param("layer", marks=pytest.mark.slow)])
 def test_user_cnn_over_4_seeds_equals_4_separate_runs(scope):
     data = toy_engine_data(seed=0)
     config = dreg_jax.TrainConfig(
@@ -177,6 +177,7 @@ def test_user_module_config_errors():
     assert RunSpec.from_dict(specs[0].to_dict()).run_id == specs[0].run_id
 
 
+@pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_builtin_validation_split_is_carved_deterministically_and_recorded(tmp_path):
     from dreg_jax.data import load_dataset
 
@@ -210,7 +211,7 @@ class NNXNet(nnx.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-@pytest.mark.parametrize("scope", ["activation", "layer"])
+@pytest.mark.parametrize("scope", ["activation", pytest.param("layer", marks=pytest.mark.slow)])
 def test_user_nnx_model_over_4_seeds_equals_4_separate_runs(scope):
     data = toy_engine_data(seed=1)
     config = dreg_jax.TrainConfig(
@@ -347,7 +348,7 @@ def test_batchnorm_and_dropout_train_like_a_hand_written_train_mode_loop(kind):
     np.testing.assert_allclose(ev["accuracy"], expected)
 
 
-@pytest.mark.parametrize("kind", ["linen", "nnx"])
+@pytest.mark.parametrize("kind", ["linen", pytest.param("nnx", marks=pytest.mark.slow)])
 def test_dreg_on_a_batchnorm_dropout_module_through_the_engine(kind):
     module = LinenBNDrop() if kind == "linen" else dreg_jax.NNXModel(NNXBNDrop)
     layer = "Dense_1" if kind == "linen" else "fc2"
