@@ -250,9 +250,8 @@ def cmd_train(args) -> int:
 
             _save_model(args.save_model, jax.tree_util.tree_map(lambda a: a[0], variables), spec.config,
                         num_classes, data, spec.dataset,
-                        {"seed": spec.seed, "strength": spec.config.regularizer.resolved_strength(),
-                                       "learning_rate": spec.config.optimizer.learning_rate,
-                                       **{k: metrics[k] for k in ("validation_accuracy", "test_accuracy") if k in metrics}})
+                        {"seed": spec.seed, "learning_rate": spec.config.optimizer.learning_rate,
+                         **{k: metrics[k] for k in ("validation_accuracy", "test_accuracy") if k in metrics}})
     return 0 if status == "ok" else 1
 
 
@@ -264,14 +263,12 @@ def _preprocessing_of(dataset: str):
 
 
 def _save_model(directory, variables, config, num_classes, data, dataset, run):
-    import dataclasses
-
     from dreg_jax.saved_model import save_model
 
-    config = dataclasses.replace(config, regularizer=dataclasses.replace(
-        config.regularizer, strength=config.regularizer.resolved_strength()))
+    strength = config.regularizer.resolved_strength()  # recorded in the config and the run facts
+    config = dataclasses.replace(config, regularizer=dataclasses.replace(config.regularizer, strength=strength))
     save_model(directory, variables, config, num_classes, int(data.x_train.shape[1]),
-               preprocessing=_preprocessing_of(dataset), run={"dataset": dataset, **run})
+               preprocessing=_preprocessing_of(dataset), run={"dataset": dataset, "strength": strength, **run})
     print(f"saved the model to {directory} (dreg-jax predict --model {directory} --csv NEW.csv --out OUT.csv)")
 
 

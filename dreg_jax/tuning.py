@@ -180,14 +180,13 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
       A :class:`TuneResult`.
     """
     if not isinstance(data, EngineData):  # a Dataset: its arrays, class count and preprocessing
-        if not all(hasattr(data, a) for a in ("x_train", "y_train", "x_val", "y_val", "num_classes")):
+        if not all(hasattr(data, a) for a in ("x_train", "y_train", "x_val", "y_val", "num_classes", "robust")):
             raise TypeError(f"data must be a Dataset or an EngineData, got {type(data).__name__}")
+        from dreg_jax.engine import dataset_engine_data  # the sweep layer (a Dataset needs the study extra)
+
         preprocessing = preprocessing if preprocessing is not None else getattr(data, "preprocessing", None)
         num_classes = num_classes or data.num_classes
-        has_val = data.x_val is not None and len(data.x_val) > 0
-        data = EngineData(np.asarray(data.x_train), np.asarray(data.y_train), np.asarray(data.x_test),
-                          np.asarray(data.y_test), None, np.asarray(data.x_val) if has_val else None,
-                          np.asarray(data.y_val) if has_val else None)
+        data = dataset_engine_data(data)
     if num_classes is None:
         raise ValueError("pass num_classes with EngineData (a Dataset carries its own)")
     kind = config.regularizer.kind
@@ -226,11 +225,8 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     train(grid)
     extensions = 0
     step = math.log10(grid[1] / grid[0]) if len(grid) > 1 else 0.0
-    best = choose(accuracy)
-    while len(grid) > 1 and extensions < max_extensions:
-        beyond = edge_extension(accuracy, step)
-        if beyond is None:
-            break
+    # edge_extension is None for a one-point grid (none, SN) and for a pick inside the grid
+    while extensions < max_extensions and (beyond := edge_extension(accuracy, step)) is not None:
         train([beyond])
         extensions += 1
     best = choose(accuracy)
@@ -243,7 +239,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         notes.append(f"the best and the runner-up differ by less than one validation example "
                      f"({n_val} rows: accuracy moves in steps of {100 / n_val:.2f} pp); the split cannot "
                      "separate them, so the pick is weak evidence")
-    on_edge = len(grid) > 1 and edge_extension(accuracy, step) is not None
+    on_edge = edge_extension(accuracy, step) is not None
     if on_edge:
         notes.append(f"the pick is still on the grid's edge after {extensions} extension(s); widen the grid")
     model = None
