@@ -87,6 +87,48 @@ def test_restore_best_epoch_keeps_the_best_validation_epoch():
         train_many(runs, data._replace(x_val=None, y_val=None), config, 3, EngineOptions(restore_best_epoch=True))
 
 
+@pytest.mark.parametrize("width", [1, 4])
+def test_patience_stops_each_run_after_its_last_improvement(width):
+    """Early stopping with patience against the same runs trained to the cap without it: the
+    curves agree up to each run's stop, the stop is ``patience`` epochs after the first best
+    validation epoch (or the cap), and the kept epoch is the best one before the stop. A block
+    of four runs stops each run on its own (the others keep training)."""
+    import dreg_jax
+    from dreg_jax.data import load_dataset
+    from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
+
+    ds = load_dataset("iris", validation_fraction=0.3)
+    data = EngineData(ds.x_train, ds.y_train, ds.x_test, ds.y_test, None, ds.x_val, ds.y_val)
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=30, batch_size=16,
+                                  regularizer=dreg_jax.RegularizerConfig(kind="dreg"))
+    runs = RunHParams.stack([RunHParams(seed=s, learning_rate=lr, strength=1e-3)
+                             for s in range(2) for lr in (1e-3, 3e-2)])
+    full, full_curves = train_many(runs, data, config, 3, EngineOptions(restore_best_epoch=True, vmap_width=width))
+    patience = 3
+    final, curves = train_many(runs, data, config, 3,
+                               EngineOptions(restore_best_epoch=True, patience=patience, vmap_width=width))
+    stops = []
+    for i in range(4):
+        val = full_curves["validation_accuracy"][i]
+        # reference: the first epoch e with e - (first best epoch up to e) == patience
+        best, stop = 0, len(val)
+        for e in range(len(val)):
+            if val[e] > val[best]:
+                best = e
+            if e - best >= patience:
+                stop = e + 1
+                break
+        stops.append(stop)
+        assert int(final["epochs_run"][i]) == stop
+        assert final["best_epoch"][i] == best + 1
+        np.testing.assert_allclose(curves["validation_accuracy"][i][:stop], val[:stop], atol=1e-6)
+        assert np.isnan(curves["validation_accuracy"][i][stop:]).all()
+        assert final["test_accuracy"][i] == pytest.approx(full_curves["test_accuracy"][i][best], abs=1e-6)
+    assert min(stops) < config.epochs  # the check is not vacuous: at least one run stopped early
+    with pytest.raises(ValueError, match="restore_best_epoch"):
+        train_many(runs, data, config, 3, EngineOptions(patience=2))
+
+
 def test_tune_a_regularizer_without_strength_chooses_the_learning_rate():
     import dreg_jax
     from dreg_jax.data import load_dataset

@@ -162,6 +162,12 @@ class EngineOptions:
     # final metrics (test, robust, tau, variables) are those of the best epoch; curves gain
     # validation_accuracy/validation_loss and final gains best_epoch (1-based). Needs x_val.
     restore_best_epoch: bool = False
+    # Early stopping with patience (needs restore_best_epoch): a run stops once ``patience``
+    # epochs in a row have not improved its best validation accuracy (config.epochs is then the
+    # cap). Curves keep config.epochs entries; those after the stop are NaN, and final gains
+    # epochs_run. A vmapped block runs until its last run stops (a stopped run's state is frozen),
+    # so the saving is largest with narrow blocks (one run per call on a CPU).
+    patience: int | None = None
 
 
 def run_keys(seed):
@@ -183,6 +189,31 @@ def _evaluate(state, data: EngineData, config, options, with_tau: bool):
         out["tau"] = gradient_tail_ratio(state, diag_x)
         out["tau_input"] = gradient_tail_ratio(state, diag_x, variant="input")
     return out
+
+
+def _until_patience(one_epoch, carry, epoch_keys, patience: int):
+    """``lax.scan(one_epoch, carry, epoch_keys)`` that stops once ``patience`` epochs in a row
+    have not improved the best validation accuracy (``carry[1]``: params, batch_stats, best
+    accuracy, best epoch index, epochs done). Returns ``(carry, curves, epochs_run)``; the curves
+    have one entry per key, NaN after the stop."""
+    cap = epoch_keys.shape[0]
+    shapes = jax.eval_shape(one_epoch, carry, epoch_keys[0])[1]
+    curves0 = jax.tree_util.tree_map(
+        lambda s: jnp.full((cap, *s.shape), jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else -1, s.dtype), shapes)
+
+    def go_on(loop):
+        (_, best), _ = loop
+        done, best_index = best[4], best[3]
+        return (done < cap) & (done - 1 - best_index < patience)
+
+    def epoch(loop):
+        carry, curves = loop
+        i = carry[1][4]
+        carry, row = one_epoch(carry, epoch_keys[i])
+        return carry, jax.tree_util.tree_map(lambda c, r: c.at[i].set(r), curves, row)
+
+    carry, curves = jax.lax.while_loop(go_on, epoch, (carry, curves0))
+    return carry, curves, carry[1][4]
 
 
 def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
@@ -222,6 +253,10 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     if restore and not has_val:
         raise ValueError("EngineOptions.restore_best_epoch chooses the epoch on validation data: give "
                          "EngineData.x_val/y_val (validation_fraction > 0)")
+    patience = options.patience
+    if patience is not None and (not restore or patience < 1):
+        raise ValueError(f"EngineOptions.patience={patience} stops on validation accuracy: it needs "
+                         "restore_best_epoch=True and a patience of at least 1 epoch")
 
     def one_epoch(carry, k_epoch):
         carry, best = carry
@@ -252,12 +287,20 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
               jnp.array(-1, jnp.int32))
     best0 = ((state.params, state.batch_stats, jnp.array(-1.0, jnp.float32), jnp.array(0, jnp.int32),
               jnp.array(0, jnp.int32)) if restore else ())
-    ((state, _, fail_step, _, peak, _, diverge_step), best), curves = jax.lax.scan(
-        one_epoch, (carry0, best0), jax.random.split(k_loop, config.epochs)
-    )
+    epoch_keys = jax.random.split(k_loop, config.epochs)
+    if patience is None:
+        ((state, _, fail_step, _, peak, _, diverge_step), best), curves = jax.lax.scan(
+            one_epoch, (carry0, best0), epoch_keys)
+        last = config.epochs - 1
+    else:
+        ((state, _, fail_step, _, peak, _, diverge_step), best), curves, epochs_run = _until_patience(
+            one_epoch, (carry0, best0), epoch_keys, patience)
+        last = epochs_run - 1
     # the last epoch's evaluation is the final one (no second copy of the eval program)
-    final = {k: v[-1] for k, v in curves.items()
+    final = {k: v[last] for k, v in curves.items()
              if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input", "tau_steps")}
+    if patience is not None:
+        final["epochs_run"] = epochs_run
     if restore:  # the best epoch's parameters are the run's result
         state = state.replace(params=best[0], batch_stats=best[1])
         final.update(_evaluate(state, data, config, options, options.per_epoch_diagnostics))
