@@ -71,7 +71,7 @@ DEVIATIONS: list[str] = []  # where a run departs from the pre-registration (the
 class Profile:
     # scratch
     vision: tuple = ("digits", "digits_corrupted")
-    text: tuple = ("reviews_noisy",)
+    text: tuple = ("reviews", "reviews_noisy")
     text_tokens: int = 32  # word ids per review (of the featurizer's 64)
     width: int = 64
     depth: int = 2
@@ -91,7 +91,7 @@ class Profile:
     max_extensions: int = 1
     validation_share: float = 0.2
     # finetune
-    ft_datasets: tuple = ("reviews_noisy",)
+    ft_datasets: tuple = ("reviews", "reviews_noisy")
     ft_train: int = 768
     ft_val: int = 256
     ft_test: int = 512
