@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-chainzrule study-full study-v2-full chainzrule-full transformer-full test test-slow bench clean rebuild-reports
+.PHONY: demo demo-chainzrule study-full study-v2-full chainzrule-full transformer-full transformer-v2 transformer-v2-gpu test test-slow bench clean rebuild-reports
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,17 @@ $(VENV)/.encoder: $(STAMP)
 transformer-full: $(VENV)/.encoder
 	$(PY) experiments/transformer_study.py --regime scratch --profile full
 	$(PY) experiments/transformer_study.py --regime finetune --profile full
+
+# The transformer study v2 (docs/preregistration_transformer_v2.md): the cpu profile (both
+# regimes side by side, about an hour on 2 cores) and the gpu profile (one GPU).
+transformer-v2: $(VENV)/.encoder
+	$(PY) experiments/transformer_study_v2.py --regime scratch --profile cpu --no-progress & scratch=$$!; \
+	$(PY) experiments/transformer_study_v2.py --regime finetune --profile cpu --no-progress; finetune=$$?; \
+	wait $$scratch && exit $$finetune
+
+transformer-v2-gpu: $(VENV)/.encoder
+	$(PY) experiments/transformer_study_v2.py --regime scratch --profile gpu
+	$(PY) experiments/transformer_study_v2.py --regime finetune --profile gpu
 
 # Every committed report rebuilt from the raw results beside it (nothing is trained).
 rebuild-reports: $(STAMP)

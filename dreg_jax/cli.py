@@ -169,7 +169,8 @@ def cmd_tune(args) -> int:
         grid = (sweep.strengths or {}).get(kind)
         result = tune(data, config, num_classes, strengths=grid, learning_rates=sweep.learning_rates,
                       seeds=seeds, max_extensions=args.max_extensions, keep_model=args.save_model is not None,
-                      preprocessing=_preprocessing_of(template.dataset))
+                      preprocessing=_preprocessing_of(template.dataset),
+                      options=_early_stopping(args, per_epoch_diagnostics=False))
         results.append(result)
         print(f"\n{kind}: strength {result.strength:.3g}, learning rate {result.learning_rate:g} "
               f"(validation rows {result.validation_rows}, {result.extensions} grid extension(s))")
@@ -186,6 +187,17 @@ def cmd_tune(args) -> int:
         r.model.save(directory)
         print(f"saved the {r.regularizer} model at its pick to {directory}")
     return 0
+
+
+def _early_stopping(args, **options):
+    """EngineOptions with ``--patience`` (best validation epoch kept, a run stops after
+    ``patience`` epochs without improving it), or the engine's defaults without it."""
+    from dreg_jax.engine import EngineOptions
+
+    patience = getattr(args, "patience", None)
+    if patience is None:
+        return EngineOptions(**options)
+    return EngineOptions(restore_best_epoch=True, patience=patience, **options)
 
 
 def cmd_train(args) -> int:
@@ -210,17 +222,20 @@ def cmd_train(args) -> int:
 
         sweep = dataclasses.replace(sweep, strengths={k: args.strength for k in sweep.regularizers})
     (spec,) = sweep.expand()
-    from dreg_jax.engine import EngineOptions, train_many
+    from dreg_jax.engine import train_many
     from dreg_jax.engine.run import RunHParams
     from dreg_jax.engine.sweep import engine_data
 
     data, num_classes = engine_data(spec.dataset, spec.featurizer, spec.validation_fraction)
+    if args.patience is not None and (data.x_val is None or len(data.x_val) == 0):
+        raise ValueError("--patience stops on validation accuracy, and this run has no validation split: "
+                         "add --validation-fraction 0.2 (built-in sets) or use --csv (which holds one out)")
     print(f"training {spec.dataset} {spec.config.model.activation} {spec.config.regularizer.kind} for "
           f"{spec.config.epochs} epochs as one compiled program (compiling takes ~5-30 s on a CPU) ...",
           flush=True)
     start = time.perf_counter()
     final, curves = train_many(RunHParams.stack([spec.hparams()]), data, spec.config, num_classes,
-                               EngineOptions(return_variables=args.save_model is not None))
+                               _early_stopping(args, return_variables=args.save_model is not None))
     variables = final.pop("variables", None)
     from dreg_jax.engine.sweep import _status, _to_json
 
@@ -231,6 +246,9 @@ def cmd_train(args) -> int:
            "seconds": time.perf_counter() - start}
     print(f"run {spec.run_id}: {spec.dataset} {spec.config.model.activation} "
           f"{spec.config.regularizer.kind}, {spec.config.epochs} epochs, {out['seconds']:.1f}s")
+    if "epochs_run" in metrics:
+        print(f"  early stopping: ran {metrics['epochs_run']} of at most {spec.config.epochs} epochs, kept epoch "
+              f"{metrics['best_epoch']} (the best validation accuracy); the metrics below are that epoch's")
     for k in ("test_accuracy", "validation_accuracy", "test_loss", "robust_accuracy", "tau", "volatility_peak"):
         if k in metrics:
             print(f"  {k:<16} {metrics[k]:.4f}")
@@ -453,6 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--encoding", default="utf-8-sig",
                        help="text encoding of --csv (default UTF-8; e.g. latin-1, cp1252)")
 
+    def patience_option(p):
+        p.add_argument("--patience", type=_positive_int, metavar="EPOCHS",
+                       help="early stopping: keep the best validation epoch and stop a run after this many "
+                            "epochs without improving it (--epochs is then the cap; needs a validation split)")
+
     p_train = sub.add_parser("train", help="train one run and print its metrics")
     p_train.add_argument("--dataset", type=_dataset_name, default=defaults.datasets[0], metavar="NAME",
                          help=f"{dataset_help} (default {defaults.datasets[0]})")
@@ -471,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--save-model", dest="save_model", type=pathlib.Path, metavar="DIR",
                          help="keep the trained model in DIR (dreg_jax.load_model, dreg-jax predict)")
     grid_options(p_train, plural=False)
+    patience_option(p_train)
     p_train.set_defaults(func=cmd_train)
 
     p_sweep = sub.add_parser("sweep", help="run a resumable factorial grid of runs")
@@ -485,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_tune = sub.add_parser("tune", help="choose each regularizer's strength on the validation split "
                                          "(a log grid x seeds, one compiled program; test data unused)")
     grid_options(p_tune, plural=True)
+    patience_option(p_tune)
     p_tune.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tune"),
                         help="folder for tune.md, tune.png and tune.json (default results/tune)")
     p_tune.add_argument("--max-extensions", dest="max_extensions", type=int, default=2,

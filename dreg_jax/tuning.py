@@ -172,6 +172,11 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
       learning_rates: learning rates to try with every strength (default: the config's).
       seeds: number of seeds (``0..seeds-1``) or a sequence of seeds.
       max_extensions: how often an edge pick may extend the grid.
+      options: the runs' ``EngineOptions`` (default: final diagnostics only); e.g.
+        ``EngineOptions(restore_best_epoch=True, patience=5)`` scores every grid point at its best
+        validation epoch and stops each run after 5 epochs without improvement. ``tune`` sets
+        its ``vmap_width`` (seeds x learning rates: extensions reuse the program) and
+        ``return_variables`` (``keep_model``).
       keep_model: keep the variables of each grid point's first-seed run, and return the pick's
         as :attr:`TuneResult.model`.
       preprocessing: ``Dataset.preprocessing`` of the data (user tables), stored with the model.

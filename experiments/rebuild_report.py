@@ -18,7 +18,7 @@ import sys
 #: Studies whose report is a function of the raw results (and meta.json) alone.
 REBUILDABLE = ("dreg_study", "dreg_study_v3", "chainzrule_robustness", "chainzrule_tau", "chainzrule_schedules", "chainzrule_fractions",
                "chainzrule_text",
-               "chainzrule_volatility", "coherent_strong", "transformer_study")
+               "chainzrule_volatility", "coherent_strong", "transformer_study", "transformer_study_v2")
 
 
 def rebuild(out: pathlib.Path) -> str:

@@ -64,15 +64,13 @@ def test_committed_v3_report_is_rebuilt_from_its_raw_results(tmp_path, load_expe
     assert (out / "report.md").read_text() == (V3 / "report.md").read_text()
 
 
-def test_v3_preregistration_came_before_the_results():
-    """The commit the report names as the pre-registration is an ancestor of the commit that
-    added the results (skipped outside a git checkout)."""
-    import json
+def _assert_preregistered_before(results, prereg: str):
+    """``prereg`` is an ancestor of (and not) the commit that added ``results`` (skipped outside
+    a git checkout or before the results are committed)."""
     import subprocess
 
-    prereg = json.loads((V3 / "meta.json").read_text())["preregistration_commit"]
     try:
-        added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", str(V3 / "results.jsonl.gz")],
+        added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%h", "--", str(results)],
                                cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.split()
     except (OSError, subprocess.SubprocessError):
         pytest.skip("no git")
@@ -80,3 +78,40 @@ def test_v3_preregistration_came_before_the_results():
         pytest.skip("the results are not committed yet (or this is not a git checkout)")
     done = subprocess.run(["git", "merge-base", "--is-ancestor", prereg, added[-1]], cwd=ROOT, timeout=30)
     assert done.returncode == 0 and prereg != added[-1]
+
+
+def test_v3_preregistration_came_before_the_results():
+    """The commit the report names as the pre-registration is an ancestor of the commit that
+    added the results."""
+    import json
+
+    _assert_preregistered_before(V3 / "results.jsonl.gz", json.loads((V3 / "meta.json").read_text())["preregistration_commit"])
+
+
+TRANSFORMER_V2 = {regime: ROOT / "docs" / "results" / f"transformer_v2_{regime}_cpu" for regime in ("scratch", "finetune")}
+
+
+@pytest.mark.parametrize("regime", sorted(TRANSFORMER_V2))
+def test_readme_transformer_v2_blocks_are_the_reports(regime):
+    from readme_blocks import block
+
+    name = f"transformer-v2-{regime}-summary"
+    assert block((ROOT / "README.md").read_text(), name) == block((TRANSFORMER_V2[regime] / "report.md").read_text(), name)
+
+
+@pytest.mark.parametrize("regime", sorted(TRANSFORMER_V2))
+def test_committed_transformer_v2_reports_are_rebuilt_from_their_raw_results(regime, tmp_path, load_experiment):
+    committed = TRANSFORMER_V2[regime]
+    out = tmp_path / committed.name
+    shutil.copytree(committed, out, ignore=shutil.ignore_patterns("*.png", "report.md"))
+    load_experiment("rebuild_report").rebuild(out)
+    assert (out / "report.md").read_text() == (committed / "report.md").read_text()
+
+
+def test_transformer_v2_preregistration_came_before_the_results():
+    """The pre-registration commit each report names is an ancestor of the commit that added its results."""
+    import json
+
+    for committed in TRANSFORMER_V2.values():
+        _assert_preregistered_before(committed / "results.jsonl.gz",
+                                     json.loads((committed / "meta.json").read_text())["preregistration_commit"])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from dreg_jax.cli import main as cli_main
@@ -80,6 +81,23 @@ def test_cli_help_and_clear_errors(tmp_path, capsys):
     assert cli_main(["sweep", "--config", str(bad), "--results", str(tmp_path / "x.jsonl")]) == 2
     assert "unknown strength_schedule 'exponential'" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()  # rejected before anything ran
+
+
+def test_cli_train_with_patience_keeps_the_best_epoch(tmp_path, capsys):
+    """``--patience``: refused without a validation split (before training); with one the run
+    stops by itself, and its metrics are the kept epoch's, read against its own curves."""
+    assert cli_main(["train", "--dataset", "iris", "--patience", "2"]) == 2
+    assert "add --validation-fraction 0.2" in capsys.readouterr().err
+    out = tmp_path / "run.json"
+    assert cli_main(["train", "--dataset", "iris", "--epochs", "40", "--hidden", "8", "--validation-fraction", "0.3",
+                     "--patience", "2", "--learning-rate", "0.05", "--out", str(out)]) == 0
+    assert "early stopping: ran" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    m, val = result["metrics"], result["curves"]["validation_accuracy"]
+    ran = [v for v in val if v is not None]  # NaN (JSON null) after the stop
+    assert len(ran) == m["epochs_run"] and m["best_epoch"] == int(np.argmax(ran)) + 1
+    assert m["epochs_run"] == 40 or m["epochs_run"] - m["best_epoch"] == 2
+    assert m["validation_accuracy"] == pytest.approx(max(ran), abs=1e-6)
 
 
 @pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it

@@ -87,7 +87,7 @@ def test_restore_best_epoch_keeps_the_best_validation_epoch():
         train_many(runs, data._replace(x_val=None, y_val=None), config, 3, EngineOptions(restore_best_epoch=True))
 
 
-@pytest.mark.parametrize("width", [1, 4])
+@pytest.mark.parametrize("width", [pytest.param(1, marks=pytest.mark.slow), 4])  # 4: runs of one block stop apart
 def test_patience_stops_each_run_after_its_last_improvement(width):
     """Early stopping with patience against the same runs trained to the cap without it: the
     curves agree up to each run's stop, the stop is ``patience`` epochs after the first best
