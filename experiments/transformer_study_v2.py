@@ -556,6 +556,7 @@ def main(argv=None):
     rows = run(profile, out, not args.no_progress)
     wall = time.perf_counter() - start
     from dreg_jax.engine.grid import PROCESS_STATS
+    from transformer_study_v2_analysis import count_tuning_runs
 
     write_rows(out / "results.jsonl.gz", rows)
     meta = write_meta(out, "transformer_study_v2", args.profile, regime=args.regime, design=dataclasses.asdict(profile),
@@ -563,7 +564,7 @@ def main(argv=None):
                       wall_seconds=round(wall, 1), compiled_programs=PROCESS_STATS.programs,
                       compile_seconds=round(PROCESS_STATS.compile_seconds, 1),
                       run_seconds=round(PROCESS_STATS.run_seconds, 1), backend=str(jax.devices()[0].platform),
-                      tuning_runs=sum(r["stage"] == "tuning" for r in rows),
+                      tuning_runs=count_tuning_runs(rows),
                       final_runs=sum(r["stage"] == "final" for r in rows))
     from transformer_study_v2_analysis import write_report
 

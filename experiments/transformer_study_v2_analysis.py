@@ -32,6 +32,14 @@ CLAIMS = {
     "F2": "One fixed lambda: tuned and fixed-lambda MiniLM+DREG are equivalent",
     "F3": "Fine-tuning is the regime that matters: MiniLM fine-tuned above the frozen encoder's linear head",
 }
+def count_tuning_runs(rows) -> int:
+    """Training runs of stage 1: every (strength, seed) of each ``dreg_jax.tune`` call (scratch),
+    one run per fine-tuning tuning row."""
+    tuning = [r for r in rows if r["stage"] == "tuning"]
+    return sum(sum(x["seeds"] for x in r["rows"]) for r in tuning if r.get("rows")) + sum(
+        1 for r in tuning if not r.get("rows") and "validation" in r)
+
+
 def readme_markers(regime: str) -> tuple[str, str]:
     """The markers of the report's summary block, copied verbatim into the README."""
     return f"<!-- transformer-v2-{regime}-summary:begin -->", f"<!-- transformer-v2-{regime}-summary:end -->"
@@ -201,8 +209,7 @@ def write_report(rows, out: pathlib.Path, meta) -> str:
     picks = {r["dataset"]: r for r in rows if r["stage"] == "pick"}
     a = analyse(rows, meta)
     commit = meta.get("preregistration_commit")
-    tuning_runs = sum(sum(x["seeds"] for x in r["rows"]) for r in tuning if r.get("rows")) + sum(
-        1 for r in tuning if not r.get("rows") and "validation" in r)
+    tuning_runs = count_tuning_runs(rows)
     md = [f"# Transformer study v2 - regime `{regime}`, profile `{meta['profile']}`", "",
           f"Pre-registered in `docs/preregistration_transformer_v2.md` at commit `{commit}` before any run of this "
           "profile; the runner is `experiments/transformer_study_v2.py`, this analysis "
