@@ -204,3 +204,43 @@ def plot_accuracy_vs_fraction(acc: dict, datasets, fractions, seeds: int, models
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def last_commit_of(path: str) -> str | None:
+    """The short hash of the commit that last changed ``path`` (relative to the repository root),
+    e.g. a study's pre-registration; None outside a git checkout."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        done = subprocess.run(["git", "log", "-1", "--format=%h", "--", path], cwd=root,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def write_jsonl_gz(path: pathlib.Path, rows):
+    """One sorted-key JSON line per row, gzip without a timestamp: the same rows give the same
+    bytes (committed raw results)."""
+    import gzip
+    import json
+
+    with gzip.GzipFile(path, "wb", mtime=0) as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def read_jsonl_gz(path: pathlib.Path) -> list[dict]:
+    import gzip
+    import json
+
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def cut_tokens(x, length: int):
+    """Token rows ``[ids, mask]`` cut to their first ``length`` tokens (ids then mask)."""
+    import numpy as np
+
+    full = x.shape[1] // 2
+    return np.concatenate([x[:, :length], x[:, full:full + length]], axis=1)

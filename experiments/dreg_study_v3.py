@@ -24,13 +24,12 @@ Usage: python experiments/dreg_study_v3.py --profile quick|full|gpu [--out DIR]
 """
 from __future__ import annotations
 
-from _common import compile_summary, experiment_args, fast_compile_flags, write_meta
+from _common import (compile_summary, experiment_args, fast_compile_flags, last_commit_of, read_jsonl_gz,
+                     write_jsonl_gz, write_meta)
 
 fast_compile_flags()
 
 import dataclasses  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -68,15 +67,7 @@ DEVIATIONS: list[str] = []
 
 def preregistration_commit() -> str | None:
     """The commit that last changed docs/preregistration.md (None outside a git checkout)."""
-    import subprocess
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    try:
-        done = subprocess.run(["git", "log", "-1", "--format=%h", "--", "docs/preregistration.md"], cwd=root,
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+    return last_commit_of("docs/preregistration.md")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,14 +261,7 @@ def compact(records, curves=("validation_accuracy", "test_accuracy")) -> list[di
             for r in records]
 
 
-def write_compact(path: pathlib.Path, records):
-    with gzip.GzipFile(path, "wb", mtime=0) as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode())
-
-
-def read_compact(path: pathlib.Path) -> list[dict]:
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f]
+write_compact, read_compact = write_jsonl_gz, read_jsonl_gz  # the committed compact results
 
 
 def main(argv=None):

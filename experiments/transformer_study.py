@@ -28,7 +28,8 @@ Usage: python experiments/transformer_study.py --regime scratch|finetune --profi
 """
 from __future__ import annotations
 
-from _common import compile_summary, experiment_args, fast_compile_flags, load_raw_results, wall_time_text, write_meta
+from _common import (compile_summary, cut_tokens, experiment_args, fast_compile_flags, load_raw_results,
+                     wall_time_text, write_meta)
 
 fast_compile_flags()
 
@@ -164,12 +165,6 @@ def _subset(x, y, size, seed):
     return x[take], y[take]
 
 
-def _tokens(x, length):
-    """Token rows cut to ``length`` tokens (ids then mask)."""
-    full = x.shape[1] // 2
-    return np.concatenate([x[:, :length], x[:, full:full + length]], axis=1)
-
-
 def finetune_runs(p, out, progress):
     from tqdm.auto import tqdm
 
@@ -187,9 +182,9 @@ def finetune_runs(p, out, progress):
     bar = tqdm(total=total, desc="finetune configs", disable=not progress)
     for ds_name in p["datasets"]:
         ds = load_dataset(ds_name, featurizer="minilm_tokens", validation_fraction=VALIDATION_FRACTION)
-        x_tr, y_tr = _subset(_tokens(ds.x_train, L), ds.y_train, p["train_size"], 0)
-        x_te, y_te = _subset(_tokens(ds.x_test, L), ds.y_test, p["test_size"], 1)
-        x_va, y_va = _subset(_tokens(ds.x_val, L), ds.y_val, p["test_size"], 2)
+        x_tr, y_tr = _subset(cut_tokens(ds.x_train, L), ds.y_train, p["train_size"], 0)
+        x_te, y_te = _subset(cut_tokens(ds.x_test, L), ds.y_test, p["test_size"], 1)
+        x_va, y_va = _subset(cut_tokens(ds.x_val, L), ds.y_val, p["test_size"], 2)
         C = ds.num_classes
         # frozen encoder: mean-pooled embeddings once, then a linear head (the text study's reading)
         embed = jax.jit(lambda x: mean_pool(BertEncoder(encoder.config).apply(encoder_vars, *split_tokens(x)), split_tokens(x)[1],

@@ -38,13 +38,13 @@ Usage: python experiments/transformer_study_v2.py --regime scratch|finetune --pr
 """
 from __future__ import annotations
 
-from _common import compile_summary, experiment_args, fast_compile_flags, write_meta
+from _common import (compile_summary, cut_tokens, experiment_args, fast_compile_flags, last_commit_of,
+                     read_jsonl_gz, write_jsonl_gz, write_meta)
 
 fast_compile_flags()
 
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
-import gzip  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
@@ -126,15 +126,7 @@ REGIMES = ("scratch", "finetune")
 
 def preregistration_commit() -> str | None:
     """The commit that last changed the pre-registration (None outside a git checkout)."""
-    import subprocess
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    try:
-        done = subprocess.run(["git", "log", "-1", "--format=%h", "--", "docs/preregistration_transformer_v2.md"],
-                              cwd=root, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
+    return last_commit_of("docs/preregistration_transformer_v2.md")
 
 
 def strength_grid(centre: float, profile: Profile) -> list[float]:
@@ -142,12 +134,6 @@ def strength_grid(centre: float, profile: Profile) -> list[float]:
 
 
 # ---------------------------------------------------------------- data draws
-
-def _cut_tokens(x: np.ndarray, length: int) -> np.ndarray:
-    """Token rows ``[ids, mask]`` cut to their first ``length`` tokens."""
-    full = x.shape[1] // 2
-    return np.concatenate([x[:, :length], x[:, full:full + length]], axis=1)
-
 
 @functools.lru_cache(maxsize=None)
 def base_data(name: str, modality: str, tokens: int):
@@ -157,7 +143,7 @@ def base_data(name: str, modality: str, tokens: int):
     ds = load_dataset(name, featurizer="word_ids" if modality == "text" else "hashed")
     x_tr, x_te = np.asarray(ds.x_train), np.asarray(ds.x_test)
     if modality == "text":
-        x_tr, x_te = _cut_tokens(x_tr, tokens), _cut_tokens(x_te, tokens)
+        x_tr, x_te = cut_tokens(x_tr, tokens), cut_tokens(x_te, tokens)
     return x_tr, np.asarray(ds.y_train), x_te, np.asarray(ds.y_test), ds.num_classes
 
 
@@ -330,8 +316,8 @@ def finetune_data(name: str, profile: Profile):
     from dreg_jax.data import load_dataset
 
     ds = load_dataset(name, featurizer="minilm_tokens")
-    x, y = _cut_tokens(np.asarray(ds.x_train), profile.ft_length), np.asarray(ds.y_train)
-    x_te, y_te = _cut_tokens(np.asarray(ds.x_test), profile.ft_length), np.asarray(ds.y_test)
+    x, y = cut_tokens(np.asarray(ds.x_train), profile.ft_length), np.asarray(ds.y_train)
+    x_te, y_te = cut_tokens(np.asarray(ds.x_test), profile.ft_length), np.asarray(ds.y_test)
     test = _subset(y_te, profile.ft_test, 7)
     return x, y, x_te[test], y_te[test], ds.num_classes
 
@@ -531,15 +517,11 @@ def run_finetune(profile: Profile, out: pathlib.Path, progress: bool):
 # ---------------------------------------------------------------- main
 
 def write_rows(path: pathlib.Path, rows):
-    """The committed raw results: every row (tuning and final), sorted by key, gzip without a
-    timestamp (the same rows give the same bytes)."""
-    with gzip.GzipFile(path, "wb", mtime=0) as f:
-        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rows, key=lambda r: r["key"])).encode())
+    """The committed raw results: every row (tuning and final), sorted by key."""
+    write_jsonl_gz(path, sorted(rows, key=lambda r: r["key"]))
 
 
-def read_rows(path: pathlib.Path) -> list[dict]:
-    with gzip.open(path, "rt") as f:
-        return [json.loads(line) for line in f]
+read_rows = read_jsonl_gz
 
 
 def _add_arguments(parser):

@@ -63,19 +63,27 @@ def test_tune_refuses_data_without_validation_and_kinds_without_strength(iris):
         dreg_jax.strength_grid("none")
 
 
-def test_restore_best_epoch_keeps_the_best_validation_epoch():
-    """Early stopping on validation: the final metrics are the best epoch's (the first epoch
-    with the highest validation accuracy), read against the per-epoch curves of the same run."""
+def _iris_dreg_runs(epochs: int, learning_rates):
+    """Iris with a validation split, a DREG MLP config and 4 runs (2 seeds x the learning rates)."""
     import dreg_jax
     from dreg_jax.data import load_dataset
-    from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
+    from dreg_jax.engine import EngineData, RunHParams
 
     ds = load_dataset("iris", validation_fraction=0.3)
     data = EngineData(ds.x_train, ds.y_train, ds.x_test, ds.y_test, None, ds.x_val, ds.y_val)
-    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=12, batch_size=16,
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=epochs, batch_size=16,
                                   regularizer=dreg_jax.RegularizerConfig(kind="dreg"))
     runs = RunHParams.stack([RunHParams(seed=s, learning_rate=lr, strength=1e-3)
-                             for s in range(2) for lr in (3e-3, 3e-2)])
+                             for s in range(2) for lr in learning_rates])
+    return data, config, runs
+
+
+def test_restore_best_epoch_keeps_the_best_validation_epoch():
+    """Early stopping on validation: the final metrics are the best epoch's (the first epoch
+    with the highest validation accuracy), read against the per-epoch curves of the same run."""
+    from dreg_jax.engine import EngineOptions, train_many
+
+    data, config, runs = _iris_dreg_runs(epochs=12, learning_rates=(3e-3, 3e-2))
     final, curves = train_many(runs, data, config, 3, EngineOptions(restore_best_epoch=True, vmap_width=4))
     for i in range(4):
         val = curves["validation_accuracy"][i]
@@ -93,16 +101,9 @@ def test_patience_stops_each_run_after_its_last_improvement(width):
     curves agree up to each run's stop, the stop is ``patience`` epochs after the first best
     validation epoch (or the cap), and the kept epoch is the best one before the stop. A block
     of four runs stops each run on its own (the others keep training)."""
-    import dreg_jax
-    from dreg_jax.data import load_dataset
-    from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
+    from dreg_jax.engine import EngineOptions, train_many
 
-    ds = load_dataset("iris", validation_fraction=0.3)
-    data = EngineData(ds.x_train, ds.y_train, ds.x_test, ds.y_test, None, ds.x_val, ds.y_val)
-    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=30, batch_size=16,
-                                  regularizer=dreg_jax.RegularizerConfig(kind="dreg"))
-    runs = RunHParams.stack([RunHParams(seed=s, learning_rate=lr, strength=1e-3)
-                             for s in range(2) for lr in (1e-3, 3e-2)])
+    data, config, runs = _iris_dreg_runs(epochs=30, learning_rates=(1e-3, 3e-2))
     full, full_curves = train_many(runs, data, config, 3, EngineOptions(restore_best_epoch=True, vmap_width=width))
     patience = 3
     final, curves = train_many(runs, data, config, 3,
