@@ -11,11 +11,26 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import time
+
+from dreg_jax._files import (
+    atomic_output,
+    atomic_write,
+    check_outputs,
+    check_writable_directory,
+    check_writable_file,
+)
+
+
+def _json_number(value):
+    """JSON for numpy scalars."""
+    return float(value)
 
 
 
@@ -55,17 +70,51 @@ def _no_duplicate_keys(pairs):
     return dict(pairs)
 
 
+#: Largest sweep config read (a config is a few lines; this bounds what a parser is handed).
+MAX_CONFIG_BYTES = 2**20
+
+
+def _refuse_yaml_aliases(text: str, path: pathlib.Path):
+    """A sweep config never needs YAML anchors and aliases, and aliases nested in aliases expand
+    exponentially (an "alias bomb"): refused before anything is built."""
+    import yaml
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            mark = event.start_mark
+            raise ValueError(f"config file {path} uses a YAML alias (*{event.anchor}) at line {mark.line + 1}; "
+                             "write the values out (a sweep config takes no anchors or aliases)")
+
+
 def _load_mapping(path: pathlib.Path) -> dict:
     if not path.exists():
         raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ValueError(f"config file {path} holds {path.stat().st_size} bytes, more than the {MAX_CONFIG_BYTES} "
+                         "a sweep config may (it lists a few keys)")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text") from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
+            _refuse_yaml_aliases(text, path)
             mapping = yaml.load(text, Loader=_strict_yaml_loader())  # noqa: S506 - a SafeLoader subclass
         else:
             mapping = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except ValueError as err:
+        if "YAML alias" in str(err):
+            raise
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        reason = getattr(err, "problem", None) or getattr(err, "msg", None) or str(err)
+        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}{at}: {reason}") from None
+    except RecursionError:
+        raise ValueError(f"config file {path} nests too deeply to be a sweep config") from None
     except Exception as err:  # noqa: BLE001 - yaml.YAMLError / json.JSONDecodeError, one line
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
@@ -79,17 +128,41 @@ def _load_mapping(path: pathlib.Path) -> dict:
     return mapping
 
 
+CSV_ONLY_FLAGS = (("--target", "target"), ("--test-csv", "test_csv"), ("--drop", "drop"), ("--keep", "keep"),
+                  ("--encoding", "encoding"), ("--split-seed", "split_seed"))
+
+
+def _refuse_csv_flags_without_csv(args):
+    """``--test-csv``, ``--drop``, ... describe a ``--csv`` table: without one they would be
+    ignored in silence, so they are refused."""
+    if getattr(args, "csv", None) is not None:
+        return
+    given = [flag for flag, name in CSV_ONLY_FLAGS if getattr(args, name, None) not in (None, (), [])]
+    if given:
+        raise ValueError(f"{', '.join(given)} appl{'y' if len(given) > 1 else 'ies'} to your own table (--csv FILE); "
+                         "this command uses a built-in dataset: add --csv FILE or leave "
+                         f"{'them' if len(given) > 1 else 'it'} out")
+
+
+def _inputs(args) -> dict:
+    """The files a command reads (flag -> path), for :func:`dreg_jax._files.check_outputs`."""
+    return {flag: getattr(args, name, None) for flag, name in (("--csv", "csv"), ("--test-csv", "test_csv"),
+                                                               ("--config", "config"))}
+
+
 def _sweep_config(args):
     from dreg_jax.engine import SweepConfig
 
+    _refuse_csv_flags_without_csv(args)
     mapping = dict(_load_mapping(args.config)) if args.config else {}
     if getattr(args, "csv", None) is not None:  # your own data: checked, split, registered by name
         from dreg_jax.data import from_csv, register_dataset
 
         if not args.target:
             raise ValueError("--csv needs --target COLUMN (the label column)")
-        ds = from_csv(args.csv, args.target, test_csv=args.test_csv, seed=args.split_seed, drop=args.drop,
-                      encoding=args.encoding)
+        ds = from_csv(args.csv, args.target, test_csv=args.test_csv,
+                      seed=0 if args.split_seed is None else args.split_seed, drop=args.drop or (),
+                      keep=args.keep or (), encoding=args.encoding or "utf-8-sig")
         register_dataset(ds)
         print(f"{ds.name}: {len(ds.x_train)} train / {len(ds.x_val)} validation / {len(ds.x_test)} test rows, "
               f"{ds.num_features} features, classes {list(ds.label_names)}")
@@ -113,6 +186,7 @@ def _sweep_config(args):
 def cmd_sweep(args) -> int:
     from dreg_jax.engine import EngineOptions, run_mesh, run_sweep, summary_table
 
+    check_outputs({"--results": args.results}, _inputs(args))
     specs = _sweep_config(args).expand()  # validated before anything compiles
     from dreg_jax.engine import enable_compilation_cache
 
@@ -141,10 +215,12 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from dreg_jax.engine import engine_data
     from dreg_jax.training.regularizers import DEFAULT_STRENGTHS
-    from dreg_jax.tuning import plot_tuning, tune
 
+    check_writable_directory(args.out, "--out")  # before any work: outputs writable, never an input
+    if args.save_model is not None:
+        check_writable_directory(args.save_model, "--save-model")
+    check_outputs({"--out": args.out, "--save-model": args.save_model}, _inputs(args))
     if getattr(args, "validation_fraction", None) is None and args.csv is None:
         args.validation_fraction = 0.2  # built-in sets: a stratified 20% of training to choose on
     sweep = _sweep_config(args)
@@ -153,11 +229,22 @@ def cmd_tune(args) -> int:
     kinds = [r for r in sweep.regularizers if DEFAULT_STRENGTHS[r] is not None]
     if not kinds:
         raise ValueError(f"none of {list(sweep.regularizers)} has a strength to tune")
+    locks = contextlib.ExitStack()
     if args.save_model is not None:  # fail before training, not after it
-        from dreg_jax.saved_model import check_model_directory
+        from dreg_jax.saved_model import check_model_directory, model_directory_lock
 
         for kind in kinds:
             check_model_directory(args.save_model / kind)
+    for kind in kinds if args.save_model is not None else ():  # held from now until saved
+        locks.enter_context(model_directory_lock(args.save_model / kind))
+    with locks:
+        return _tune(args, sweep, kinds)
+
+
+def _tune(args, sweep, kinds) -> int:
+    from dreg_jax.engine import engine_data
+    from dreg_jax.tuning import plot_tuning, tune
+
     args.out.mkdir(parents=True, exist_ok=True)
     template = dataclasses.replace(sweep, regularizers=(kinds[0],), seeds=1, strengths={}).expand()[0]
     data, num_classes = engine_data(template.dataset, template.featurizer, template.validation_fraction)
@@ -177,9 +264,9 @@ def cmd_tune(args) -> int:
         print(result.table())
         if result.note:
             print(f"note: {result.note}")
-    (args.out / "tune.md").write_text("\n\n".join(f"## {r.regularizer}\n\n{r.table()}" + (f"\n\nNote: {r.note}" if r.note else "")
-                                                  for r in results) + "\n")
-    (args.out / "tune.json").write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    atomic_write(args.out / "tune.md", "\n\n".join(f"## {r.regularizer}\n\n{r.table()}" + (f"\n\nNote: {r.note}" if r.note else "")
+                                                    for r in results) + "\n")
+    atomic_write(args.out / "tune.json", json.dumps([r.to_dict() for r in results], indent=2, default=_json_number))
     plot_tuning(results, args.out / "tune.png")
     print(f"wrote {args.out / 'tune.md'}, {args.out / 'tune.json'}, {args.out / 'tune.png'}")
     for r in results if args.save_model is not None else ():
@@ -212,10 +299,18 @@ def cmd_train(args) -> int:
         setattr(args, noise, None if getattr(args, noise) is None else [getattr(args, noise)])
     if args.out is not None:  # fail before training, not after it (the run would be lost)
         _check_output_path(args.out)
+    lock = contextlib.nullcontext()
     if args.save_model is not None:
-        from dreg_jax.saved_model import check_model_directory
+        from dreg_jax.saved_model import check_model_directory, model_directory_lock
 
         check_model_directory(args.save_model)
+        lock = model_directory_lock(args.save_model)  # held from before training until saved
+    check_outputs({"--out": args.out, "--save-model": args.save_model}, _inputs(args))
+    with lock:
+        return _train(args)
+
+
+def _train(args) -> int:
     sweep = _sweep_config(args)
     if args.strength is not None:
         import dataclasses
@@ -249,20 +344,22 @@ def cmd_train(args) -> int:
     if "epochs_run" in metrics:
         print(f"  early stopping: ran {metrics['epochs_run']} of at most {spec.config.epochs} epochs, kept epoch "
               f"{metrics['best_epoch']} (the best validation accuracy); the metrics below are that epoch's")
+    shown = lambda v: "nan" if v is None else f"{v:.4f}"  # noqa: E731 - a diverged run's NaN is stored as null
     for k in ("test_accuracy", "validation_accuracy", "test_loss", "robust_accuracy", "tau", "volatility_peak"):
         if k in metrics:
-            print(f"  {k:<16} {metrics[k]:.4f}")
-    print(f"  jacobian terms   {[round(v, 4) for v in metrics['jacobian_sq_norms']]}")
+            print(f"  {k:<16} {shown(metrics[k])}")
+    print(f"  jacobian terms   [{', '.join(shown(v) for v in metrics['jacobian_sq_norms'])}]")
     if metrics["fail_step"] >= 0:
         print(f"  FAILED: non-finite loss at step {metrics['fail_step']}")
     elif metrics["diverge_step"] >= 0:
         print(f"  DIVERGED: data loss exploded at step {metrics['diverge_step']}")
     if args.out:
-        args.out.write_text(json.dumps(out, indent=2, allow_nan=False))
+        atomic_write(args.out, json.dumps(out, indent=2, allow_nan=False), what="--out")
         print(f"wrote {args.out}")
     if args.save_model is not None:
         if status != "ok":
-            print(f"  the run {status}: no model saved to {args.save_model}")
+            step = metrics["fail_step"] if status == "failed" else metrics["diverge_step"]
+            print(f"  the run {spec.run_id} {status} at step {step}: no model saved to {args.save_model}")
         else:
             import jax
 
@@ -295,49 +392,40 @@ def cmd_predict(args) -> int:
 
     from dreg_jax.saved_model import load_model
 
-    out = args.out.resolve()
-    if out == args.csv.resolve():
-        raise ValueError(f"--out {args.out} is the input --csv; write the predictions to another file")
     _check_output_path(args.out)
+    check_outputs({"--out": args.out}, {"--model": args.model, "--csv": args.csv})
     model = load_model(args.model)
-    labels, probabilities, lines = model.predict_csv(args.csv, args.encoding)
     names = model.labels(range(model.num_classes))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
+    counts = dict.fromkeys(names, 0)
+    with atomic_output(args.out, what="--out", newline="") as f:  # whole or not at all
         writer = csv.writer(f)
         writer.writerow(["line", "predicted", *(f"probability_{n}" for n in names)])
-        for line, label, p in zip(lines, labels, probabilities):
-            writer.writerow([line, label, *(f"{v:.6g}" for v in p)])
-    counts = {n: labels.count(n) for n in names}
-    print(f"predicted {len(labels)} rows of {args.csv} -> {args.out} ({', '.join(f'{n}: {c}' for n, c in counts.items())})")
+        for labels, probabilities, lines in model.predict_csv_chunks(args.csv, args.encoding):
+            for line, label, p in zip(lines, labels, probabilities):
+                writer.writerow([line, label, *(f"{v:.6g}" for v in p)])
+                counts[label] += 1
+    print(f"predicted {sum(counts.values())} rows of {args.csv} -> {args.out} "
+          f"({', '.join(f'{n}: {c}' for n, c in counts.items())})")
     return 0
 
 
 def _check_output_path(path: pathlib.Path):
-    if path.is_dir():
-        raise ValueError(f"--out {path} is a directory; give a file name, e.g. {path / 'run.json'}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existed = path.exists()
-        with open(path, "a"):
-            pass
-        if not existed:
-            path.unlink()
-    except OSError as err:
-        raise ValueError(f"--out {path} cannot be written: {err.strerror or err}") from None
+    check_writable_file(path, "--out")
 
 
 def cmd_results(args) -> int:
     from dreg_jax.analysis.results import load_records, results_frame
     from dreg_jax.engine import summary_table
 
+    if args.csv is not None:
+        check_writable_file(args.csv, "--csv")
+        check_outputs({"--csv": args.csv}, {"results file": args.file})
     records = load_records(args.file)  # read once; a reader never changes the file
     frame = results_frame(records)
     print(summary_table(records))
     print(f"{len(frame)} runs, {frame.shape[1]} columns")
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(args.csv, index=False)
+        atomic_write(args.csv, frame.to_csv(index=False), what="--csv")
         print(f"wrote {args.csv}")
     return 0
 
@@ -345,6 +433,8 @@ def cmd_results(args) -> int:
 def cmd_plot(args) -> int:
     from dreg_jax.analysis.results import plot_results
 
+    check_writable_directory(args.out, "--out")
+    check_outputs({"--out": args.out}, {"results file": args.file})
     for path in plot_results(args.file, args.out):
         print(f"wrote {path}")
     return 0
@@ -464,11 +554,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", help="the label column of --csv")
         p.add_argument("--test-csv", dest="test_csv", type=pathlib.Path,
                        help="a test CSV with the same columns (default: a stratified 20%% of --csv)")
-        p.add_argument("--split-seed", dest="split_seed", type=int, default=0,
-                       help="seed of the test/validation splits of --csv")
-        p.add_argument("--drop", nargs="+", default=(), metavar="COLUMN",
+        p.add_argument("--split-seed", dest="split_seed", type=int,
+                       help="seed of the test/validation splits of --csv (default 0)")
+        p.add_argument("--drop", nargs="+", metavar="COLUMN",
                        help="columns of --csv to leave out (ids, names, leakage)")
-        p.add_argument("--encoding", default="utf-8-sig",
+        p.add_argument("--keep", nargs="+", metavar="COLUMN",
+                       help="columns of --csv the identifier rule refuses (a distinct value in every row) "
+                            "that are real features")
+        p.add_argument("--encoding",
                        help="text encoding of --csv (default UTF-8; e.g. latin-1, cp1252)")
 
     def patience_option(p):
@@ -560,10 +653,40 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError, OSError) as err:  # one clear line, not a traceback
-        print(f"dreg-jax: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:  # every write is whole or not at all: nothing is left half written
+        print("dreg-jax: interrupted; every file is as it was or complete (nothing half written)",
+              file=sys.stderr)
+        return INTERRUPTED
+    except (ValueError, TypeError, RuntimeError, OSError, MemoryError, RecursionError) as err:
+        print(f"dreg-jax: error: {_one_line(err)}", file=sys.stderr)  # one clear line, not a traceback
+        return 2
+    except Exception as err:  # noqa: BLE001 - a bug of ours: still one line, with how to see more
+        if os.environ.get("DREG_JAX_DEBUG"):
+            raise
+        print(f"dreg-jax: internal error: {type(err).__name__}: {_one_line(err)} (DREG_JAX_DEBUG=1 shows the "
+              "traceback; please report it)", file=sys.stderr)
         return 2
 
 
+#: Exit status of an interrupted command (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
+
+
+def _one_line(err) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def console_main():
+    """The ``dreg-jax`` script: :func:`main`, leaving at once after an interrupt (XLA's threads
+    can crash an ordinary interpreter shutdown that follows a Ctrl-C mid-computation)."""
+    code = main()
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import pathlib
+import re
 
 import numpy as np
 
@@ -31,21 +32,47 @@ MISSING = {"", "na", "n/a", "#n/a", "nan", "null", "none", "?", "-", "--"}
 PREPROCESSING_VERSION = 1
 
 
+#: The one rule for a number in a cell: plain decimal notation with an optional sign, fraction
+#: and exponent (``12``, ``-0.5``, ``.5``, ``1e-3``), or an infinity/NaN word (read, then refused
+#: as not finite). Python's ``float`` accepts more (``1_0``, spaces); this rule does not.
+NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+NONFINITE_WORDS = {"inf", "+inf", "-inf", "infinity", "+infinity", "-infinity", "nan", "+nan", "-nan"}
+#: Cells that are numbers written for people: ``1,000``, ``10%``, ``$5``. Refused with the fix.
+FORMATTED_NUMBER = re.compile(r"[+-]?[$\u20ac\u00a3]?(?:[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]*)?|[0-9]+(?:\.[0-9]*)?%|"
+                              r"[0-9]+(?:\.[0-9]*)?)")
+#: Longest cell read (Python's csv default); a longer one is refused with its line.
+MAX_CELL = 131072
+
+
 def is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+    """Whether ``text`` is a number by :data:`NUMBER` (surrounding spaces allowed)."""
+    text = text.strip()
+    return NUMBER.fullmatch(text) is not None or text.lower() in NONFINITE_WORDS
 
 
-def read_csv(path, encoding: str = "utf-8-sig"):
-    """``(header, rows, lines)`` of a CSV with a header row: the CSV line of every data row,
-    blank lines skipped; refuses ragged rows, unnamed and repeated columns, bad encodings."""
+def is_formatted_number(text: str) -> bool:
+    """``1,000``, ``10%``, ``$5``: a number with separators, a percent or a currency sign."""
+    text = text.strip()
+    return not is_number(text) and FORMATTED_NUMBER.fullmatch(text) is not None
+
+
+def formatted_number_error(where: str, column: str, line: int, value: str) -> ValueError:
+    return ValueError(f"{where}: column {column!r} line {line} is {value!r}, a number written with a "
+                      "separator, percent or currency sign; write it plainly (1,000 -> 1000, 10% -> 0.10, "
+                      f"$5 -> 5) or leave the column out with --drop {column}")
+
+
+def iter_csv(path, encoding: str = "utf-8-sig", chunk_rows: int = 65536):
+    """``(header, rows, lines)`` chunks of at most ``chunk_rows`` data rows of a CSV with a header
+    row (memory bounded by the chunk), by the rules of :func:`read_csv`; the header comes checked
+    with every chunk."""
     path = pathlib.Path(path)
     if not path.exists():
         raise ValueError(f"CSV file {path} does not exist")
-    rows, lines, line = [], [], 1
+    if path.is_dir():
+        raise ValueError(f"CSV file {path} is a directory")
+    line = 1
+    any_rows = False
     try:
         with open(path, newline="", encoding=encoding) as f:
             reader = csv.reader(f)
@@ -53,6 +80,8 @@ def read_csv(path, encoding: str = "utf-8-sig"):
                 header = next(reader)
             except StopIteration:
                 raise ValueError(f"CSV file {path} is empty") from None
+            header = _checked_header(header, path)
+            rows, lines = [], []
             for row in reader:
                 line = reader.line_num
                 if not any(cell.strip() for cell in row):
@@ -61,13 +90,26 @@ def read_csv(path, encoding: str = "utf-8-sig"):
                     raise ValueError(f"{path}:{line}: {len(row)} cells, the header has {len(header)}")
                 rows.append(row)
                 lines.append(line)
+                if len(rows) == chunk_rows:
+                    any_rows = True
+                    yield header, rows, lines
+                    rows, lines = [], []
+            if rows or not any_rows:
+                if not rows:
+                    raise ValueError(f"CSV file {path} has a header but no rows")
+                yield header, rows, lines
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not {encoding} text after line {line} (byte {err.object[err.start:err.start + 1]!r} "
                          f"at offset {err.start}); pass its encoding, e.g. --encoding latin-1") from None
     except LookupError:
         raise ValueError(f"unknown encoding {encoding!r} for {path}; e.g. utf-8, latin-1, cp1252") from None
-    if not rows:
-        raise ValueError(f"CSV file {path} has a header but no rows")
+    except csv.Error as err:
+        reason = (f"a cell longer than {MAX_CELL} characters (an unclosed quote?)" if "field larger" in str(err)
+                  else str(err))
+        raise ValueError(f"{path}: after line {line}: {reason}") from None
+
+
+def _checked_header(header, path):
     header = [h.strip() for h in header]
     unnamed = [i + 1 for i, h in enumerate(header) if not h]
     if unnamed:
@@ -76,6 +118,17 @@ def read_csv(path, encoding: str = "utf-8-sig"):
     if dupes:
         raise ValueError(f"{path}: column name(s) {dupes} appear more than once in the header; rename "
                          "or drop the copies (each column must be read from one place)")
+    return header
+
+
+def read_csv(path, encoding: str = "utf-8-sig"):
+    """``(header, rows, lines)`` of a CSV with a header row: the CSV line of every data row,
+    blank lines skipped; refuses ragged rows, unnamed and repeated columns, bad encodings and
+    cells over :data:`MAX_CELL` characters, each with the file and the line."""
+    header, rows, lines = None, [], []
+    for header, chunk, chunk_lines in iter_csv(path, encoding, chunk_rows=2**62):
+        rows += chunk
+        lines += chunk_lines
     return header, rows, lines
 
 
@@ -83,6 +136,8 @@ def numeric_cells(values, lines, where: str, column: str) -> np.ndarray:
     """A numeric column's cells as float64; refuses a missing, non-number or non-finite cell."""
     out = np.empty(len(values))
     for i, v in enumerate(values):
+        if is_formatted_number(v):
+            raise formatted_number_error(where, column, lines[i], v)
         if v.lower() in MISSING or not is_number(v) or not np.isfinite(float(v)):
             raise ValueError(f"{where}: column {column!r} line {lines[i]} is {v!r}, not a finite number "
                              "(the model was trained on numbers in this column)")
@@ -175,8 +230,12 @@ class Preprocessing:
     def num_features(self) -> int:
         return len(self.mean)
 
-    def standardize(self, x) -> np.ndarray:
-        """Encoded features ``(n, d)`` -> the standardized float32 inputs the model takes."""
+    def standardize(self, x, *, where: str = "the data", rows=None, row_word: str = "line") -> np.ndarray:
+        """Encoded features ``(n, d)`` -> the standardized float32 inputs the model takes.
+
+        A value that standardizes beyond float32 (e.g. ``1e300`` in a column whose training
+        values are near 1) is refused, naming ``where``, the column and ``rows[i]`` (CSV lines).
+        """
         x = np.asarray(x)
         if x.ndim != 2 or x.shape[1] != self.num_features:
             raise ValueError(f"expected encoded features of shape (rows, {self.num_features}) "
@@ -184,7 +243,16 @@ class Preprocessing:
                              f"got {x.shape}")
         dtype = np.dtype(self.dtype)
         stats = tuple(np.asarray(v, dtype) for v in (self.scale, self.mean, self.std))
-        return apply_standardization(x.astype(dtype), stats)
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = apply_standardization(x.astype(dtype), stats)
+        bad = np.argwhere(~np.isfinite(z))
+        if bad.size:
+            r, c = bad[0]
+            row = f"{row_word} {rows[r]}" if rows is not None else f"row {r}"
+            raise ValueError(f"{where}: column {self.feature_names[c]!r} {row} is {x[r, c]:g}, which standardizes "
+                             f"beyond float32 (training mean {self.mean[c]:g}, deviation {self.std[c]:g}); fix the "
+                             "cell (a unit or entry error?) or leave the column out")
+        return z
 
     def encode_table(self, header, rows, lines, where: str) -> np.ndarray:
         """Raw CSV cells -> encoded float64 features (not standardized), by the training rules.
@@ -220,7 +288,12 @@ class Preprocessing:
     def transform_csv(self, path, encoding: str = "utf-8-sig"):
         """``(x, lines)``: the standardized inputs of every row of a CSV, and their CSV lines."""
         header, rows, lines = read_csv(path, encoding)
-        return self.standardize(self.encode_table(header, rows, lines, str(path))), lines
+        return self.standardize(self.encode_table(header, rows, lines, str(path)), where=str(path), rows=lines), lines
+
+    def transform_csv_chunks(self, path, encoding: str = "utf-8-sig", chunk_rows: int = 65536):
+        """``(x, lines)`` chunks of :meth:`transform_csv` (memory bounded by ``chunk_rows``)."""
+        for header, rows, lines in iter_csv(path, encoding, chunk_rows):
+            yield self.standardize(self.encode_table(header, rows, lines, str(path)), where=str(path), rows=lines), lines
 
     def label(self, indices) -> list:
         """Class indices -> the original labels."""
@@ -244,5 +317,5 @@ class Preprocessing:
         return cls(columns=columns, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-__all__ = ["MISSING", "Column", "Preprocessing", "apply_standardization", "is_number", "numeric_cells",
-           "read_csv", "standardization"]
+__all__ = ["MISSING", "NUMBER", "Column", "Preprocessing", "apply_standardization", "formatted_number_error",
+           "is_formatted_number", "is_number", "iter_csv", "numeric_cells", "read_csv", "standardization"]

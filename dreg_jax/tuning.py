@@ -28,6 +28,8 @@ import math
 import jax
 import numpy as np
 
+from dreg_jax._files import save_figure
+
 from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
 from dreg_jax.saved_model import TrainedModel
 from dreg_jax.training.config import TrainConfig
@@ -41,7 +43,8 @@ class TuneResult:
     Attributes:
       regularizer: the regularizer kind tuned.
       rows: one dict per (strength, learning rate): ``strength, learning_rate, mean, std,
-        seeds`` (validation accuracy over seeds), in strength order.
+        seeds`` (validation accuracy over seeds), ``diverged`` (its runs that diverged or failed:
+        such a point is never the pick), in strength order.
       strength, learning_rate: the pick.
       extensions: how many times the grid was extended past an edge.
       validation_rows: the validation split's size (accuracy moves in steps of its inverse).
@@ -69,8 +72,9 @@ class TuneResult:
         lines = ["| strength | learning rate | validation accuracy (%) | seeds |", "|---|---|---|---|"]
         for r in self.rows:
             mark = " **(pick)**" if (r["strength"], r["learning_rate"]) == (self.strength, self.learning_rate) else ""
+            broken = f" ({r['diverged']} diverged: not eligible)" if r.get("diverged") else ""
             lines.append(f"| {r['strength']:.3g} | {r['learning_rate']:.3g} | {100 * r['mean']:.2f} +- "
-                         f"{100 * r['std']:.2f}{mark} | {r['seeds']} |")
+                         f"{100 * r['std']:.2f}{mark}{broken} | {r['seeds']} |")
         return "\n".join(lines)
 
     def plot(self, path):
@@ -103,9 +107,7 @@ def plot_tuning(results, path):
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def strength_grid(regularizer: str, points: int = 5, decades: float = 2.0) -> tuple[float, ...]:
@@ -216,35 +218,52 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     options = dataclasses.replace(options, vmap_width=len(seeds) * len(lrs),  # extensions reuse the program
                                   return_variables=keep_model)
     accuracy: dict = {}
+    broken: dict = {}  # (strength, lr) -> [(seed, step, "failed" | "diverged"), ...]
     kept: dict = {}
 
     def train(new_strengths):
         keys = [(s, lr, seed) for s in new_strengths for lr in lrs for seed in seeds]
         runs = RunHParams.stack([RunHParams(seed=seed, learning_rate=lr, strength=s) for s, lr, seed in keys])
         final, _ = train_many(runs, scored, config, num_classes, options)
+        fail, diverge = np.asarray(final["fail_step"]), np.asarray(final["diverge_step"])
         for i, ((s, lr, seed), acc) in enumerate(zip(keys, np.asarray(final["test_accuracy"], np.float64))):
             accuracy.setdefault((s, lr), []).append(float(acc))
+            if fail[i] >= 0 or diverge[i] >= 0:
+                status = "failed" if fail[i] >= 0 else "diverged"
+                broken.setdefault((s, lr), []).append((seed, int(fail[i] if fail[i] >= 0 else diverge[i]), status))
             if keep_model and seed == seeds[0]:
                 kept[(s, lr)] = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
+
+    def scores():  # a grid point with a diverged or failed run is never the pick: it ranks last
+        return {k: ([-np.inf] if k in broken else v) for k, v in accuracy.items()}
 
     train(grid)
     extensions = 0
     step = math.log10(grid[1] / grid[0]) if len(grid) > 1 else 0.0
     # edge_extension is None for a one-point grid (none, SN) and for a pick inside the grid
-    while extensions < max_extensions and (beyond := edge_extension(accuracy, step)) is not None:
+    while extensions < max_extensions and (beyond := edge_extension(scores(), step)) is not None:
         train([beyond])
         extensions += 1
-    best = choose(accuracy)
+    best = choose(scores())
+    if best in broken:
+        (seed, step_, status), = broken[best][:1]
+        raise ValueError(f"{kind}: every grid point has a run that diverged or failed (e.g. strength {best[0]:.3g}, "
+                         f"learning rate {best[1]:g}, seed {seed}: {status} at step {step_}); nothing to pick: "
+                         "lower the learning rates or the strengths")
     rows = tuple({"strength": s, "learning_rate": lr, "mean": float(np.mean(a)), "std": float(np.std(a)),
-                  "seeds": len(a)} for (s, lr), a in sorted(accuracy.items()))
+                  "seeds": len(a), "diverged": len(broken.get((s, lr), []))} for (s, lr), a in sorted(accuracy.items()))
     n_val = len(data.y_val)
-    means = sorted((float(np.mean(a)) for a in accuracy.values()), reverse=True)
+    means = sorted((float(np.mean(a)) for k, a in accuracy.items() if k not in broken), reverse=True)
     notes = []
     if len(means) > 1 and means[0] - means[1] < 1.0 / n_val:
         notes.append(f"the best and the runner-up differ by less than one validation example "
                      f"({n_val} rows: accuracy moves in steps of {100 / n_val:.2f} pp); the split cannot "
                      "separate them, so the pick is weak evidence")
-    on_edge = edge_extension(accuracy, step) is not None
+    if broken:
+        (s, lr), runs = min(broken.items())
+        notes.append(f"{len(broken)} grid point(s) left out of the pick: a run diverged or failed (e.g. strength "
+                     f"{s:.3g}, learning rate {lr:g}, seed {runs[0][0]}: {runs[0][2]} at step {runs[0][1]})")
+    on_edge = edge_extension(scores(), step) is not None
     if on_edge:
         notes.append(f"the pick is still on the grid's edge after {extensions} extension(s); widen the grid")
     model = None

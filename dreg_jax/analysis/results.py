@@ -16,6 +16,7 @@ import pathlib
 
 import numpy as np
 
+from dreg_jax._files import save_figure
 from dreg_jax.engine.store import CONFIG_COLUMNS, ResultsFile, flat_row, load_records  # noqa: F401 (re-exported)
 
 def results_frame(records) -> "pandas.DataFrame":  # noqa: F821
@@ -50,6 +51,8 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     ok = frame[frame.status == "ok"]
+    if ok.empty:
+        raise ValueError(f"{path} holds no finished ('ok') run to plot ({len(frame)} failed or diverged)")
     groups = [c for c in varying_columns(ok) if c not in ("dataset", "regularizer")]
     datasets = sorted(ok.dataset.unique())
     # validation accuracy (when the runs have a validation split) in a second row, beside test
@@ -74,9 +77,7 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
             if groups:
                 ax.legend(fontsize=7, title=" ".join(groups), title_fontsize=7)
     fig.tight_layout()
-    written.append(out_dir / "accuracy_by_regularizer.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "accuracy_by_regularizer.png", dpi=120))
 
     records = [r for r in records if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -84,20 +85,21 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     for r in records:  # one curve per dataset, regularizer and strength (a tuning grid is not averaged)
         row = flat_row(r)
         key = (row["dataset"], row["regularizer"], row["strength"])
-        curves.setdefault(key, []).append(r["curves"])
+        if isinstance(r.get("curves"), dict):  # rows written without curves have no learning curve
+            curves.setdefault(key, []).append(r["curves"])
     several = {(d, g) for d, g, _ in curves if sum(k[:2] == (d, g) for k in curves) > 1}
     for (dataset, reg, strength), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         label = f"{dataset} {reg}" + (f" lambda {strength:.3g}" if (dataset, reg) in several else "")
         for ax, metric in zip(axes, ("train_loss", "test_accuracy")):
-            values = np.array([c[metric] for c in runs if metric in c], float)
-            if values.size:
+            values = [np.asarray(c[metric], float).reshape(-1) for c in runs if c.get(metric) is not None]
+            if values:  # runs of different lengths (early stopping): NaN after each one's end
+                length = max(len(v) for v in values)
+                values = np.stack([np.pad(v, (0, length - len(v)), constant_values=np.nan) for v in values])
                 ax.plot(np.arange(1, values.shape[1] + 1), np.nanmean(values, axis=0), label=label)
     for ax, metric in zip(axes, ("train loss", "test accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    written.append(out_dir / "learning_curves.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(save_figure(fig, out_dir / "learning_curves.png", dpi=120))
     return written

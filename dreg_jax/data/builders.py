@@ -8,7 +8,6 @@ into ``data_dir`` and reads both splits into numpy. A partial or corrupt prepare
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import pathlib
@@ -16,6 +15,8 @@ import shutil
 import sys
 
 import numpy as np
+
+from dreg_jax._files import exclusive_lock
 
 from dreg_jax.data.sources import SOURCES
 
@@ -136,8 +137,7 @@ def read_offline(name: str, num_classes: int, num_features: int | None, data_dir
     data_dir = pathlib.Path(data_dir or default_data_dir())
     cls = builder_class(name, num_classes, num_features)
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / f"{cls.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive_lock(data_dir / f"{cls.name}.lock", holder="another process is building the dataset", wait=True):
         return _prepare_and_read(cls, name, num_features, data_dir)
 
 

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dreg_jax._files import save_figure  # noqa: E402
 from dreg_jax.data.transforms import IMAGE_CORRUPTIONS, corrupt_images  # noqa: E402
 
 
@@ -34,8 +35,4 @@ def save_examples_png(dataset, path, per_row: int = 8) -> pathlib.Path:
         axes[r, 0].text(-0.1, 0.5, title, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.suptitle(f"{dataset.name}: test examples and corruptions (severity 5)", fontsize=10)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, bbox_inches="tight")

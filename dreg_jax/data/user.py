@@ -20,12 +20,24 @@ sweeps) in this process; the CLI does it for ``--csv FILE --target COL``.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import pathlib
+import re
 import warnings
 
 import numpy as np
 
-from dreg_jax.preprocessing import MISSING, Column, Preprocessing, is_number, numeric_cells, read_csv
+from dreg_jax.preprocessing import (
+    MISSING,
+    Column,
+    Preprocessing,
+    formatted_number_error,
+    is_formatted_number,
+    is_number,
+    iter_csv,
+    numeric_cells,
+    read_csv,
+)
 from dreg_jax.data.registry import (
     REGISTRY,
     USER_DATASETS,
@@ -46,6 +58,8 @@ def _labels(y, name):
     y = np.asarray(y)
     if y.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one label per row), got shape {y.shape}")
+    if y.dtype.kind == "O" and all(isinstance(v, int) and not isinstance(v, bool) for v in y):
+        return [int(v) for v in y]  # integers beyond int64 (from_csv): compared exactly
     if y.dtype.kind in "USO":
         values = [str(v).strip() for v in y]
         bad = [i for i, v in enumerate(values) if v.lower() in MISSING]
@@ -66,7 +80,7 @@ def _labels(y, name):
                              "integers or strings (a continuous target is regression, which this is not)")
         return y.astype(np.int64).tolist()
     if y.dtype.kind in "iu":
-        return y.astype(np.int64).tolist()
+        return y.tolist()  # Python ints: exact, uint64 ids included
     raise TypeError(f"{name} must hold integer class labels or strings, got dtype {y.dtype}")
 
 
@@ -121,7 +135,7 @@ def _check_features(x, split, feature_names):
 
 def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fraction: float = 0.1,
                 test_fraction: float = 0.2, seed: int = 0, name: str = "arrays",
-                feature_names=None, label_names=None) -> Dataset:
+                feature_names=None, label_names=None, row_lines=None) -> Dataset:
     """A :class:`Dataset` from arrays, checked, split and standardized (see the module docs).
 
     Args:
@@ -133,6 +147,8 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
       name: the dataset's name (what ``register_dataset`` registers).
       feature_names: column names for messages and records (default ``x0, x1, ...``).
       label_names: names for the classes, in sorted label order (default: the labels themselves).
+      row_lines: ``(train_lines, test_lines or None)``: the source line of every row, named by
+        messages (``from_csv`` passes its CSV lines); default the row indices.
 
     Returns:
       A ``Dataset`` with ``x_val``/``y_val``, ``label_names`` and ``feature_names`` set.
@@ -168,18 +184,29 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
     check_split_sizes(y_train, names, test_split=x_test is None, validation_fraction=validation_fraction,
                       where=name)
     rng = np.random.default_rng(seed)
+    # where each row came from, for messages: CSV lines (from_csv) or row indices
+    rows_train = np.asarray(row_lines[0]) if row_lines else np.arange(len(x_train))
+    rows_test = (np.asarray(row_lines[1]) if row_lines and row_lines[1] is not None
+                 else None if x_test is None else np.arange(len(x_test)))
+    where_train = where_test = name
     if x_test is None:
         test = stratified_holdout(y_train, test_fraction, rng)
         x_train, x_test, y_train, y_test = x_train[~test], x_train[test], y_train[~test], y_train[test]
+        rows_train, rows_test = rows_train[~test], rows_train[test]
+    elif row_lines:
+        where_test = f"{name} (test file)"
     val = stratified_holdout(y_train, validation_fraction, rng)
-    x_val, y_val = x_train[val], y_train[val]
-    x_train, y_train = x_train[~val], y_train[~val]
+    x_val, y_val, rows_val = x_train[val], y_train[val], rows_train[val]
+    x_train, y_train, rows_train = x_train[~val], y_train[~val], rows_train[~val]
     constant = [feature_names[c] for c in np.flatnonzero(x_train.std(axis=0) == 0)]
     if constant:
         warnings.warn(f"{name}: constant training column(s) {constant[:10]} carry no information "
                       "(kept; standardized to 0)", UserWarning, stacklevel=2)
     preprocessing = Preprocessing.fit(x_train, [Column(n) for n in feature_names], names)
-    x_train, x_test, x_val = (preprocessing.standardize(x) for x in (x_train, x_test, x_val))
+    word = "line" if row_lines else "row"
+    x_train, x_test, x_val = (preprocessing.standardize(x, where=where, rows=rows, row_word=word)
+                              for x, where, rows in ((x_train, where_train, rows_train),
+                                                     (x_test, where_test, rows_test), (x_val, where_train, rows_val)))
     info = DatasetInfo(name, "tabular", num_classes, "user", x_train.shape[1])
     return Dataset(name, x_train, y_train, x_test, y_test.astype(np.int32), num_classes, "tabular",
                    _vector_robust_sets(x_test), info, None, x_val=x_val, y_val=y_val.astype(np.int32),
@@ -189,6 +216,8 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
 #: A text column with a distinct value in at least this share of its rows (and >= 20 rows) is an
 #: identifier (a name, an id), not a category: refused, with the advice to drop it.
 ID_LIKE_SHARE = 0.9
+#: A cell written as an integer (the identifier rule reads such columns).
+INTEGER = re.compile(r"[+-]?[0-9]+")
 #: A column whose cells are numbers in at least this share of rows is numeric: its other cells
 #: are stray tokens, refused with their count and first line (impute them or drop the column).
 NUMERIC_SHARE = 0.5
@@ -201,12 +230,12 @@ def _csv_labels(values, lines, path, target):
         if v.lower() in MISSING:
             raise ValueError(f"{path}: target column {target!r} line {line} is missing ({v!r}); drop that "
                              "row or fill it in")
-        if is_number(v):
-            f = float(v)
-            if not np.isfinite(f) or f != round(f):
+        if is_number(v):  # read as an exact decimal: ids past 2**53 stay distinct
+            number = decimal.Decimal(v)
+            if not np.isfinite(float(v)) or number != number.to_integral_value():
                 raise ValueError(f"{path}: target column {target!r} line {line} is {v!r}, not a class label "
                                  "(labels are integers or names; a continuous target is regression)")
-            out.append(int(f))
+            out.append(int(number))
         else:
             out.append(v)
     kinds = {type(v) for v in out}
@@ -231,8 +260,12 @@ def _columns(header, rows, lines, target, path, drop):
     return labels, features
 
 
-def _numeric_column(name, values, lines, path):
+def _numeric_column(name, values, lines, path, keep=()):
     """The column as float64 if it is numeric; None if it is categorical; refuses the rest."""
+    formatted = [i for i, v in enumerate(values) if is_formatted_number(v)]
+    if formatted:
+        i = formatted[0]
+        raise formatted_number_error(str(path), name, lines[i], values[i])
     numeric = [is_number(v) and v.lower() not in MISSING for v in values]
     missing = [i for i, v in enumerate(values) if v.lower() in MISSING]
     if missing:
@@ -245,11 +278,13 @@ def _numeric_column(name, values, lines, path):
         if bad.size:
             raise ValueError(f"{path}: column {name!r} line {lines[bad[0]]} is {values[bad[0]]!r}, not a "
                              f"finite number ({bad.size} such cell(s))")
-        if len(x) >= 20 and np.all(x == np.round(x)) and len(np.unique(x)) == len(x) \
-                and x.max() - x.min() == len(x) - 1:
-            raise ValueError(f"{path}: column {name!r} numbers the rows ({int(x.min())}..{int(x.max())}, each "
-                             f"once): a row index, not a feature (it can leak the row order); drop it with "
-                             f"--drop {name} (from_csv(drop=[{name!r}]))")
+        integers = [int(v) for v in values] if all(INTEGER.fullmatch(v) for v in values) else None
+        if name not in keep and len(x) >= 20 and integers is not None and len(set(integers)) == len(integers):
+            low, high = min(integers), max(integers)
+            what = "numbers the rows" if high - low == len(x) - 1 else "holds a different integer in every row"
+            raise ValueError(f"{path}: column {name!r} {what} ({low}..{high}, each once): a row "
+                             f"index or an id, not a feature (it can leak the row order); drop it with --drop "
+                             f"{name} (from_csv(drop=[{name!r}])), or --keep {name} if it is a real feature")
         return x
     if sum(numeric) >= NUMERIC_SHARE * len(values):
         stray = [i for i, ok in enumerate(numeric) if not ok]
@@ -257,15 +292,15 @@ def _numeric_column(name, values, lines, path):
                          f"{len(stray)} other cell(s), the first {values[stray[0]]!r} on line {lines[stray[0]]}: "
                          f"fix or impute them, or --drop {name}")
     distinct = len(set(values))
-    if len(values) >= 20 and distinct >= ID_LIKE_SHARE * len(values):
+    if name not in keep and len(values) >= 20 and distinct >= ID_LIKE_SHARE * len(values):
         raise ValueError(f"{path}: column {name!r} has {distinct} distinct values in {len(values)} rows: an "
                          f"identifier (a name or an id), not a category; drop it with --drop {name} "
-                         f"(from_csv(drop=[{name!r}]))")
+                         f"(from_csv(drop=[{name!r}])), or --keep {name} to one-hot encode it anyway")
     return None
 
 
 def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0.1,
-             test_fraction: float = 0.2, seed: int = 0, name: str | None = None, drop=(),
+             test_fraction: float = 0.2, seed: int = 0, name: str | None = None, drop=(), keep=(),
              encoding: str = "utf-8-sig") -> Dataset:
     """A :class:`Dataset` from a CSV with a header row; ``target`` names the label column.
 
@@ -292,9 +327,14 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
       test_csv: a test file with the same columns (any order); else a stratified
         ``test_fraction`` of the rows is held out.
       drop: columns to leave out (ids, names, leakage).
+      keep: columns the identifier rule would refuse (a distinct integer or text in every row)
+        that are real features: kept.
     """
     path = pathlib.Path(path)
-    drop = tuple(drop)
+    drop, keep = tuple(drop), tuple(keep)
+    unknown = sorted(set(keep) - set(read_csv_header(path, encoding))) if keep else []
+    if unknown:
+        raise ValueError(f"--keep names column(s) {unknown} that {path} does not have")
     header, rows, lines = read_csv(path, encoding)
     labels, features = _columns(header, rows, lines, target, path, drop)
     test = None
@@ -307,7 +347,7 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
         test = (test_labels, dict(test_features), test_lines)
     columns, names, test_columns, raw_columns = [], [], [], []
     for name_, values in features:
-        numeric = _numeric_column(name_, values, lines, path)
+        numeric = _numeric_column(name_, values, lines, path, keep)
         test_values = test[1][name_] if test else None
         if numeric is not None:
             columns.append(numeric)
@@ -336,14 +376,23 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
         y_test = test[0]
         if {type(v) for v in labels} != {type(v) for v in y_test}:  # "1" in one file, 1 in the other
             labels, y_test = [str(v) for v in labels], [str(v) for v in y_test]
-        y_test = np.array(y_test)
-    ds = from_arrays(x, np.array(labels), x_test, y_test, validation_fraction=validation_fraction,
+        y_test = np.array(y_test, dtype=object if _all_ints(y_test) else None)
+    ds = from_arrays(x, np.array(labels, dtype=object if _all_ints(labels) else None), x_test, y_test, validation_fraction=validation_fraction,
                      test_fraction=test_fraction, seed=seed, name=name or f"csv:{path.name}",
-                     feature_names=names)
+                     feature_names=names, row_lines=(lines, test[2] if test else None))
     # the raw columns (numeric or their categories) replace from_arrays' all-numeric view, so
     # new rows of this CSV's shape can be encoded the same way (Dataset.preprocessing)
     record = dataclasses.replace(ds.preprocessing, columns=tuple(raw_columns), target=target, drop=drop)
     return dataclasses.replace(ds, preprocessing=record)
+
+
+def _all_ints(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def read_csv_header(path, encoding):
+    header, _, _ = next(iter_csv(path, encoding, chunk_rows=1))
+    return header
 
 
 def register_dataset(dataset: Dataset) -> str:

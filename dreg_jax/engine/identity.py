@@ -6,6 +6,8 @@ fingerprint is a SHA-256 over
 * the module's class and every class it inherits from outside flax/jax/Python: for each, its
   qualified name and the bytecode of every function it defines (``co_code``, constants, names,
   nested code objects: what runs, not line numbers or comments);
+* the module-level values its functions read (``HIDDEN = 64`` read in a method is part of the
+  model: changing it changes the id), described like fields;
 * its dataclass fields (``parent`` and ``name`` aside), each described by value: numbers,
   strings, tuples, dicts, arrays (dtype, shape, bytes), nested modules (recursively), classes
   (as above), functions and lambdas (their bytecode, defaults and closure values, never their
@@ -68,13 +70,16 @@ def _function(fn, where, memo):
     fn = inspect.unwrap(fn)
     if _is_library(fn) or not hasattr(fn, "__code__"):
         return ("function", getattr(fn, "__module__", None), getattr(fn, "__qualname__", repr(fn)))
+    if fn in memo:  # recursion (a function that calls itself, two that call each other)
+        return ("function", fn.__qualname__)
+    memo[fn] = True
     closure = tuple(_describe(c.cell_contents, f"{where}.<closure>", memo) for c in (fn.__closure__ or ())
                     if _cell_filled(c))
     defaults = _describe(fn.__defaults__ or (), f"{where}.<defaults>", memo)
     globals_used = tuple(
         (name, _describe(fn.__globals__[name], f"{where}.{name}", memo))
-        for name in fn.__code__.co_names
-        if name in fn.__globals__ and _describable_global(fn.__globals__[name])
+        for name in _names(fn.__code__)
+        if name in fn.__globals__ and name != "__builtins__"
     )
     return ("function", fn.__qualname__, _code(fn.__code__), closure, defaults, globals_used)
 
@@ -87,9 +92,13 @@ def _cell_filled(cell) -> bool:
         return False
 
 
-def _describable_global(value) -> bool:
-    """Globals a function reads that are part of the project's code (its own classes/functions)."""
-    return (isinstance(value, type) or inspect.isfunction(value)) and not _is_library(value)
+def _names(code: types.CodeType) -> tuple:
+    """Every global name a code object (and the code nested in it) may read, in order."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names += [n for n in _names(const) if n not in names]
+    return tuple(dict.fromkeys(names))
 
 
 def _class(cls, where, memo):

@@ -14,6 +14,7 @@ import sys
 from typing import Sequence
 
 
+from dreg_jax._files import atomic_write, exclusive_lock, write_all
 from dreg_jax.engine.specs import RunSpec
 from dreg_jax.training.config import (
     ModelConfig,
@@ -38,6 +39,12 @@ def record_problem(record) -> str | None:
         return f"row status {record['status']!r} is not one of {', '.join(STATUSES)}"
     if record["status"] == "ok" and "test_accuracy" not in record["metrics"]:
         return "ok row has no metrics.test_accuracy"
+    problem = _metric_problem(record["metrics"])
+    if problem:
+        return problem
+    problem = _spec_shape_problem(record["spec"])  # every reader needs these, newer rows included
+    if problem:
+        return problem
     if _newer_fields(record["spec"]):
         return None  # a row from a newer version: its id cannot be recomputed here; kept as is
     try:
@@ -47,6 +54,45 @@ def record_problem(record) -> str | None:
     if run_id != record["run_id"]:
         return f"row spec hashes to {run_id}, not its run_id {record['run_id']}"
     return None
+
+
+def _metric_problem(metrics: dict) -> str | None:
+    """Accuracies are shares in [0, 1]; losses, terms and seconds are finite numbers >= 0
+    (a diverged run stores null for a NaN)."""
+    for name, value in metrics.items():
+        values = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
+        for v in values:
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return f"metrics.{name} holds {str(v)[:40]!r}, not a number"
+            if "accuracy" in name and not 0.0 <= v <= 1.0:
+                return f"metrics.{name} is {v}, outside [0, 1] (accuracies are stored as shares, not percent)"
+    return None
+
+
+def _spec_shape_problem(spec: dict) -> str | None:
+    for field in ("dataset", "seed", "data_fraction", "label_noise", "input_noise"):
+        if field not in spec:
+            return f"row spec has no {field!r}"
+    config = spec.get("config")
+    if not isinstance(config, dict):
+        return "row spec has no config (an object)"
+    for part in ("model", "regularizer", "optimizer"):
+        if not isinstance(config.get(part), dict):
+            return f"row spec.config has no {part!r} (an object)"
+    for field in ("epochs", "batch_size"):
+        if field not in config:
+            return f"row spec.config has no {field!r}"
+    if "kind" not in config["regularizer"] or "activation" not in config["model"] or \
+            "hidden" not in config["model"] or "learning_rate" not in config["optimizer"]:
+        return "row spec.config lacks its regularizer kind, activation, hidden widths or learning rate"
+    return None
+
+
+def _same_result(a: dict, b: dict) -> bool:
+    """Two rows of one run say the same (what a repeated append writes): status, metrics, curves."""
+    return all(a.get(k) == b.get(k) for k in ("status", "metrics", "curves"))
 
 
 def _newer_fields(spec: dict) -> list[str]:
@@ -113,6 +159,8 @@ class ResultsFile:
         lines = raw.split(b"\n")
         unterminated = lines.pop() if lines else b""  # b"" when the file ends with a newline
         records, kept, rejected = {}, [], []
+        first_line: dict = {}  # run_id -> (line number, line) of its first row
+        conflicting: set = set()
         numbered = [(n, line, True) for n, line in enumerate(lines, 1)]
         if unterminated.strip():
             numbered.append((len(lines) + 1, unterminated, False))
@@ -131,10 +179,24 @@ class ResultsFile:
             if problem:
                 rejected.append((number, line, problem))
                 continue
+            run_id = record["run_id"]
+            if run_id in first_line:
+                if run_id in conflicting or not _same_result(records[run_id], record):
+                    conflicting.add(run_id)  # one run, two different results: neither can be trusted
+                    rejected.append((number, line, f"run {run_id} appears again with other results than "
+                                                   f"on line {first_line[run_id][0]}"))
+                    continue
+                kept.append(line)  # an identical duplicate: harmless, left in place
+                continue
             kept.append(line)
-            if record["run_id"] in records:
-                continue  # a duplicate of a run already loaded: harmless, left in place
-            records[record["run_id"]] = record
+            first_line[run_id] = (number, line)
+            records[run_id] = record
+        for run_id in conflicting:  # its first row goes too (the run is redone by a writer)
+            number, line = first_line[run_id]
+            del records[run_id]
+            kept.remove(line)
+            rejected.append((number, line, f"run {run_id} has rows with different results; none is kept"))
+        rejected.sort(key=lambda item: item[0])
         complete_bad = [(n, p) for n, _, p in rejected if n <= len(lines)]
         if not records and complete_bad:
             number, problem = complete_bad[0]
@@ -153,24 +215,30 @@ class ResultsFile:
             self.log(f"{self.path}:{len(lines) + 1}: valid last row had no trailing newline; added one")
         return records
 
+    def writer_lock(self):
+        """The writer's lock (``<file>.lock`` beside the real file, never through a planted link)."""
+        return exclusive_lock(self.lock_path, holder=f"another sweep is writing {self.real_path}")
+
     def _set_aside(self, rejected):
-        with open(self.rejected_path, "a", encoding="utf-8") as f:
-            for number, line, problem in rejected:
-                f.write(json.dumps({"file": str(self.path), "line": number, "reason": problem,
-                                    "text": line.decode("utf-8", errors="backslashreplace"),
-                                    "set_aside_at": utc_now()}) + "\n")
+        data = "".join(json.dumps({"file": str(self.path), "line": number, "reason": problem,
+                                   "text": line.decode("utf-8", errors="backslashreplace"),
+                                   "set_aside_at": utc_now()}) + "\n" for number, line, problem in rejected)
+        try:  # appended, never through a link planted at its name
+            fd = os.open(self.rejected_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            raise OSError(f"{self.rejected_path} cannot be written ({err.strerror}): a link or an unwritable "
+                          "file sits there; remove it so bad rows can be set aside") from None
+        try:
+            write_all(fd, data.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         for number, _, problem in rejected:
             self.log(f"{self.path}:{number}: {problem}; moved to {self.rejected_path} "
                      "(the run is redone if this sweep contains it)")
 
     def _rewrite(self, lines):
-        tmp = self.real_path.with_name(self.real_path.name + ".tmp")
-        data = b"".join(line + b"\n" for line in lines if line.strip())
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.real_path)
+        atomic_write(self.real_path, b"".join(line + b"\n" for line in lines if line.strip()), what="results file")
 
     def append(self, records: Sequence[dict]):
         if not records:

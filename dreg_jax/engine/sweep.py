@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import fcntl
 import math
 import os
 import time
@@ -171,11 +170,7 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
     width = block_width(options, mesh)
     stats = CompileStats() if stats is None else stats
     enable_compilation_cache()
-    with open(results.lock_path, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another sweep is writing {results.real_path}; wait for it or use another --results file") from None
+    with results.writer_lock():
         done = results.load(repair=True)
         pending = [s for s in unique if s.run_id not in done]
         programs = plan_programs(pending, options)
