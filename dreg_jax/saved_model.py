@@ -36,6 +36,7 @@ import pathlib
 import shutil
 import stat
 import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -274,6 +275,7 @@ def _swap_into_place(new: pathlib.Path, directory: pathlib.Path) -> pathlib.Path
     # old model at .<name>.old-* (load_model names it) and the new one complete at .<name>.saving-*
     old = pathlib.Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
     os.rename(directory, old / "model")
+    fault("save:between-renames")
     os.rename(new, directory)
     return old
 
@@ -331,6 +333,7 @@ def save_model(directory, variables, config: TrainConfig, num_classes: int, num_
                       "sha256": hashlib.sha256(payload).hexdigest(), "leaves": _leaf_table(variables)},
     }
     text = (json.dumps(record, indent=2, allow_nan=False) + "\n").encode()
+    check_model_directory(directory)  # refused before anything, the lock file included, is written
     with model_directory_lock(directory):
         check_model_directory(directory)
         _remove_leftovers(directory)
@@ -375,13 +378,19 @@ def _read_regular(path: pathlib.Path, limit: int, directory: pathlib.Path) -> by
     except OSError as err:
         reason = "is a symbolic link" if err.errno == errno.ELOOP else f"cannot be read ({err.strerror})"
         raise ValueError(f"{path} {reason}: not a model file dreg_jax wrote") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
+    try:
+        info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ValueError(f"{path} is not a regular file: not a model file dreg_jax wrote")
         if info.st_size > limit:
             raise ValueError(f"{path} holds {info.st_size} bytes, more than the {limit} this model needs")
-        return f.read(limit + 1)
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 2**24))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _field(record: dict, name: str, kinds, where: str, *, minimum=None, maximum=None):
@@ -436,6 +445,10 @@ def _read_record(directory: pathlib.Path) -> dict:
                 raise ValueError(f"{where}: preprocessing.{field} must be {num_features} finite numbers (num_features)")
         if not all(isinstance(v, (int, float)) and v > 0 for v in preprocessing["std"] + preprocessing["scale"]):
             raise ValueError(f"{where}: preprocessing.std and .scale must be positive")
+    if version >= 2:
+        for name in ("preprocessing", "run", "dreg_jax_version", "saved"):
+            if name not in record:
+                raise ValueError(f"{where} lacks the field {name!r}; the model directory is damaged (save it again)")
     if not isinstance(record.get("run", {}), dict):
         raise ValueError(f"{where}: field 'run' is {record['run']!r}, expected an object")
     if version >= 2:
@@ -466,11 +479,18 @@ def load_model(directory, module=None) -> TrainedModel:
       A :class:`TrainedModel`.
     """
     directory = pathlib.Path(directory)
+    if not directory.exists() and not directory.is_symlink():
+        # a save killed between its two renames (systems without an atomic exchange) left the
+        # previous model whole beside the directory: read it there, and say so
+        left = [p / "model" for p in sorted(directory.parent.glob(glob.escape(f".{directory.name}.old-") + "*"))
+                if (p / "model" / CONFIG_FILE).is_file()]
+        if left:
+            warnings.warn(f"a save into {directory} was interrupted; reading the previous model from {left[-1]} "
+                          "(the next save into the directory completes the replacement)", UserWarning, stacklevel=2)
+            return load_model(left[-1], module)
     if not directory.is_dir():
-        left = sorted(directory.parent.glob(glob.escape(f".{directory.name}.old-") + "*"))
-        hint = (f"; a save into it was interrupted: the previous model is in {left[0] / 'model'}" if left else
-                "; save one with `dreg-jax train --save-model DIR` or dreg_jax.save_model")
-        raise ValueError(f"{directory} is not a saved model (not a directory){hint}")
+        raise ValueError(f"{directory} is not a saved model (not a directory); save one with "
+                         "`dreg-jax train --save-model DIR` or dreg_jax.save_model")
     if not (directory / CONFIG_FILE).exists() and not (directory / CONFIG_FILE).is_symlink():
         raise ValueError(f"{directory} is not a saved model (no {CONFIG_FILE}); save one with "
                          "`dreg-jax train --save-model DIR` or dreg_jax.save_model")

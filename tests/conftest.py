@@ -40,3 +40,26 @@ def load_experiment():
         return module
 
     return load
+
+
+def file_snapshot(root) -> dict:
+    """``relative path -> bytes`` of every file under ``root`` (links recorded by their target):
+    what the trust tests compare before and after a command."""
+    root = pathlib.Path(root)
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink():
+            out[str(path.relative_to(root))] = ("link", os.readlink(path))
+        elif path.is_file():
+            out[str(path.relative_to(root))] = path.read_bytes()
+    return out
+
+
+def one_line_refusal(capsys, code, *words):
+    """Asserts a one-line exit-2 error (no traceback) holding every one of ``words``."""
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert str(word) in err, (word, err)
+    return err

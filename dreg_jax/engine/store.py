@@ -62,7 +62,7 @@ def _metric_problem(metrics: dict) -> str | None:
     for name, value in metrics.items():
         values = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
         for v in values:
-            if v is None:
+            if v is None or isinstance(v, float) and v != v:  # null or NaN: a diverged run (older files)
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 return f"metrics.{name} holds {str(v)[:40]!r}, not a number"
