@@ -9,7 +9,14 @@ A model directory holds two files:
   inputs are already standardized arrays) and what is known of the run (seed, strength,
   learning rate, validation accuracy);
 * ``variables.msgpack``: the Flax variables ``{"params", "batch_stats"}`` in Flax's own
-  serialization (``flax.serialization.msgpack_serialize``).
+  serialization (``flax.serialization.msgpack_serialize``); ``model.json`` records its SHA-256,
+  size and tree (every leaf's path, shape and dtype).
+
+A save is whole or not at all (both files are written into a fresh directory beside the
+target, fsynced and swapped into place by one ``renameat2`` exchange), holds a lock against a
+second saver, and refuses non-finite weights; a load checks every field of ``model.json``, then
+the variables' size, checksum, tree and finiteness, and refuses any mismatch in one line naming
+the file and the field (see :func:`save_model`, :func:`load_model`).
 
 Why msgpack and not an Orbax checkpoint: these models are small single-host pytrees, Flax reads
 the file with ``flax.serialization.msgpack_restore`` (no extra dependency, one file, the same

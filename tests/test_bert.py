@@ -186,6 +186,16 @@ def _mismatch(case, path):
         config["num_attention_heads"] = 4
     elif case == "tanh activation":
         config["hidden_act"] = "tanh"
+    elif case == "layer_norm_eps text":
+        config["layer_norm_eps"] = "abc"
+    elif case == "hidden size text":
+        config["hidden_size"] = "16"
+    elif case == "NaN weights":
+        tensors = dict(tensors)
+        key = next(k for k in tensors if k.endswith("attention.self.query.weight"))
+        tensors[key] = tensors[key].copy()
+        tensors[key][0, 0] = np.nan
+        save_file(tensors, str(path / "model.safetensors"))
     elif case == "not JSON":
         (path / "config.json").write_text("{vocab_size: 3")
         return
@@ -204,6 +214,9 @@ MISMATCHES = {
     "hidden size": r"model.safetensors does not match .*shape",
     "tanh activation": r"config.json: hidden_act is 'tanh'",
     "not JSON": r"config.json is not valid JSON",
+    "layer_norm_eps text": r"config.json: layer_norm_eps is 'abc', expected a number in \(0, 1\)",
+    "hidden size text": r"config.json: hidden_size is '16', expected a positive integer",
+    "NaN weights": r"model.safetensors: tensor .*query.weight' holds 1 NaN/inf value",
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "dreg_jax"
 FLOORS = {
-    "_checks": 1, "_extras": 1, "preprocessing": 1,
+    "_checks": 1, "_extras": 1, "_files": 1, "preprocessing": 1,
     "penalties": 2,
     "layers": 3, "models": 3,
     "training": 4, "data": 4,

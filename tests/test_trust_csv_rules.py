@@ -118,3 +118,10 @@ def test_cli_refusal_is_one_line_with_file_column_and_line(tmp_path, capsys):
                                          ("10%", False), ("", False), ("1e", False), ("--1", False), ("１２", False)])
 def test_the_one_number_rule(text, number):
     assert is_number(text) is number
+
+
+def test_activation_given_a_name_says_what_to_pass():
+    import dreg_jax
+
+    with pytest.raises(TypeError, match=r"Activation takes the function itself, got 'gelu': e.g. Activation\(nn.gelu\)"):
+        dreg_jax.Activation("gelu")

@@ -24,6 +24,15 @@ class Activation(nn.Module):
 
     fn: Callable = nn.gelu
 
+    def __post_init__(self):
+        if isinstance(self.fn, str) or not callable(self.fn):
+            from dreg_jax.layers.activations import FIXED_ACTIVATIONS
+
+            hint = (f"Activation(nn.{self.fn}) (or dreg_jax.get_activation({self.fn!r}))"
+                    if self.fn in FIXED_ACTIVATIONS else "Activation(nn.gelu)")
+            raise TypeError(f"Activation takes the function itself, got {self.fn!r}: e.g. {hint}")
+        super().__post_init__()
+
     def __call__(self, z):
         return self.fn(z)
 

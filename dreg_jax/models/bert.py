@@ -68,6 +68,14 @@ class BertConfig:
                                "intermediate_size", "max_position_embeddings") if k not in c]
         if missing:
             raise ValueError(f"{path} has no {missing} (a BertModel config.json names them)")
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size"):
+            value = c.get(key, 2)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{path}: {key} is {value!r}, expected a positive integer")
+        eps = c.get("layer_norm_eps", 1e-12)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ValueError(f"{path}: layer_norm_eps is {eps!r}, expected a number in (0, 1)")
         if c["hidden_size"] % c["num_attention_heads"]:
             raise ValueError(f"{path}: num_attention_heads={c['num_attention_heads']} does not divide "
                              f"hidden_size={c['hidden_size']}")
@@ -280,6 +288,9 @@ def load_bert(path) -> tuple[BertEncoder, dict, Tokenizer]:
         if "position_ids" not in name and not np.issubdtype(np.asarray(value).dtype, np.floating):
             raise ValueError(f"{weights}: tensor {name!r} has dtype {np.asarray(value).dtype} (a quantized "
                              "checkpoint?); load_bert needs float weights")
+        if "position_ids" not in name and not np.isfinite(np.asarray(value, np.float32)).all():
+            bad = int((~np.isfinite(np.asarray(value, np.float32))).sum())
+            raise ValueError(f"{weights}: tensor {name!r} holds {bad} NaN/inf value(s); the checkpoint is damaged")
     try:
         variables = bert_variables(tensors, config)
     except (KeyError, ValueError) as err:
