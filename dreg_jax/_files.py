@@ -82,46 +82,30 @@ def atomic_write(path, data, *, what: str = "output", mode: int = 0o644) -> path
       path: the file; its directory is created if needed. A symbolic link there is refused.
       data: ``bytes`` or ``str`` (UTF-8).
       what: how messages name the file (e.g. ``"--out"``).
+      mode: the new file's permission bits (less the umask).
 
     Returns:
       ``path``.
     """
-    path = pathlib.Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    if path.is_symlink():
-        raise OSError(f"{what} {path} is a symbolic link; dreg_jax never writes through a link it did not "
-                      "make: remove the link or give the real path")
-    if path.is_dir():
-        raise OSError(f"{what} {path} is a directory; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        try:
-            write_all(fd, data)
-            os.fchmod(fd, mode & ~_umask())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_directory(path.parent)
-    return path
+    with atomic_output(path, what=what, binary=True, mode=mode) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return pathlib.Path(path)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
 @contextlib.contextmanager
-def atomic_output(path, *, what: str = "output", newline: str | None = None, encoding: str = "utf-8"):
-    """A text file object whose content replaces ``path`` whole when the block ends without an
-    error (an error or a kill leaves the old file). For outputs too large to hold in memory."""
+def atomic_output(path, *, what: str = "output", binary: bool = False, newline: str | None = None,
+                  encoding: str = "utf-8", mode: int = 0o644):
+    """A file object whose content replaces ``path`` whole when the block ends without an error
+    (an error or a kill leaves the old file): the temporary file is created with ``O_EXCL`` beside
+    the target, fsynced and renamed over it. For outputs too large to hold in memory; text unless
+    ``binary``."""
     path = pathlib.Path(path)
     if path.is_symlink():
         raise OSError(f"{what} {path} is a symbolic link; dreg_jax never writes through a link it did not "
@@ -131,10 +115,10 @@ def atomic_output(path, *, what: str = "output", newline: str | None = None, enc
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", newline=newline, encoding=encoding) as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline=newline, encoding=encoding)) as f:
             yield f
             f.flush()
-            os.fchmod(f.fileno(), 0o644 & ~_umask())
+            os.fchmod(f.fileno(), mode & ~current_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -165,15 +149,46 @@ class LockHeld(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path, *, holder: str, wait: bool = False):
+def exclusive_lock(path, *, holder: str, wait: bool = False, remove: bool = False):
     """Holds an exclusive ``flock`` on ``path`` (created if needed) for the block.
 
     The lock file is opened with ``O_NOFOLLOW``: a symbolic link planted at its name is refused,
     never followed or truncated, and it is never truncated itself. ``holder`` says in the error
     what the other process is doing (e.g. "another sweep is writing r.jsonl"); ``wait`` waits
-    for the other process instead of refusing.
+    for the other process instead of refusing. ``remove`` deletes the lock file when the block
+    ends (while still holding it; a process that locked the old file then sees that its name
+    points elsewhere and retries on the new one), so a finished command leaves nothing behind.
     """
     path = pathlib.Path(path)
+    while True:
+        fd = _open_lock(path)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise LockHeld(f"{holder} (lock {path}); wait for it to finish or pick another path") from None
+            try:  # the name may have been removed by the holder we waited for: lock the new file
+                current = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is None or (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                os.close(fd)
+                fd = None
+                continue
+            try:
+                yield
+            finally:
+                if remove:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+            return
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+def _open_lock(path: pathlib.Path) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as err:
@@ -181,16 +196,10 @@ def exclusive_lock(path, *, holder: str, wait: bool = False):
             raise OSError(f"lock file {path} is a symbolic link; dreg_jax never follows a link it did not "
                           "make: remove it") from None
         raise OSError(f"lock file {path} cannot be opened: {err.strerror or err}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"lock file {path} is not a regular file; remove it")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise LockHeld(f"{holder} (lock {path}); wait for it to finish or pick another path") from None
-        yield
-    finally:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
+        raise OSError(f"lock file {path} is not a regular file; remove it")
+    return fd
 
 
 def _same(a: pathlib.Path, b: pathlib.Path) -> bool:
@@ -229,8 +238,6 @@ def check_outputs(outputs: dict, inputs: dict):
             if src.is_dir() and _inside(out, src):
                 raise ValueError(f"{out_flag} {out} lies inside the input {in_flag} {src}; the command would "
                                  "change its own input: write outside it")
-            if out.is_dir() and _inside(src, out) and not src.is_dir():
-                continue  # reading a file from a directory that only gains new files is fine
         for other_flag, other in outputs.items():
             if other_flag < out_flag and (out.resolve() == other.resolve() or _inside(out, other)
                                           or _inside(other, out)):
@@ -281,4 +288,4 @@ def _check_creatable_parent(path: pathlib.Path, what: str):
 
 
 __all__ = ["FAULT_VARIABLE", "LockHeld", "atomic_output", "atomic_write", "check_outputs", "check_writable_directory",
-           "check_writable_file", "create_exclusive", "exclusive_lock", "fault", "fsync_directory", "save_figure", "write_all"]
+           "check_writable_file", "create_exclusive", "current_umask", "exclusive_lock", "fault", "fsync_directory", "save_figure", "write_all"]

@@ -18,6 +18,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 
 from dreg_jax._files import (
     atomic_output,
@@ -644,14 +645,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line that names no library file (the message says where and what)."""
+    print(f"dreg-jax: warning: {_one_line(message)}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv) -> int:
     try:
-        parser = build_parser()
-    except ImportError as err:  # the core install: say which extra to add
-        print(f"dreg-jax: error: {err}", file=sys.stderr)
-        return 2
-    args = parser.parse_args(argv)
-    try:
+        try:
+            parser = build_parser()
+        except ImportError as err:  # the core install: say which extra to add
+            print(f"dreg-jax: error: {err}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:  # every write is whole or not at all: nothing is left half written
         print("dreg-jax: interrupted; every file is as it was or complete (nothing half written)",

@@ -50,7 +50,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from dreg_jax._files import check_writable_directory, create_exclusive, exclusive_lock, fault, fsync_directory, write_all
+from dreg_jax._files import (
+    check_writable_directory,
+    create_exclusive,
+    current_umask,
+    exclusive_lock,
+    fault,
+    fsync_directory,
+    write_all,
+)
 from dreg_jax.engine.identity import model_identity
 from dreg_jax.preprocessing import Preprocessing
 from dreg_jax.training.config import TrainConfig
@@ -214,7 +222,7 @@ _HELD_LOCKS: dict = {}  # lock path -> depth: a process holding a directory's lo
 
 @contextlib.contextmanager
 def model_directory_lock(directory):
-    """Holds the lock of a model directory (``.<name>.lock`` beside it) for the block.
+    """Holds the lock of a model directory (``.<name>.lock`` beside it, removed afterwards) for the block.
 
     A second process saving into the same directory is refused at once, in one line (the CLI takes
     the lock before training, so the second command stops before it trains). Re-entrant within
@@ -230,7 +238,8 @@ def model_directory_lock(directory):
         finally:
             _HELD_LOCKS[key] -= 1
         return
-    with exclusive_lock(_lock_path(directory), holder=f"another process is saving a model to {directory}"):
+    with exclusive_lock(_lock_path(directory), holder=f"another process is saving a model to {directory}",
+                        remove=True):
         _HELD_LOCKS[key] = 1
         try:
             yield directory
@@ -355,7 +364,7 @@ def save_model(directory, variables, config: TrainConfig, num_classes: int, num_
                 finally:
                     os.close(fd)
                 fault(f"save:{name}:written")
-            os.chmod(new, 0o755 & ~_umask())
+            os.chmod(new, 0o755 & ~current_umask())
             fsync_directory(new)
             fault("save:before-rename")
             old = _swap_into_place(new, directory)
@@ -368,12 +377,6 @@ def save_model(directory, variables, config: TrainConfig, num_classes: int, num_
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return directory
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _read_regular(path: pathlib.Path, limit: int, directory: pathlib.Path) -> bytes:

@@ -63,3 +63,14 @@ def one_line_refusal(capsys, code, *words):
     for word in words:
         assert str(word) in err, (word, err)
     return err
+
+
+def write_csv(path, header, rows):
+    """A CSV file with a header row (the tests' tables)."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path

@@ -14,6 +14,8 @@ from dreg_jax.cli import main
 from dreg_jax.data import from_arrays, from_csv
 from dreg_jax.preprocessing import Preprocessing
 
+from conftest import write_csv
+
 HEADER = ["age", "color", "size", "id", "label"]
 CONFIG = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), epochs=2, batch_size=32,
                               regularizer=dreg_jax.RegularizerConfig(kind="dreg"))
@@ -30,12 +32,7 @@ def table(n, seed):
     return rows
 
 
-def write(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
+write = write_csv
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -237,3 +238,96 @@ def test_tune_never_picks_or_saves_a_diverged_point(work, capsys):
     one_line = [line for line in err.splitlines() if line.startswith("dreg-jax:")]
     assert code == 2 and len(one_line) == 1 and "diverged" in one_line[0] and "learning rate 1e+09" in one_line[0]
     assert not (work / "S" / "dreg").exists()
+
+
+def test_ctrl_c_during_tune_is_one_line_exit_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    with open(tmp_path / "digits.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([f"p{i}" for i in range(64)] + ["digit"])
+        w.writerows([list(map(int, row)) + [int(label)] for row, label in zip(x, y)])
+    proc = subprocess.Popen([sys.executable, "-c", "from dreg_jax.cli import console_main; console_main()", "tune",
+                             "--csv", str(tmp_path / "digits.csv"), "--target", "digit", "--epochs", "300",
+                             "--seeds", "3", "--out", str(tmp_path / "T")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = proc.stdout.readline().decode()  # the table is read: tune is compiling or training now
+    assert "train" in first, first
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = [line for line in err.decode().strip().splitlines() if not line.startswith("dreg-jax: warning:")]
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert lines == ["dreg-jax: interrupted; every file is as it was or complete (nothing half written)"]
+    assert not (tmp_path / "T").exists() or not any((tmp_path / "T").iterdir())
+
+
+class _AlwaysTrainingBatchNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x)))
+
+
+class _AlwaysDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.Dropout(0.5, deterministic=False)(nn.Dense(8)(x)))
+
+
+@pytest.mark.parametrize("module,layer", [(_AlwaysTrainingBatchNorm, "BatchNorm"), (_AlwaysDropout, "Dropout")])
+def test_a_user_module_without_a_mode_argument_is_refused_by_name(module, layer):
+    from dreg_jax.engine import RunHParams, train_many
+    from dreg_jax.engine.run import EngineData
+
+    rng = np.random.default_rng(0)
+    data = EngineData(rng.normal(size=(32, 3)).astype(np.float32), rng.integers(0, 2, 32).astype(np.int32),
+                      rng.normal(size=(8, 3)).astype(np.float32), rng.integers(0, 2, 8).astype(np.int32))
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(module=module(), activation="custom"), epochs=1,
+                                  batch_size=16, regularizer=dreg_jax.RegularizerConfig(kind="none"))
+    with pytest.raises(ValueError, match=f"your module's {layer} .* takes no train"):
+        train_many(RunHParams.stack([RunHParams(seed=0, learning_rate=1e-3, strength=0.0)]), data, config, 2)
+
+
+def test_a_second_train_into_a_directory_being_saved_stops_before_training(work, capsys):
+    import warnings
+
+    from dreg_jax import saved_model
+
+    held, release = os.pipe(), os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns about fork; the child only holds a lock
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: another dreg-jax saving into work/D
+        try:
+            with saved_model.model_directory_lock(work / "D"):
+                os.write(held[1], b"1")
+                os.read(release[0], 1)
+        finally:
+            os._exit(0)
+    assert os.read(held[0], 1) == b"1"
+    code = main(["train", "--csv", str(work / "d.csv"), "--target", "label", "--save-model", str(work / "D")])
+    os.write(release[1], b"1")
+    os.waitpid(pid, 0)
+    one_line_refusal(capsys, code, "another process is saving a model to", "/D")
+    assert "training" not in capsys.readouterr().out and not (work / "D").exists()
+
+
+def test_a_module_level_constant_is_part_of_the_run_id():
+    import types
+
+    from dreg_jax.engine.identity import model_identity
+
+    source = ("import flax.linen as nn\nHIDDEN = {}\nclass Net(nn.Module):\n    @nn.compact\n"
+              "    def __call__(self, x):\n        return nn.Dense(2)(nn.Dense(HIDDEN)(x))\n")
+    ids = []
+    for hidden in (1, 64, 1):
+        module = types.ModuleType("user_net")
+        exec(source.format(hidden), module.__dict__)  # noqa: S102 - a user's module, as a script defines it
+        ids.append(model_identity(module.Net()))
+    assert ids[0] != ids[1] and ids[0] == ids[2]

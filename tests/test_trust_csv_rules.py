@@ -10,15 +10,10 @@ from dreg_jax.cli import main
 from dreg_jax.data import from_csv
 from dreg_jax.preprocessing import is_number
 
-from conftest import file_snapshot, one_line_refusal
+from conftest import file_snapshot, one_line_refusal, write_csv
 
 
-def _write(path, header, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
+_write = write_csv
 
 
 def _rows(n=60, label=lambda i: "ab"[i % 2], x2=None, seed=0):

@@ -99,7 +99,8 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     for ax, metric in zip(axes, ("train loss", "test accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
-    axes[1].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:  # rows written without curves draw none
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     written.append(save_figure(fig, out_dir / "learning_curves.png", dpi=120))
     return written

@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import errors as flax_errors
 from flax import nnx
 
 from dreg_jax.layers.nnx_model import NNXModel
@@ -130,8 +131,18 @@ class UserModel:
 def check_logits_shape(model: UserModel, variables, num_features: int, num_classes: int):
     """A user model must map a ``(batch, features)`` batch to ``(batch, num_classes)`` logits:
     checked on shapes (two rows, so a dropped batch axis shows) before anything is compiled."""
-    out = jax.eval_shape(lambda v, x: model.apply(v, x), variables,
-                         jax.ShapeDtypeStruct((2, num_features), jnp.float32))
+    try:
+        out = jax.eval_shape(lambda v, x: model.apply(v, x), variables,
+                             jax.ShapeDtypeStruct((2, num_features), jnp.float32))
+    except (flax_errors.ModifyScopeVariableError, flax_errors.InvalidRngError) as err:
+        if model.is_nnx or _mode_argument(type(model.module).__call__) is not None:
+            raise
+        layer = "BatchNorm updates its statistics" if isinstance(err, flax_errors.ModifyScopeVariableError) \
+            else "Dropout draws masks"
+        raise ValueError(f"your module's {layer} in every call, but its __call__ takes no train (or "
+                         "deterministic) argument, so it cannot be evaluated in inference mode: add `train: bool "
+                         "= False` and pass it on (BatchNorm(use_running_average=not train), "
+                         f"Dropout(rate, deterministic=not train)) ({type(err).__name__})") from None
     shape = getattr(out, "shape", None)
     if shape != (2, num_classes):
         raise ValueError(
