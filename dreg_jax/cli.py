@@ -80,7 +80,11 @@ def _refuse_yaml_aliases(text: str, path: pathlib.Path):
     exponentially (an "alias bomb"): refused before anything is built."""
     import yaml
 
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    try:
+        events = list(yaml.parse(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return  # malformed: the loader reports it with its line and column
+    for event in events:
         if isinstance(event, yaml.AliasEvent):
             mark = event.start_mark
             raise ValueError(f"config file {path} uses a YAML alias (*{event.anchor}) at line {mark.line + 1}; "
@@ -99,21 +103,16 @@ def _load_mapping(path: pathlib.Path) -> dict:
         text = path.read_text()
     except UnicodeDecodeError:
         raise ValueError(f"config file {path} is not UTF-8 text") from None
+    yaml_file = path.suffix in (".yaml", ".yml")
+    if yaml_file:
+        _refuse_yaml_aliases(text, path)
     try:
-        if path.suffix in (".yaml", ".yml"):
+        if yaml_file:
             import yaml
 
-            _refuse_yaml_aliases(text, path)
             mapping = yaml.load(text, Loader=_strict_yaml_loader())  # noqa: S506 - a SafeLoader subclass
         else:
             mapping = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except ValueError as err:
-        if "YAML alias" in str(err):
-            raise
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        reason = getattr(err, "problem", None) or getattr(err, "msg", None) or str(err)
-        raise ValueError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'JSON'}{at}: {reason}") from None
     except RecursionError:
         raise ValueError(f"config file {path} nests too deeply to be a sweep config") from None
     except Exception as err:  # noqa: BLE001 - yaml.YAMLError / json.JSONDecodeError, one line
@@ -299,7 +298,7 @@ def cmd_train(args) -> int:
     for noise in ("label_noise", "input_noise"):
         setattr(args, noise, None if getattr(args, noise) is None else [getattr(args, noise)])
     if args.out is not None:  # fail before training, not after it (the run would be lost)
-        _check_output_path(args.out)
+        check_writable_file(args.out, "--out")
     lock = contextlib.nullcontext()
     if args.save_model is not None:
         from dreg_jax.saved_model import check_model_directory, model_directory_lock
@@ -393,7 +392,7 @@ def cmd_predict(args) -> int:
 
     from dreg_jax.saved_model import load_model
 
-    _check_output_path(args.out)
+    check_writable_file(args.out, "--out")
     check_outputs({"--out": args.out}, {"--model": args.model, "--csv": args.csv})
     model = load_model(args.model)
     names = model.labels(range(model.num_classes))
@@ -408,10 +407,6 @@ def cmd_predict(args) -> int:
     print(f"predicted {sum(counts.values())} rows of {args.csv} -> {args.out} "
           f"({', '.join(f'{n}: {c}' for n, c in counts.items())})")
     return 0
-
-
-def _check_output_path(path: pathlib.Path):
-    check_writable_file(path, "--out")
 
 
 def cmd_results(args) -> int:

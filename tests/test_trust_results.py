@@ -55,6 +55,8 @@ CASES = {
     "one run, two results, three rows": (lambda a, b: [a, _changed(a, test_accuracy=0.1), a, b], ["b"],
                                          "different results"),
     "identical duplicate is harmless": (lambda a, b: [a, b, a], ["a", "b"], None),
+    "identical copies, then a conflict": (lambda a, b: [a, a, b, _changed(a, test_accuracy=0.1)], ["b"],
+                                          "different results"),
     "newer row without config": (lambda a, b: [_newer(a, "spec", "config"), b], ["b"], "no config"),
     "newer row without optimizer": (lambda a, b: [_newer(a, "spec", "config", "optimizer"), b], ["b"], "'optimizer'"),
     "row without dataset": (lambda a, b: [_without(a, "spec", "dataset"), b], ["b"], "'dataset'"),
@@ -87,7 +89,8 @@ def test_readers_report_and_skip_and_never_write(case, rows, tmp_path, capsys):
     assert file_snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("case", ["accuracy in percent", "one run, two results", "newer row without config"])
+@pytest.mark.parametrize("case", ["accuracy in percent", "one run, two results", "newer row without config",
+                                  "identical copies, then a conflict"])
 def test_the_writer_sets_bad_rows_aside_and_redoes_the_run(case, rows, tmp_path, capsys):
     (a, b), _ = rows
     path = _file(tmp_path, CASES[case][0](a, b))

@@ -57,8 +57,8 @@ def record_problem(record) -> str | None:
 
 
 def _metric_problem(metrics: dict) -> str | None:
-    """Accuracies are shares in [0, 1]; losses, terms and seconds are finite numbers >= 0
-    (a diverged run stores null for a NaN)."""
+    """Every metric is a number (or null/NaN: a diverged run), lists and dicts of numbers
+    included; an accuracy is a share in [0, 1]."""
     for name, value in metrics.items():
         values = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else [value]
         for v in values:
@@ -159,14 +159,14 @@ class ResultsFile:
         lines = raw.split(b"\n")
         unterminated = lines.pop() if lines else b""  # b"" when the file ends with a newline
         records, kept, rejected = {}, [], []
-        first_line: dict = {}  # run_id -> (line number, line) of its first row
+        lines_of: dict = {}  # run_id -> line numbers of its kept rows, the first row's first
         conflicting: set = set()
         numbered = [(n, line, True) for n, line in enumerate(lines, 1)]
         if unterminated.strip():
             numbered.append((len(lines) + 1, unterminated, False))
         for number, line, terminated in numbered:
             if not line.strip():
-                kept.append(line)
+                kept.append((number, line))
                 continue
             try:
                 record = json.loads(line.decode("utf-8"))
@@ -180,23 +180,26 @@ class ResultsFile:
                 rejected.append((number, line, problem))
                 continue
             run_id = record["run_id"]
-            if run_id in first_line:
+            if run_id in lines_of:
                 if run_id in conflicting or not _same_result(records[run_id], record):
                     conflicting.add(run_id)  # one run, two different results: neither can be trusted
                     rejected.append((number, line, f"run {run_id} appears again with other results than "
-                                                   f"on line {first_line[run_id][0]}"))
+                                                   f"on line {lines_of[run_id][0]}"))
                     continue
-                kept.append(line)  # an identical duplicate: harmless, left in place
+                kept.append((number, line))  # an identical duplicate: harmless, left in place
+                lines_of[run_id].append(number)
                 continue
-            kept.append(line)
-            first_line[run_id] = (number, line)
+            kept.append((number, line))
+            lines_of[run_id] = [number]
             records[run_id] = record
-        for run_id in conflicting:  # its first row goes too (the run is redone by a writer)
-            number, line = first_line[run_id]
+        for run_id in conflicting:  # its other rows go too (the run is redone by a writer)
             del records[run_id]
-            kept.remove(line)
-            rejected.append((number, line, f"run {run_id} has rows with different results; none is kept"))
+            gone = set(lines_of[run_id])
+            rejected += [(number, line, f"run {run_id} has rows with different results; none is kept")
+                         for number, line in kept if number in gone]
+            kept = [(number, line) for number, line in kept if number not in gone]
         rejected.sort(key=lambda item: item[0])
+        kept = [line for _, line in kept]
         complete_bad = [(n, p) for n, _, p in rejected if n <= len(lines)]
         if not records and complete_bad:
             number, problem = complete_bad[0]
