@@ -107,11 +107,7 @@ def atomic_output(path, *, what: str = "output", binary: bool = False, newline: 
     the target, fsynced and renamed over it. For outputs too large to hold in memory; text unless
     ``binary``."""
     path = pathlib.Path(path)
-    if path.is_symlink():
-        raise OSError(f"{what} {path} is a symbolic link; dreg_jax never writes through a link it did not "
-                      "make: remove the link or give the real path")
-    if path.is_dir():
-        raise OSError(f"{what} {path} is a directory; give a file name")
+    _refuse_link_or_directory(path, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -244,15 +240,19 @@ def check_outputs(outputs: dict, inputs: dict):
                 raise ValueError(f"{out_flag} {out} and {other_flag} {other} overlap; give them separate paths")
 
 
-def check_writable_file(path, what: str):
-    """Refuses, before any work, a file output that cannot be written: a directory, a symbolic link,
-    a read-only file, or a path under a file or an unwritable directory."""
-    path = pathlib.Path(path)
+def _refuse_link_or_directory(path: pathlib.Path, what: str):
     if path.is_symlink():
         raise ValueError(f"{what} {path} is a symbolic link; dreg_jax never writes through a link it did not "
                          "make: remove the link or give the real path")
     if path.is_dir():
         raise ValueError(f"{what} {path} is a directory; give a file name, e.g. {path / 'out.json'}")
+
+
+def check_writable_file(path, what: str):
+    """Refuses, before any work, a file output that cannot be written: a directory, a symbolic link,
+    a read-only file, or a path under a file or an unwritable directory."""
+    path = pathlib.Path(path)
+    _refuse_link_or_directory(path, what)
     if path.exists() and not (os.access(path, os.W_OK) and path.stat().st_mode & 0o222):
         raise ValueError(f"{what} {path} is read-only; make it writable or give another path")
     _check_creatable_parent(path, what)
