@@ -121,6 +121,16 @@ def _checked_header(header, path):
     return header
 
 
+def read_csv_header(path, encoding: str = "utf-8-sig") -> list:
+    """The checked header of a CSV (its first data row is read, and the file closed)."""
+    chunks = iter_csv(path, encoding, chunk_rows=1)
+    try:
+        header, _, _ = next(chunks)
+    finally:
+        chunks.close()
+    return header
+
+
 def read_csv(path, encoding: str = "utf-8-sig"):
     """``(header, rows, lines)`` of a CSV with a header row: the CSV line of every data row,
     blank lines skipped; refuses ragged rows, unnamed and repeated columns, bad encodings and
@@ -318,4 +328,5 @@ class Preprocessing:
 
 
 __all__ = ["MISSING", "NUMBER", "Column", "Preprocessing", "apply_standardization", "formatted_number_error",
-           "is_formatted_number", "is_number", "iter_csv", "numeric_cells", "read_csv", "standardization"]
+           "is_formatted_number", "is_number", "iter_csv", "numeric_cells", "read_csv", "read_csv_header",
+           "standardization"]

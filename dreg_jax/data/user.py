@@ -34,9 +34,9 @@ from dreg_jax.preprocessing import (
     formatted_number_error,
     is_formatted_number,
     is_number,
-    iter_csv,
     numeric_cells,
     read_csv,
+    read_csv_header,
 )
 from dreg_jax.data.registry import (
     REGISTRY,
@@ -388,11 +388,6 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
 
 def _all_ints(values) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
-
-
-def read_csv_header(path, encoding):
-    header, _, _ = next(iter_csv(path, encoding, chunk_rows=1))
-    return header
 
 
 def register_dataset(dataset: Dataset) -> str:
