@@ -49,14 +49,32 @@ def per_example_grad_norms(state, x, labels=None, variant: str = "param") -> jax
     return jax.vmap(grad_fn)(x, labels)
 
 
-def tail_ratio(norms: jax.Array, percentile: float = 99.0) -> jax.Array:
-    """``percentile(norms) / mean(norms)``."""
-    return jnp.percentile(norms, percentile) / jnp.maximum(jnp.mean(norms), jnp.finfo(jnp.float32).tiny)
+def tail_ratio(norms: jax.Array, percentile: float = 99.0, count=None) -> jax.Array:
+    """``percentile(norms) / mean(norms)`` over the first ``count`` entries (default: all).
+
+    With a ``count`` (an int or a traced scalar, ``1 <= count <= len(norms)``) the percentile
+    is ``jnp.percentile``'s linear interpolation over the first ``count`` values, computed
+    with a static shape (the rest are padding and never enter)."""
+    norms = jnp.asarray(norms)
+    if count is None or (isinstance(count, int) and count == norms.shape[0]):
+        return jnp.percentile(norms, percentile) / jnp.maximum(jnp.mean(norms), jnp.finfo(jnp.float32).tiny)
+    valid = jnp.arange(norms.shape[0]) < count
+    ordered = jnp.sort(jnp.where(valid, norms, jnp.inf))
+    position = (percentile / 100.0) * (jnp.asarray(count, jnp.float32) - 1.0)
+    low = jnp.floor(position).astype(jnp.int32)
+    high = jnp.minimum(low + 1, jnp.asarray(count, jnp.int32) - 1)
+    weight = position - low
+    value = ordered[low] * (1.0 - weight) + ordered[high] * weight
+    mean = jnp.sum(jnp.where(valid, norms, 0.0)) / count
+    return value / jnp.maximum(mean, jnp.finfo(jnp.float32).tiny)
 
 
-def gradient_tail_ratio(state, x, labels=None, variant: str = "param") -> jax.Array:
-    """tau = p99 / mean of per-example gradient norms (label-free when ``labels`` is None)."""
-    return tail_ratio(per_example_grad_norms(state, x, labels, variant))
+def gradient_tail_ratio(state, x, labels=None, variant: str = "param", count=None) -> jax.Array:
+    """tau = p99 / mean of per-example gradient norms (label-free when ``labels`` is None).
+
+    ``count`` (may be traced): only the first ``count`` rows of ``x`` are examples, the rest
+    padding (a shape bucket, :mod:`dreg_jax.engine.buckets`)."""
+    return tail_ratio(per_example_grad_norms(state, x, labels, variant), count=count)
 
 
 def volatility(grad_norm, prev_grad_norm, step) -> jax.Array:

@@ -9,7 +9,8 @@ Per run, from its seed key: the initialization, a stratified training-fraction m
 (:func:`dreg_jax.data.stratified_fraction_mask`), symmetric label noise at ``label_noise``,
 fixed Gaussian input noise of std ``input_noise`` on the training inputs, the per-epoch
 shuffles and the probes. Every run takes the same number of optimizer steps,
-``epochs * ceil(n_train / batch_size)``: a run on a fraction cycles through its included
+``epochs * ceil(n_train / batch_size)`` (``epochs``: ``RunHParams.epochs``, traced, at most the
+program's ``TrainConfig.epochs``): a run on a fraction cycles through its included
 examples in a fresh random order each epoch (same compute budget for every fraction).
 
 A run whose loss or gradient becomes non-finite is marked with the first such step
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dreg_jax.engine.buckets import DataSizes, prefix_draw, unpadded_init
 from dreg_jax.engine.scarcity import stratified_fraction_mask, symmetric_label_noise
 from dreg_jax.engine.diagnostics import gradient_tail_ratio, tail_ratio, volatility
 from dreg_jax.training.config import TrainConfig
@@ -61,10 +63,13 @@ class RunHParams(NamedTuple):
     input_noise: jax.Array = 0.0
     activation_index: jax.Array = 0
     regularizer_index: jax.Array = 0
+    # the run's epoch count, at most the program's TrainConfig.epochs (the static cap of its
+    # while_loop); None: the config's. Runs of different lengths share one program.
+    epochs: jax.Array | None = None
 
     def validate(self) -> "RunHParams":
         """Checks concrete values: finite, learning rate > 0, strength >= 0, fraction in (0, 1]."""
-        values = {f: np.asarray(getattr(self, f), np.float64) for f in self._fields}
+        values = {f: np.asarray(getattr(self, f), np.float64) for f in self._fields if getattr(self, f) is not None}
         for name, v in values.items():
             if not np.isfinite(v).all():
                 raise ValueError(f"RunHParams.{name} must be finite, got {getattr(self, name)}")
@@ -78,7 +83,8 @@ class RunHParams(NamedTuple):
                   ("activation_index", (values["activation_index"] >= 0) & (values["activation_index"] % 1 == 0),
                    "an integer >= 0"),
                   ("regularizer_index", (values["regularizer_index"] >= 0) & (values["regularizer_index"] % 1 == 0),
-                   "an integer >= 0"))
+                   "an integer >= 0"),
+                  ("epochs", (values.get("epochs", 1) >= 1) & (values.get("epochs", 1) % 1 == 0), "an integer >= 1"))
         for name, ok, rule in checks:
             if not np.all(ok):
                 raise ValueError(f"RunHParams.{name} must be {rule}, got {getattr(self, name)}")
@@ -87,9 +93,14 @@ class RunHParams(NamedTuple):
     @classmethod
     def stack(cls, rows) -> "RunHParams":
         rows = list(rows)
-        ints = {"seed": jnp.uint32, "activation_index": jnp.int32, "regularizer_index": jnp.int32}
-        return cls(**{f: jnp.asarray([getattr(r, f) for r in rows], ints.get(f, jnp.float32))
-                      for f in cls._fields})
+        ints = {"seed": jnp.uint32, "activation_index": jnp.int32, "regularizer_index": jnp.int32,
+                "epochs": jnp.int32}
+        given = {f: [getattr(r, f) for r in rows] for f in cls._fields}
+        if any(e is None for e in given["epochs"]):
+            if any(e is not None for e in given["epochs"]):
+                raise ValueError("RunHParams.stack: give every run its epochs, or none (the config's)")
+            given["epochs"] = None
+        return cls(**{f: None if v is None else jnp.asarray(v, ints.get(f, jnp.float32)) for f, v in given.items()})
 
     def check_fold(self, config: TrainConfig) -> "RunHParams":
         """Every index within the config's fold (one choice each when not folded)."""
@@ -99,6 +110,9 @@ class RunHParams(NamedTuple):
             if np.any(index >= len(choices)):
                 raise ValueError(f"RunHParams.{name} must be < {len(choices)} (the program holds "
                                  f"{list(choices)}), got {getattr(self, name)}")
+        if self.epochs is not None and np.any(np.asarray(self.epochs) > config.epochs):
+            raise ValueError(f"RunHParams.epochs must be <= TrainConfig.epochs={config.epochs} (the program's "
+                             f"epoch cap), got {np.asarray(self.epochs).tolist()}")
         return self
 
 
@@ -112,9 +126,17 @@ class EngineData(NamedTuple):
     x_robust: jax.Array | None = None  # (sets, m, d) perturbed copies of x_test (labels y_test)
     x_val: jax.Array | None = None  # (v, d) validation split (None or 0 rows: not evaluated)
     y_val: jax.Array | None = None
+    # padded data (a shape bucket): the true sizes, traced (dreg_jax.engine.buckets); None:
+    # the arrays are the data's own shapes
+    sizes: DataSizes | None = None
 
     def check(self, num_classes: int) -> "EngineData":
-        """Eager checks before compiling: shapes, finite features, labels in [0, num_classes)."""
+        """Eager checks before compiling: shapes, finite features, labels in [0, num_classes).
+
+        Padded data (``sizes``) are checked by :func:`dreg_jax.engine.buckets.pad_engine_data`,
+        which pads checked data."""
+        if self.sizes is not None:
+            return self
         if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         splits = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
@@ -180,59 +202,117 @@ def training_mask(seed: int, labels, fraction: float, num_classes: int) -> np.nd
     return np.asarray(stratified_fraction_mask(run_keys(seed)[1], jnp.asarray(labels), fraction, num_classes))
 
 
-def _evaluate(state, data: EngineData, config, options, with_tau: bool):
-    ev = eval_step(state, {"x": data.x_test, "y": data.y_test}, config)
+def _masked_mean(values, count):
+    """Mean of the first ``count`` entries (all of them when ``count`` is their static length)."""
+    if isinstance(count, int) and count == values.shape[0]:
+        return values.mean()
+    return jnp.sum(jnp.where(jnp.arange(values.shape[0]) < count, values, 0.0)) / count
+
+
+def _evaluate(state, data: EngineData, config, options, with_tau: bool, test_rows):
+    padded = data.sizes is not None
+    batch = {"x": data.x_test, "y": data.y_test, **({"rows": test_rows} if padded else {})}
+    ev = eval_step(state, batch, config)
     out = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "jacobian_sq_norms": ev["jacobian_sq_norms"]}
     if with_tau:
-        diag_x = data.x_test[: options.diag_size]
-        out["tau"] = gradient_tail_ratio(state, diag_x)
-        out["tau_input"] = gradient_tail_ratio(state, diag_x, variant="input")
+        out.update(_tau(state, data, options, test_rows))
     return out
 
 
-def _until_patience(one_epoch, carry, epoch_keys, patience: int):
-    """``lax.scan(one_epoch, carry, epoch_keys)`` that stops once ``patience`` epochs in a row
-    have not improved the best validation accuracy (``carry[1]``: params, batch_stats, best
-    accuracy, best epoch index, epochs done). Returns ``(carry, curves, epochs_run)``; the curves
-    have one entry per key, NaN after the stop."""
+def _tau(state, data: EngineData, options, test_rows):
+    diag_x = data.x_test[: options.diag_size]
+    count = jnp.minimum(test_rows, diag_x.shape[0]) if data.sizes is not None else None
+    return {"tau": gradient_tail_ratio(state, diag_x, count=count),
+            "tau_input": gradient_tail_ratio(state, diag_x, variant="input", count=count)}
+
+
+def _epoch_loop(one_epoch, carry, epoch_keys, epochs, patience):
+    """Epochs ``0 .. epochs - 1`` of ``one_epoch`` (a ``while_loop`` with the static cap
+    ``len(epoch_keys)``; ``epochs`` may be traced). With ``patience`` it also stops once that
+    many epochs in a row have not improved the best validation accuracy (``carry[1]``: params,
+    batch_stats, best accuracy, best epoch index, epochs done). Returns ``(carry, curves,
+    epochs_run)``; the curves have one entry per key, NaN (or -1) past the run's end."""
     cap = epoch_keys.shape[0]
     shapes = jax.eval_shape(one_epoch, carry, epoch_keys[0])[1]
     curves0 = jax.tree_util.tree_map(
         lambda s: jnp.full((cap, *s.shape), jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else -1, s.dtype), shapes)
 
     def go_on(loop):
-        (_, best), _ = loop
-        done, best_index = best[4], best[3]
-        return (done < cap) & (done - 1 - best_index < patience)
+        carry, _, done = loop
+        more = done < epochs
+        if patience is not None:
+            best_index = carry[1][3]
+            more = more & (done - 1 - best_index < patience)
+        return more
 
     def epoch(loop):
-        carry, curves = loop
-        i = carry[1][4]
-        carry, row = one_epoch(carry, epoch_keys[i])
-        return carry, jax.tree_util.tree_map(lambda c, r: c.at[i].set(r), curves, row)
+        carry, curves, done = loop
+        carry, row = one_epoch(carry, epoch_keys[done])
+        return carry, jax.tree_util.tree_map(lambda c, r: c.at[done].set(r), curves, row), done + 1
 
-    carry, curves = jax.lax.while_loop(go_on, epoch, (carry, curves0))
-    return carry, curves, carry[1][4]
+    carry, curves, done = jax.lax.while_loop(go_on, epoch, (carry, curves0, jnp.array(0, jnp.int32)))
+    return carry, curves, done
+
+
+def _step_loop(one_step, carry, idx, keys, steps):
+    """The first ``steps`` (may be traced) of ``one_step`` over ``(idx[s], keys[s])``; returns
+    ``(carry, outputs)`` with outputs stacked over the static ``len(idx)`` (unrun steps: 0)."""
+    total = idx.shape[0]
+    if isinstance(steps, int) and steps == total:
+        return jax.lax.scan(one_step, carry, (idx, keys))
+    shapes = jax.eval_shape(one_step, carry, (idx[0], keys[0]))[1]
+    outs0 = jax.tree_util.tree_map(lambda s: jnp.zeros((total, *s.shape), s.dtype), shapes)
+
+    def body(loop):
+        carry, outs, s = loop
+        carry, out = one_step(carry, (idx[s], keys[s]))
+        return carry, jax.tree_util.tree_map(lambda o, v: o.at[s].set(v), outs, out), s + 1
+
+    carry, outs, _ = jax.lax.while_loop(lambda loop: loop[2] < steps, body, (carry, outs0, jnp.array(0, jnp.int32)))
+    return carry, outs
 
 
 def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes: int,
               options: EngineOptions = EngineOptions()):
-    """Trains one run; returns ``(final_metrics, per_epoch_curves)`` as dicts of arrays."""
-    n, d = data.x_train.shape
-    batch = config.batch_size
-    steps = math.ceil(n / batch)
-    k_init, k_mask, k_label, k_noise, k_loop = run_keys(hp.seed)
-    state = create_train_state(config, k_init, d, num_classes, learning_rate=hp.learning_rate,
-                               strength=hp.strength, total_steps=config.epochs * steps,
-                               activation_index=hp.activation_index, regularizer_index=hp.regularizer_index)
-    mask = stratified_fraction_mask(k_mask, data.y_train, hp.data_fraction, num_classes)
-    num_included = jnp.sum(mask)
-    y_train = symmetric_label_noise(k_label, data.y_train, hp.label_noise, num_classes)
-    x_train = data.x_train + hp.input_noise * jax.random.normal(k_noise, data.x_train.shape)
-    positions = jnp.arange(steps * batch).reshape(steps, batch)
+    """Trains one run; returns ``(final_metrics, per_epoch_curves)`` as dicts of arrays.
 
-    chance = math.log(num_classes)
+    ``config.epochs`` is the static cap of the epoch loop; the run trains ``hp.epochs``
+    (default the cap). With padded data (``data.sizes``, :mod:`dreg_jax.engine.buckets`)
+    ``num_classes`` is the bucket's class count and the true sizes are traced: the steps per
+    epoch, ``ceil(train rows / batch_size)``, are a traced count of a ``while_loop``.
+    """
+    n_pad, d_pad = data.x_train.shape
+    batch = config.batch_size
+    steps_cap = math.ceil(n_pad / batch)
+    padded = data.sizes is not None
+    if padded:
+        sizes = data.sizes
+        n, classes, test_rows = sizes.train_rows, sizes.classes, sizes.test_rows
+        steps = (n + batch - 1) // batch
+    else:
+        n, classes, test_rows, steps = n_pad, num_classes, data.x_test.shape[0], steps_cap
+    epochs = config.epochs if hp.epochs is None else hp.epochs
+    k_init, k_mask, k_label, k_noise, k_loop = run_keys(hp.seed)
+    state = create_train_state(config, k_init, d_pad, num_classes, learning_rate=hp.learning_rate,
+                               strength=hp.strength, total_steps=epochs * steps,
+                               activation_index=hp.activation_index, regularizer_index=hp.regularizer_index)
+    if padded:
+        params, batch_stats = unpadded_init(state.params, state.batch_stats, sizes)
+        state = state.replace(params=params, batch_stats=batch_stats, num_classes=classes,
+                              opt_state=state.tx.init(params))
+    mask = stratified_fraction_mask(k_mask, data.y_train, hp.data_fraction, num_classes, rows=n if padded else None)
+    num_included = jnp.sum(mask)
+    y_train = symmetric_label_noise(k_label, data.y_train, hp.label_noise, classes)
+    if padded:  # the unpadded run's draws (threefry counts flat indices), zero on the padding
+        noise = prefix_draw(jax.random.normal, k_noise, data.x_train.shape, sizes.features)
+        noise = jnp.where(jnp.arange(n_pad)[:, None] < n, noise, 0.0)
+    else:
+        noise = jax.random.normal(k_noise, data.x_train.shape)
+    x_train = data.x_train + hp.input_noise * noise
+    positions = jnp.arange(steps_cap * batch).reshape(steps_cap, batch)
+
+    chance = jnp.log(jnp.asarray(classes, jnp.float32)) if padded else math.log(num_classes)
 
     def one_step(carry, inputs):
         state, prev_norm, fail_step, step, peak, first_loss, diverge_step = carry
@@ -257,22 +337,24 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     if patience is not None and (not restore or patience < 1):
         raise ValueError(f"EngineOptions.patience={patience} stops on validation accuracy: it needs "
                          "restore_best_epoch=True and a patience of at least 1 epoch")
+    val_batch = ({"x": data.x_val, "y": data.y_val, **({"rows": sizes.val_rows} if padded else {})}
+                 if has_val else None)
 
     def one_epoch(carry, k_epoch):
         carry, best = carry
         k_perm, k_steps = jax.random.split(k_epoch)
-        u = jax.random.uniform(k_perm, (n,))
+        u = jax.random.uniform(k_perm, (n_pad,))
         order = jnp.argsort(jnp.where(mask, u, 2.0 + u))  # included examples first, shuffled
         idx = order[positions % num_included]
-        carry, (loss, acc, pen, vol, grad_norm, schedule) = jax.lax.scan(
-            one_step, carry, (idx, jax.random.split(k_steps, steps))
-        )
-        curves = {"train_loss": loss.mean(), "train_accuracy": acc.mean(), "penalty": pen.mean(),
-                  "volatility": vol.mean(), "tau_steps": tail_ratio(grad_norm),
-                  **{k: v.mean() for k, v in schedule.items()}}
-        curves.update(_evaluate(carry[0], data, config, options, options.per_epoch_diagnostics))
+        carry, (loss, acc, pen, vol, grad_norm, schedule) = _step_loop(
+            one_step, carry, idx, jax.random.split(k_steps, steps_cap), steps)
+        curves = {"train_loss": _masked_mean(loss, steps), "train_accuracy": _masked_mean(acc, steps),
+                  "penalty": _masked_mean(pen, steps), "volatility": _masked_mean(vol, steps),
+                  "tau_steps": tail_ratio(grad_norm, count=steps),
+                  **{k: _masked_mean(v, steps) for k, v in schedule.items()}}
+        curves.update(_evaluate(carry[0], data, config, options, options.per_epoch_diagnostics, test_rows))
         if restore:
-            val = eval_step(carry[0], {"x": data.x_val, "y": data.y_val}, config)
+            val = eval_step(carry[0], val_batch, config)
             curves.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
             params, batch_stats, best_val, best_epoch, epoch = best
             better = val["accuracy"] > best_val
@@ -287,15 +369,10 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
               jnp.array(-1, jnp.int32))
     best0 = ((state.params, state.batch_stats, jnp.array(-1.0, jnp.float32), jnp.array(0, jnp.int32),
               jnp.array(0, jnp.int32)) if restore else ())
-    epoch_keys = jax.random.split(k_loop, config.epochs)
-    if patience is None:
-        ((state, _, fail_step, _, peak, _, diverge_step), best), curves = jax.lax.scan(
-            one_epoch, (carry0, best0), epoch_keys)
-        last = config.epochs - 1
-    else:
-        ((state, _, fail_step, _, peak, _, diverge_step), best), curves, epochs_run = _until_patience(
-            one_epoch, (carry0, best0), epoch_keys, patience)
-        last = epochs_run - 1
+    epoch_keys = jax.random.split(k_loop, config.epochs)  # a prefix of a longer cap's keys
+    ((state, _, fail_step, _, peak, _, diverge_step), best), curves, epochs_run = _epoch_loop(
+        one_epoch, (carry0, best0), epoch_keys, epochs, patience)
+    last = epochs_run - 1
     # the last epoch's evaluation is the final one (no second copy of the eval program)
     final = {k: v[last] for k, v in curves.items()
              if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input", "tau_steps")}
@@ -303,26 +380,34 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         final["epochs_run"] = epochs_run
     if restore:  # the best epoch's parameters are the run's result
         state = state.replace(params=best[0], batch_stats=best[1])
-        final.update(_evaluate(state, data, config, options, options.per_epoch_diagnostics))
+        final.update(_evaluate(state, data, config, options, options.per_epoch_diagnostics, test_rows))
         final["best_epoch"] = best[3] + 1
     if not options.per_epoch_diagnostics:
-        diag_x = data.x_test[: options.diag_size]
-        final.update(tau=gradient_tail_ratio(state, diag_x),
-                     tau_input=gradient_tail_ratio(state, diag_x, variant="input"))
-    n_val = 0 if data.x_val is None else data.x_val.shape[0]
+        final.update(_tau(state, data, options, test_rows))
+    if padded:
+        n_val = sizes.val_rows
+        final.update(validation_share=(n_val / (n + n_val)).astype(jnp.float32))
+    else:
+        n_val = 0 if data.x_val is None else data.x_val.shape[0]
+        final.update(validation_share=jnp.asarray(n_val / (n + n_val), jnp.float32))
     final.update(fail_step=fail_step, diverge_step=diverge_step, volatility_peak=peak,
                  train_examples=num_included,
                  # the validation split actually scored (a user dataset carries its own split)
-                 validation_rows=jnp.asarray(n_val, jnp.int32),
-                 validation_share=jnp.asarray(n_val / (n + n_val), jnp.float32))
+                 validation_rows=jnp.asarray(n_val, jnp.int32))
     if has_val:
-        val = eval_step(state, {"x": data.x_val, "y": data.y_val}, config)
+        val = eval_step(state, val_batch, config)
         final.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
     if options.return_variables:
+        if padded:
+            raise ValueError("return_variables keeps the model at the data's own shapes: do not pad its data")
         final["variables"] = {"params": state.params, "batch_stats": state.batch_stats}
     if data.x_robust is not None and data.x_robust.shape[0] > 0:
-        robust = jax.vmap(
-            lambda xr: eval_step(state, {"x": xr, "y": data.y_test}, config)["accuracy"]
-        )(data.x_robust)
-        final.update(robust_accuracy=robust.mean(), robust_accuracy_per_set=robust)
+        test = {"y": data.y_test, **({"rows": test_rows} if padded else {})}
+        robust = jax.vmap(lambda xr: eval_step(state, {"x": xr, **test}, config)["accuracy"])(data.x_robust)
+        if padded:  # padding sets score NaN and stay out of the mean
+            valid = jnp.arange(robust.shape[0]) < sizes.robust_sets
+            final.update(robust_accuracy=jnp.sum(jnp.where(valid, robust, 0.0)) / sizes.robust_sets,
+                         robust_accuracy_per_set=jnp.where(valid, robust, jnp.nan))
+        else:
+            final.update(robust_accuracy=robust.mean(), robust_accuracy_per_set=robust)
     return final, curves

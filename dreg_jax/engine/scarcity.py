@@ -13,21 +13,34 @@ import jax
 import jax.numpy as jnp
 
 
-def stratified_fraction_mask(key, labels: jax.Array, fraction, num_classes: int) -> jax.Array:
+def stratified_fraction_mask(key, labels: jax.Array, fraction, num_classes: int, rows=None) -> jax.Array:
     """Boolean ``(n,)`` mask keeping a stratified ``fraction`` of the examples.
 
     Args:
       key: PRNG key (the run's seed): same key, same mask.
       labels: ``(n,)`` integer labels in ``[0, num_classes)``.
       fraction: in (0, 1]; may be traced.
-      num_classes: number of classes (static).
+      num_classes: number of classes (static; at least the largest label + 1).
+      rows: only the first ``rows`` examples exist, the rest are padding (may be traced;
+        default all). The draws of the first ``rows`` examples do not depend on the padding
+        (threefry's counters are the flat indices), so the mask is the unpadded one.
 
     Returns:
-      ``(n,)`` bool mask; class ``c`` keeps ``max(1, round(fraction * n_c))`` examples.
+      ``(n,)`` bool mask; class ``c`` keeps ``max(1, round(fraction * n_c))`` examples;
+      padding rows are never kept.
     """
     labels = jnp.asarray(labels)
     n = labels.shape[0]
     u = jax.random.uniform(key, (n,))
+    if rows is not None:
+        valid = jnp.arange(n) < rows
+        order = jnp.lexsort((u, labels, ~valid))  # real rows first, by class, then by u
+        counts = jnp.sum((labels[:, None] == jnp.arange(num_classes)) & valid[:, None], axis=0)
+        starts = jnp.cumsum(counts) - counts
+        rank_sorted = jnp.arange(n) - starts[labels[order]]
+        rank = jnp.zeros(n, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+        keep = jnp.maximum(1, jnp.round(fraction * counts)).astype(jnp.int32)
+        return valid & (rank < keep[labels])
     order = jnp.lexsort((u, labels))  # sorted by class, then by u
     counts = jnp.bincount(labels, length=num_classes)
     starts = jnp.cumsum(counts) - counts
@@ -42,5 +55,5 @@ def symmetric_label_noise(key, labels: jax.Array, rate, num_classes: int) -> jax
     """Each label is, with probability ``rate``, replaced by a uniformly drawn *other* class."""
     k_flip, k_class = jax.random.split(key)
     flip = jax.random.uniform(k_flip, labels.shape) < rate
-    shift = jax.random.randint(k_class, labels.shape, 1, max(num_classes, 2))
+    shift = jax.random.randint(k_class, labels.shape, 1, jnp.maximum(num_classes, 2))  # may be traced
     return jnp.where(flip, (labels + shift) % num_classes, labels).astype(labels.dtype)

@@ -50,6 +50,11 @@ class MLP(nn.Module):
         False leaves the logits' scale free).
       chainzrule_per_feature / chainzrule_init / chainzrule_input_bound: ChainzRule options.
       dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+
+    A padded program (a shape bucket, :mod:`dreg_jax.engine.buckets`) passes the run's true
+    class count as ``variables["fold"]["num_classes"]`` (traced): the logits of the classes
+    beyond it are ``-inf`` (probability 0, no gradient), so the padded head computes the
+    unpadded softmax.
     """
 
     hidden: Sequence[int] = (64, 64, 64)
@@ -130,12 +135,19 @@ class MLP(nn.Module):
         h = self._check_input(x)
         for i in range(len(self.hidden)):
             h = self.hidden_layer(h, i, update_stats)
-        return self._affine(self.head, h, update_stats)
+        return self._class_mask(self._affine(self.head, h, update_stats))
+
+    def _class_mask(self, logits):
+        """``-inf`` logits for padded classes (``fold/num_classes``; none when absent)."""
+        if not self.has_variable("fold", "num_classes"):
+            return logits
+        count = jnp.asarray(self.get_variable("fold", "num_classes"), jnp.int32)
+        return jnp.where(jnp.arange(logits.shape[-1]) < count, logits, -jnp.inf)
 
     def forward_with_jacobian_terms(
         self, x, key=None, *, jacobian_scope: str = "activation", num_probes: int = 1,
         layer_estimator: str = "probe", update_stats: bool = False,
-        return_representation: bool = False, include_output: bool = False,
+        return_representation: bool = False, include_output: bool = False, row_weights=None,
     ):
         """Logits and the per-hidden-layer DREG terms from the same pass.
 
@@ -150,6 +162,9 @@ class MLP(nn.Module):
           return_representation: also return the last hidden layer's output.
           include_output: ``jacobian_scope="layer"`` only: append the output layer's term
             :math:`\\|W_{out}\\|_F^2` (exact: the head is linear, its Jacobian is its kernel).
+          row_weights: ``(batch,)`` weights summing to 1 for the mean over examples (default
+            uniform); a padded evaluation batch gives its padding rows weight 0. Activation
+            scope and the exact layer estimator only.
 
         Returns:
           ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)`` (``+ 1`` with
@@ -171,11 +186,15 @@ class MLP(nn.Module):
                 sq = jnp.square(slope.astype(jnp.float32))
                 if exact_layer:  # ||diag(s) W||_F^2 = sum_j s_j^2 ||W[:, j]||^2
                     sq = sq * jnp.sum(jnp.square(self._effective_kernel(i)), axis=0)
-                sq_norms.append(jnp.mean(jnp.sum(sq, axis=-1)))
+                per_row = jnp.sum(sq, axis=-1)
+                sq_norms.append(jnp.mean(per_row) if row_weights is None else jnp.sum(row_weights * per_row))
             sq_norms = jnp.stack(sq_norms)
         else:
             if key is None:
                 raise ValueError('jacobian_scope="layer" draws Rademacher probes: pass a PRNG key')
+            if row_weights is not None:
+                raise ValueError("row_weights applies to jacobian_scope='activation' and the exact layer "
+                                 "estimator; the probe estimator averages over the whole batch")
             if self.spectral_norm and update_stats:
                 # The power iteration mutates state, which jax.jvp cannot carry: refresh the
                 # stats in a plain pass first, then differentiate with the refreshed sigma.
@@ -185,7 +204,7 @@ class MLP(nn.Module):
             ]
             h, sq_norms = layer_jacobian_sq_norms(layer_fns, h, key, num_probes)
         probe_pass = jacobian_scope == "layer" and not exact_layer
-        logits = self._affine(self.head, h, False if probe_pass else update_stats)
+        logits = self._class_mask(self._affine(self.head, h, False if probe_pass else update_stats))
         if include_output:
             sq_norms = jnp.concatenate([sq_norms, jnp.sum(jnp.square(self._effective_kernel(self.head)))[None]])
         return (logits, sq_norms, h) if return_representation else (logits, sq_norms)

@@ -33,6 +33,9 @@ class TrainState(train_state.TrainState):
     # fold.regularizers; None otherwise
     activation_index: Any = None
     regularizer_index: Any = None
+    # padded programs only (a shape bucket, dreg_jax.engine.buckets): the run's true class
+    # count; the model's logits beyond it are -inf. None otherwise.
+    num_classes: Any = None
 
 
 def build_model(config: TrainConfig, num_classes: int):
@@ -117,8 +120,13 @@ def model_variables(state: TrainState, params):
     variables = {"params": params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
+    fold = {}
     if state.activation_index is not None:
-        variables["fold"] = {"activation_index": state.activation_index}
+        fold["activation_index"] = state.activation_index
+    if state.num_classes is not None:
+        fold["num_classes"] = state.num_classes
+    if fold:
+        variables["fold"] = fold
     return variables
 
 
@@ -247,15 +255,24 @@ def _custom_eval_terms(config, variables, x):
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def eval_step(state: TrainState, batch, config: TrainConfig):
-    """Loss, accuracy and the activation-scope per-layer Jacobian terms (a diagnostic)."""
+    """Loss, accuracy and the activation-scope per-layer Jacobian terms (a diagnostic).
+
+    ``batch["rows"]`` (optional, may be traced): only the first ``rows`` examples count, the
+    rest are padding (a shape bucket, :mod:`dreg_jax.engine.buckets`); built-in MLP only.
+    """
     variables = model_variables(state, state.params)
+    rows = batch.get("rows")
     if config.model.is_custom:
+        if rows is not None:
+            raise ValueError("padded evaluation batches (batch['rows']) need the built-in MLP")
         logits, sq_norms = _custom_eval_terms(config, variables, batch["x"])
     else:
+        weights = None if rows is None else (jnp.arange(batch["x"].shape[0]) < rows) / jnp.asarray(rows, jnp.float32)
         logits, sq_norms = state.apply_fn(variables, batch["x"], jacobian_scope="activation",
-                                          method=MLP.forward_with_jacobian_terms)
-    return {
-        "loss": jnp.mean(cross_entropy(logits, batch["y"])),
-        "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
-        "jacobian_sq_norms": sq_norms,
-    }
+                                          method=MLP.forward_with_jacobian_terms, row_weights=weights)
+    loss = cross_entropy(logits, batch["y"])
+    correct = jnp.argmax(logits, -1) == batch["y"]
+    if rows is None:
+        return {"loss": jnp.mean(loss), "accuracy": jnp.mean(correct), "jacobian_sq_norms": sq_norms}
+    return {"loss": jnp.sum(jnp.where(weights > 0, loss, 0.0) * weights),
+            "accuracy": jnp.sum(correct * weights), "jacobian_sq_norms": sq_norms}
