@@ -31,8 +31,10 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 
 def planned_programs(profile_name: str) -> tuple[int, int]:
-    """``(programs, runs)`` the study's planner gives for a profile (stage 1 round 0 + stage 2),
-    counted by the compile cache's key: program config, class count, data shapes."""
+    """``(programs, runs)`` the study's planner gives for a profile: the distinct compiled
+    programs (program config, class count, bucket or the data's own shapes: what
+    `dreg_jax.engine.grid.compile_grid` keys its cache on) over the runs of the tuning stage's
+    first round and the final stage (edge extensions add strengths, not programs)."""
     import dreg_study_v3 as study
     from dreg_jax.data import load_dataset
     from dreg_jax.engine.sweep import plan_programs
@@ -56,11 +58,14 @@ def planned_programs(profile_name: str) -> tuple[int, int]:
                         strength = study.CENTRES.get(kind) if kind in study.CENTRES else None
                         specs.append(study.spec(name, a, arm, study.FIXED_LEARNING_RATE, strength, seed, profile))
     keys = set()
-    for (dataset, featurizer, validation), config, _ in plan_programs(specs, study.engine_options(profile)):
-        ds = load_dataset(dataset, featurizer=featurizer, validation_fraction=validation)
-        shapes = tuple(None if a is None else tuple(a.shape)
-                       for a in (ds.x_train, ds.x_test, ds.x_val, *sorted(ds.robust.values(), key=lambda v: v.shape)))
-        keys.add((config, ds.num_classes, shapes))
+    for program in plan_programs(specs, study.engine_options(profile), plan_for=study.planning_specs(profile)):
+        if program.bucket is None:
+            ds = load_dataset(program.runs[0][0][0])
+            shapes = tuple(None if a is None else tuple(a.shape) for a in
+                           (ds.x_train, ds.x_test, ds.x_val, *sorted(ds.robust.values(), key=lambda v: v.shape)))
+        else:
+            shapes = tuple(program.bucket)
+        keys.add((program.config, program.num_classes, shapes))
     return len(keys), len(specs)
 
 

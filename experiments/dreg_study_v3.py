@@ -30,6 +30,7 @@ from _common import (compile_summary, experiment_args, fast_compile_flags, last_
 fast_compile_flags()
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import pathlib  # noqa: E402
 import time  # noqa: E402
@@ -166,9 +167,29 @@ def has_strength(arm: str, activation: str) -> bool:
     return kind in CENTRES and not (kind == "dreg" and scope == "activation" and activation == "relu")
 
 
+@functools.lru_cache(maxsize=4)
+def planning_specs(profile: Profile) -> tuple:
+    """One run of every structure the study will ask for, on every data draw (tuning round 0
+    and the final stage, at placeholder numbers: numbers are traced, edge extensions add
+    strengths, not programs). Every ``run_sweep`` call plans its programs for all of them
+    (``plan_for``), so each round and stage reuses the same compiled programs."""
+    specs = []
+    for d in profile.datasets:
+        for f in profile.fractions:
+            names = [draw_dataset(d, f, TUNING_DRAW, profile, tuning=True)]
+            names += [draw_dataset(d, f, seed, profile, tuning=False) for seed in range(profile.final_seeds)]
+            for name in names:
+                for a in profile.activations:
+                    for arm, (kind, _) in {**ARMS, **FIXED_ARMS}.items():
+                        strength = CENTRES.get(kind)
+                        specs.append(spec(name, a, arm, FIXED_LEARNING_RATE, strength, TUNING_SEED_BASE, profile))
+    return tuple(specs)
+
+
 def engine_options(profile: Profile) -> EngineOptions:
-    """Best-epoch restore for every run; one program per (data shape, regularizer kind) holding
-    every activation, the same in every tuning round and in the final stage (compiled once)."""
+    """Best-epoch restore for every run; one program per (shape bucket, regularizer kind)
+    holding every activation, the same in every tuning round and in the final stage (compiled
+    once: :func:`planning_specs`)."""
     return EngineOptions(per_epoch_diagnostics=False, restore_best_epoch=True, fold="activations",
                          fold_activations=tuple(profile.activations))
 
@@ -192,7 +213,8 @@ def tuning_stage(profile: Profile, out: pathlib.Path, progress: bool, shapes) ->
                         specs.append(spec(data[(d, f)], a, arm, lr, s, seed, profile))
                         keys.append((c, s, lr))
         print(f"tuning {', '.join(f'{d} {f:g}' for d, f in shapes)}, round {round_}: {len(specs)} runs", flush=True)
-        records = run_sweep(specs, out / "tuning.jsonl", progress=progress, report=False, options=engine_options(profile))
+        records = run_sweep(specs, out / "tuning.jsonl", progress=progress, report=False, options=engine_options(profile),
+                            plan_for=planning_specs(profile))
         accuracy = {c: {} for c in cells}
         for (c, s, lr), r in zip(keys, records):
             value = r["metrics"].get("validation_accuracy") if r["status"] == "ok" else None
@@ -238,7 +260,8 @@ def final_stage(profile: Profile, picks: dict, out: pathlib.Path, progress: bool
                     labels.append({"dataset": d, "fraction": f, "activation": a, "arm": arm, "seed": seed})
     print(f"final {', '.join(f'{d} {f:g}' for d, f in shapes)}: {len(specs)} runs on {profile.final_seeds} fresh seeds",
           flush=True)
-    records = run_sweep(specs, out / "results.jsonl", progress=progress, report=False, options=engine_options(profile))
+    records = run_sweep(specs, out / "results.jsonl", progress=progress, report=False, options=engine_options(profile),
+                        plan_for=planning_specs(profile))
     return [{**r, "study": label} for r, label in zip(records, labels)]
 
 

@@ -140,10 +140,11 @@ def pad_engine_data(data, num_classes: int, bucket: Bucket):
       The padded data; train it with ``num_classes=bucket.classes``.
     """
     own = exact_bucket(data, num_classes)
+    if (bucket.val_rows > 0) != (own.val_rows > 0) or (bucket.robust_sets > 0) != (own.robust_sets > 0):
+        raise ValueError(f"bucket {tuple(bucket)} and data {tuple(own)}: a bucket with a validation split or "
+                         "robust sets needs data with them, and data with them a bucket with them")
     if not bucket.covers(own):
         raise ValueError(f"bucket {tuple(bucket)} is smaller than the data's shapes {tuple(own)}")
-    if (bucket.val_rows > 0) != (own.val_rows > 0) or (bucket.robust_sets > 0) != (own.robust_sets > 0):
-        raise ValueError("a bucket with a validation split or robust sets needs data with them, and back")
     from dreg_jax.engine.run import EngineData  # the run module reads this one
 
     b, d = bucket, bucket.features

@@ -48,11 +48,14 @@ from typing import Mapping
 
 import jax
 
+from dreg_jax.engine.buckets import Bucket
 from dreg_jax.training.config import Fold, TrainConfig
 from dreg_jax.training.regularizers import get_regularizer
 from dreg_jax.training.train import build_model, loss_branches
 
 FOLD_MODES = ("auto", "none", "all", "activations")
+#: EngineOptions.shape_buckets: which datasets share a padded program (see plan_buckets)
+BUCKET_MODES = ("auto", "none", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,3 +198,102 @@ def fold_config(config: TrainConfig, fold: Fold) -> TrainConfig:
                 fold.regularizers if len(fold.regularizers) > 1 else ())
     return dataclasses.replace(config, model=model, regularizer=regularizer,
                                fold=keep if (keep.activations or keep.regularizers) else None)
+
+
+def _forward_macs(config: TrainConfig, bucket: Bucket) -> int:
+    widths = [bucket.features, *config.model.hidden, bucket.classes]
+    return sum(a * b for a, b in zip(widths, widths[1:]))
+
+
+def padded_run_seconds(config: TrainConfig, bucket: Bucket, steps: int, epochs: int, eval_rows: int = 0,
+                       costs: BackendCosts | None = None) -> float:
+    r"""Runs' compute at ``bucket``'s shapes, by the cost model: ``steps`` optimizer steps at
+    :math:`\max(t_\text{step}, r \cdot 2 B \cdot \text{MACs})`, and per epoch an evaluation at
+    :math:`\max(t_\text{step}, r \cdot 2\,\text{rows} \cdot \text{MACs})` (``eval_rows``: the
+    true test and validation rows summed over the epochs), with MACs the built-in MLP's
+    multiply-adds per example at the padded features and classes, :math:`r` the per-FLOP rate
+    and :math:`B` the batch size. The steps and the evaluated rows are the runs' own (padding
+    rows never enter a batch, and a padded split is scored in chunks up to its true rows,
+    :func:`dreg_jax.engine.run.evaluate_rows`): what padding costs is its features and classes."""
+    costs = costs or backend_costs()
+    macs = _forward_macs(config, bucket)
+    step = max(costs.step_seconds, costs.seconds_per_flop * 2 * config.batch_size * macs)
+    return steps * step + max(epochs * costs.step_seconds, costs.seconds_per_flop * 2 * eval_rows * macs)
+
+
+def plan_buckets(config: TrainConfig, shapes: Mapping, work: Mapping, rules: tuple[bool, bool, bool],
+                 mode: str = "auto", backend: str | None = None) -> list[tuple[Bucket | None, tuple]]:
+    r"""Which datasets of one program config share a padded program.
+
+    Args:
+      config: the program config (its model's widths and batch size enter the cost).
+      shapes: ``source -> Bucket`` of the dataset's own shapes.
+      work: ``source -> (optimizer steps, epochs, evaluated rows)`` summed over its runs
+        (:func:`padded_run_seconds`).
+      rules: ``(rows, features, classes)`` the config may pad
+        (:func:`dreg_jax.engine.buckets.padding_rules`); datasets that differ on an axis that
+        may not be padded never share.
+      mode: ``"auto"`` (the cost model), ``"none"`` (every dataset at its own shapes),
+        ``"all"`` (every dataset that may share, in one bucket).
+
+    Returns:
+      ``[(bucket, sources)]``: ``bucket`` the join of the sources' shapes, None for a lone
+      dataset at its own shapes (no padding).
+
+    ``"auto"`` merges greedily, the pair with the largest saving first, while a merge saves
+    time: the compile time of one program against the compute the padding adds,
+
+    .. math:: t_\text{compile} > \sum_{s \in A \cup B} \big[T_s(A \vee B) - T_s(\text{own group})\big],
+
+    with :math:`T_s(b)` the runs of dataset ``s`` at bucket ``b`` (:func:`padded_run_seconds`).
+    """
+    if mode not in BUCKET_MODES:
+        raise ValueError(f"shape_buckets must be one of {', '.join(BUCKET_MODES)}, got {mode!r}")
+    costs = backend_costs(backend)
+    rows, features, classes = rules
+    sources = list(shapes)
+
+    def fixed(source):  # the axes that may not be padded: only equal ones share
+        b = shapes[source]
+        return (None if features else b.features, None if classes else b.classes,
+                None if rows else tuple(b[:3]) + (b.robust_sets,), b.val_rows > 0, b.robust_sets > 0)
+
+    if mode == "none" or not rows:
+        return [(None, (s,)) for s in sources]
+    families = {}
+    for s in sources:
+        families.setdefault(fixed(s), []).append(s)
+    out = []
+    for members in families.values():
+        # start from the datasets of equal shapes (the data draws of one set), then merge
+        same = {}
+        for s in members:
+            same.setdefault(shapes[s], []).append(s)
+        groups = [[bucket, tuple(group), *(sum(work[s][i] for s in group) for i in range(3))]
+                  for bucket, group in same.items()]
+        if mode == "all":
+            bucket = groups[0][0]
+            for g in groups[1:]:
+                bucket = bucket.join(g[0])
+            groups = [[bucket, tuple(members), 0, 0, 0]]
+        else:  # the run time is linear in the steps and epochs: a group's sums stand for its runs
+            def seconds(g):
+                return padded_run_seconds(config, g[0], g[2], g[3], g[4], costs)
+
+            while len(groups) > 1:
+                best, best_gain = None, 0.0
+                for a, b in itertools.combinations(range(len(groups)), 2):
+                    ga, gb = groups[a], groups[b]
+                    merged = [ga[0].join(gb[0]), ga[1] + gb[1], ga[2] + gb[2], ga[3] + gb[3], ga[4] + gb[4]]
+                    gain = costs.compile_seconds - (seconds(merged) - seconds(ga) - seconds(gb))
+                    if gain > best_gain:
+                        best, best_gain = (a, b, merged), gain
+                if best is None:
+                    break
+                a, b, merged = best
+                groups = [g for i, g in enumerate(groups) if i not in (a, b)] + [merged]
+        for bucket, group, *_ in groups:
+            group = tuple(sorted(group, key=sources.index))
+            alone = all(shapes[s] == bucket for s in group)  # nothing to pad
+            out.append((None if alone else bucket, group))
+    return out

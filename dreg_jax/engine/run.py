@@ -175,6 +175,11 @@ class EngineOptions:
     fold: str = "auto"
     # fold="activations": the activations every program holds (see dreg_jax.engine.grouping)
     fold_activations: tuple = ()
+    # Which datasets of a sweep share a program, padded to one shape bucket
+    # (dreg_jax.engine.buckets): "auto" (cost model per backend), "none" (every dataset at its
+    # own shapes), "all" (every dataset that may be padded, in one bucket). Bits differ from an
+    # unpadded run by float rounding only; see dreg_jax.engine.grouping.plan_buckets.
+    shape_buckets: str = "auto"
     # Also return each run's trained variables (final["variables"]: {"params", "batch_stats"},
     # a leading run axis), e.g. to keep the model (dreg_jax.saved_model). Off by default: a
     # sweep records metrics only, and the parameters of a wide grid can be large.
@@ -209,10 +214,46 @@ def _masked_mean(values, count):
     return jnp.sum(jnp.where(jnp.arange(values.shape[0]) < count, values, 0.0)) / count
 
 
+#: Rows per evaluation chunk of a padded program: a padded split is scored chunk by chunk up
+#: to its true row count (a while_loop with a traced count), so the padding rows cost at most
+#: one chunk, not a pass over the bucket.
+EVAL_CHUNK = 64
+
+
+def evaluate_rows(state, x, y, rows, config):
+    """:func:`eval_step` over the first ``rows`` (traced) of ``x``, in chunks of
+    :data:`EVAL_CHUNK`: the metrics are the unpadded batch's means (weighted sums of the
+    chunks; the last chunk is clamped into the array and weights only its new rows)."""
+    total = x.shape[0]
+    chunk = min(EVAL_CHUNK, total)
+    scale = 1.0 / jnp.asarray(rows, jnp.float32)
+    shapes = jax.eval_shape(lambda: eval_step(state, {"x": x[:chunk], "y": y[:chunk]}, config))
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(loop):
+        sums, i = loop
+        first = i * chunk
+        start = jnp.minimum(first, total - chunk)
+        index = start + jnp.arange(chunk)
+        weights = jnp.where((index >= first) & (index < rows), scale, 0.0)
+        part = eval_step(state, {"x": jax.lax.dynamic_slice_in_dim(x, start, chunk),
+                                 "y": jax.lax.dynamic_slice_in_dim(y, start, chunk), "weights": weights}, config)
+        return jax.tree_util.tree_map(jnp.add, sums, part), i + 1
+
+    chunks = (rows + chunk - 1) // chunk
+    sums, _ = jax.lax.while_loop(lambda loop: loop[1] < chunks, body, (zeros, jnp.array(0, jnp.int32)))
+    return sums
+
+
+def _score(state, x, y, rows, config, padded):
+    """eval_step on a split: whole when unpadded, chunked up to its true rows when padded."""
+    if padded:
+        return evaluate_rows(state, x, y, rows, config)
+    return eval_step(state, {"x": x, "y": y}, config)
+
+
 def _evaluate(state, data: EngineData, config, options, with_tau: bool, test_rows):
-    padded = data.sizes is not None
-    batch = {"x": data.x_test, "y": data.y_test, **({"rows": test_rows} if padded else {})}
-    ev = eval_step(state, batch, config)
+    ev = _score(state, data.x_test, data.y_test, test_rows, config, data.sizes is not None)
     out = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "jacobian_sq_norms": ev["jacobian_sq_norms"]}
     if with_tau:
@@ -337,8 +378,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     if patience is not None and (not restore or patience < 1):
         raise ValueError(f"EngineOptions.patience={patience} stops on validation accuracy: it needs "
                          "restore_best_epoch=True and a patience of at least 1 epoch")
-    val_batch = ({"x": data.x_val, "y": data.y_val, **({"rows": sizes.val_rows} if padded else {})}
-                 if has_val else None)
+    def score_validation(state):
+        return _score(state, data.x_val, data.y_val, sizes.val_rows if padded else None, config, padded)
 
     def one_epoch(carry, k_epoch):
         carry, best = carry
@@ -354,7 +395,7 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                   **{k: _masked_mean(v, steps) for k, v in schedule.items()}}
         curves.update(_evaluate(carry[0], data, config, options, options.per_epoch_diagnostics, test_rows))
         if restore:
-            val = eval_step(carry[0], val_batch, config)
+            val = score_validation(carry[0])
             curves.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
             params, batch_stats, best_val, best_epoch, epoch = best
             better = val["accuracy"] > best_val
@@ -395,15 +436,15 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                  # the validation split actually scored (a user dataset carries its own split)
                  validation_rows=jnp.asarray(n_val, jnp.int32))
     if has_val:
-        val = eval_step(state, val_batch, config)
+        val = score_validation(state)
         final.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
     if options.return_variables:
         if padded:
             raise ValueError("return_variables keeps the model at the data's own shapes: do not pad its data")
         final["variables"] = {"params": state.params, "batch_stats": state.batch_stats}
     if data.x_robust is not None and data.x_robust.shape[0] > 0:
-        test = {"y": data.y_test, **({"rows": test_rows} if padded else {})}
-        robust = jax.vmap(lambda xr: eval_step(state, {"x": xr, **test}, config)["accuracy"])(data.x_robust)
+        robust = jax.vmap(lambda xr: _score(state, xr, data.y_test, test_rows, config, padded)["accuracy"])(
+            data.x_robust)
         if padded:  # padding sets score NaN and stay out of the mean
             valid = jnp.arange(robust.shape[0]) < sizes.robust_sets
             final.update(robust_accuracy=jnp.sum(jnp.where(valid, robust, 0.0)) / sizes.robust_sets,

@@ -104,11 +104,13 @@ class RunSpec:
         return (self.dataset, self.featurizer, self.validation_fraction), blank
 
     def hparams(self, program: TrainConfig | None = None) -> RunHParams:
-        """The run's traced values; ``program`` (a folded config) sets its fold indices."""
+        """The run's traced values; ``program`` (a folded config) sets its fold indices. The
+        run's epochs are traced too (a program's ``epochs`` is the cap of its longest run)."""
         program = program or self.config
         return RunHParams(seed=self.seed, learning_rate=self.config.optimizer.learning_rate,
                           strength=self.config.regularizer.resolved_strength(),
                           data_fraction=self.data_fraction, label_noise=self.label_noise,
                           input_noise=self.input_noise,
                           activation_index=program.activations.index(self.config.model.activation),
-                          regularizer_index=program.regularizers.index(self.config.regularizer.kind))
+                          regularizer_index=program.regularizers.index(self.config.regularizer.kind),
+                          epochs=self.config.epochs)

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import math
 import os
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,8 @@ from tqdm.auto import tqdm
 from dreg_jax._checks import check_choice
 from dreg_jax.data.registry import load_dataset
 from dreg_jax.engine.grid import PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, place, run_blocks
-from dreg_jax.engine.grouping import FOLD_MODES, fold_config, forward_flops, plan_folds
+from dreg_jax.engine.buckets import Bucket, pad_engine_data, padding_rules
+from dreg_jax.engine.grouping import BUCKET_MODES, FOLD_MODES, fold_config, forward_flops, plan_buckets, plan_folds
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
 from dreg_jax.engine.specs import RESULTS_VERSION, RunSpec  # noqa: F401 (re-exported)
 from dreg_jax.engine.store import (  # noqa: F401 (re-exported)
@@ -46,9 +48,7 @@ from dreg_jax.engine.store import (  # noqa: F401 (re-exported)
 )
 from dreg_jax.engine.sweep_config import SweepConfig  # noqa: F401 (re-exported)
 from dreg_jax.training.regularizers import KIND_CURVES, get_regularizer
-from dreg_jax.training.config import (
-    Fold,
-)
+from dreg_jax.training.config import Fold, TrainConfig
 
 def engine_data(name: str, featurizer: str = "hashed", validation_fraction: float = 0.0) -> tuple[EngineData, int]:
     ds = load_dataset(name, featurizer=featurizer, validation_fraction=validation_fraction)
@@ -88,19 +88,20 @@ def _records(chunk, final, curves, seconds, robust_names):
     out = []
     for i, spec in enumerate(chunk):
         metrics = {k: _to_json(v[i]) for k, v in final.items()}
-        if "robust_accuracy_per_set" in metrics:
+        if "robust_accuracy_per_set" in metrics:  # a padded program's padding sets are left out
             metrics["robust_accuracy_per_set"] = dict(zip(robust_names, metrics["robust_accuracy_per_set"]))
         fail_step, diverge_step = int(metrics.pop("fail_step")), int(metrics.pop("diverge_step"))
         out.append({
             "run_id": spec.run_id,
             "spec": spec.to_dict(),
             "hparams": {k: _to_json(v) for k, v in spec.hparams()._asdict().items()
-                        if k not in ("activation_index", "regularizer_index")},
+                        if k not in ("activation_index", "regularizer_index", "epochs")},
             "status": _status(fail_step, diverge_step),
             "fail_step": fail_step if fail_step >= 0 else None,
             "diverge_step": diverge_step if diverge_step >= 0 else None,
             "metrics": metrics,
-            "curves": {k: _to_json(v[i]) for k, v in curves.items()
+            # the program's curves run to its epoch cap: the run's own epochs are the first ones
+            "curves": {k: _to_json(v[i][:spec.config.epochs]) for k, v in curves.items()
                        if k not in KIND_CURVES or k in get_regularizer(spec.config.regularizer.kind).curves},
             "seconds": seconds / len(chunk),
             "finished_at": utc_now(),
@@ -115,36 +116,105 @@ def compile_workers() -> int:
     return max(1, cores - 1) if jax.default_backend() == "cpu" else max(1, cores)
 
 
-def plan_programs(specs: Sequence[RunSpec], options: EngineOptions = EngineOptions(), backend: str | None = None):
-    """``[(source, program_config, [spec, ...])]``: the compiled programs of a sweep and their runs.
+class Program(NamedTuple):
+    """One compiled program of a sweep and the runs it trains, per dataset.
 
-    Runs of one structure (:meth:`RunSpec.structure`) are split into programs by the grouping
-    cost model (:func:`dreg_jax.engine.grouping.plan_folds`, ``options.fold``); a program's runs
-    keep the sweep's order. ``backend`` (default: JAX's) selects the cost model's constants.
+    ``config`` is the program config (folded choices, ``epochs`` the largest run's: the static
+    cap, each run trains its own ``RunHParams.epochs``); ``bucket`` the padded shapes its
+    datasets share (:mod:`dreg_jax.engine.buckets`), None for one dataset at its own shapes;
+    ``runs`` ``((source, [spec, ...]), ...)`` in the sweep's order."""
+
+    config: TrainConfig
+    num_classes: int
+    bucket: Bucket | None
+    runs: tuple
+
+    @property
+    def specs(self) -> list:
+        return [s for _, runs in self.runs for s in runs]
+
+
+def _program_structure(spec: RunSpec) -> TrainConfig:
+    """What runs of one program share: the structure without the dataset and the epochs."""
+    return dataclasses.replace(spec.structure()[1], epochs=1)
+
+
+def plan_programs(specs: Sequence[RunSpec], options: EngineOptions = EngineOptions(), backend: str | None = None,
+                  plan_for: Sequence[RunSpec] = ()) -> list[Program]:
+    """The compiled programs of a sweep and their runs (:class:`Program`).
+
+    Runs of one structure (:meth:`RunSpec.structure` without dataset and epochs) are split into
+    programs by the grouping cost model (:func:`dreg_jax.engine.grouping.plan_folds`,
+    ``options.fold``), and each program's datasets into shape buckets
+    (:func:`dreg_jax.engine.grouping.plan_buckets`, ``options.shape_buckets``); runs of
+    different lengths share a program (the longest sets its cap). ``backend`` (default: JAX's)
+    selects the cost model's constants. ``plan_for``: more runs to plan the programs for (a
+    study that adds runs in rounds passes them all, so every round gets the same programs);
+    only the programs of ``specs`` are returned.
     """
+    check_choice("shape_buckets", options.shape_buckets, BUCKET_MODES)
+    wanted = {s.run_id for s in specs}
+    universe = list({s.run_id: s for s in [*specs, *plan_for]}.values())
     groups = collections.defaultdict(list)
-    for s in specs:
-        groups[s.structure()].append(s)
+    for s in universe:
+        groups[_program_structure(s)].append(s)
+    datasets = {}
+
+    def dataset(source):
+        if source not in datasets:
+            datasets[source] = load_dataset(source[0], featurizer=source[1], validation_fraction=source[2])
+        return datasets[source]
+
+    def steps_of(spec):
+        ds = dataset(spec.structure()[0])
+        return spec.config.epochs * math.ceil(len(ds.x_train) / spec.config.batch_size)
+
     programs = []
-    for (source, config), members in groups.items():
+    for config, members in groups.items():
         counts = collections.Counter((s.config.model.activation, s.config.regularizer.kind) for s in members)
-        ds = load_dataset(source[0], featurizer=source[1], validation_fraction=source[2])
-        steps = config.epochs * math.ceil(len(ds.x_train) / config.batch_size)
+        steps = round(sum(steps_of(s) for s in members) / len(members))
         flops = None
+        first = members[0]
         if options.fold == "auto":
-            first = members[0].config
-            flops = forward_flops(fold_config(config, Fold((first.model.activation,), (first.regularizer.kind,))),
+            ds = dataset(first.structure()[0])
+            flops = forward_flops(fold_config(first.config, Fold((first.config.model.activation,),
+                                                                 (first.config.regularizer.kind,))),
                                   ds.x_train.shape[1], ds.num_classes)
         for fold in plan_folds(config, counts, steps, options.fold, backend, flops, options.fold_activations):
             runs = [s for s in members if s.config.model.activation in fold.activations
                     and s.config.regularizer.kind in fold.regularizers]
-            programs.append((source, fold_config(config, fold), runs))
+            program_config = fold_config(dataclasses.replace(config, epochs=max(s.config.epochs for s in runs)), fold)
+            by_source = collections.defaultdict(list)
+            for s in runs:
+                by_source[s.structure()[0]].append(s)
+            shapes = {src: _shape_of(dataset(src)) for src in by_source}
+            work = {src: (sum(steps_of(s) for s in rs), sum(s.config.epochs for s in rs),
+                          sum(s.config.epochs for s in rs) * (shapes[src].test_rows + shapes[src].val_rows))
+                    for src, rs in by_source.items()}
+            rules = padding_rules(program_config, options.return_variables)
+            for bucket, sources in plan_buckets(program_config, shapes, work, rules, options.shape_buckets, backend):
+                pending = tuple((src, [s for s in by_source[src] if s.run_id in wanted]) for src in sources)
+                pending = tuple((src, rs) for src, rs in pending if rs)
+                if pending:
+                    classes = bucket.classes if bucket is not None else dataset(sources[0]).num_classes
+                    programs.append(Program(program_config, classes, bucket, pending))
     return programs
+
+
+def _shape_of(ds) -> Bucket:
+    n_val = 0 if ds.x_val is None else len(ds.x_val)
+    return Bucket(len(ds.x_train), len(ds.x_test), n_val, ds.x_train.shape[1], ds.num_classes, len(ds.robust))
+
+
+def program_data(program: Program, source) -> EngineData:
+    """The engine's arrays of one of the program's datasets, padded to its bucket."""
+    data, num_classes = engine_data(*source)
+    return data if program.bucket is None else pad_engine_data(data, num_classes, program.bucket)
 
 
 def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
               options: EngineOptions = EngineOptions(), mesh=None, progress: bool = True,
-              stats: CompileStats | None = None, report: bool = True) -> list[dict]:
+              stats: CompileStats | None = None, report: bool = True, plan_for: Sequence[RunSpec] = ()) -> list[dict]:
     """Runs every spec not yet in ``results_path``; returns the records of all ``specs``.
 
     ``chunk_size`` is the number of runs trained and written per results append (rounded to
@@ -154,6 +224,9 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
     (:func:`dreg_jax.engine.enable_compilation_cache`). Ends by printing
     ``compiled programs: N, compile seconds: S, run seconds: R`` (``report=False``: not
     printed; the figures are added to ``stats`` and to ``grid.PROCESS_STATS`` either way).
+    ``plan_for``: runs to plan the compiled programs for besides the pending ones
+    (:func:`plan_programs`): a study that calls this in rounds passes every run it will ask
+    for, so the rounds share their programs.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -173,43 +246,46 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
     with results.writer_lock():
         done = results.load(repair=True)
         pending = [s for s in unique if s.run_id not in done]
-        programs = plan_programs(pending, options)
+        programs = plan_programs(pending, options, plan_for=plan_for)
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",
                    unit="run", disable=not progress)
 
-        def prepared(item):
-            source, config, runs = item
-            data, num_classes = engine_data(*source)
-            hparams = [s.hparams(config) for s in runs]
-            blocks = [place(b, data, mesh) for b in run_blocks(RunHParams.stack(hparams), width)]
-            return blocks, compile_grid(config, num_classes, options, *blocks[0], stats=stats)
+        def prepared(program):
+            blocks = []
+            for source, runs in program.runs:
+                data = program_data(program, source)
+                hparams = RunHParams.stack([s.hparams(program.config) for s in runs])
+                blocks.append([place(b, data, mesh) for b in run_blocks(hparams, width)])
+            return blocks, compile_grid(program.config, program.num_classes, options, *blocks[0][0], stats=stats)
 
         workers = compile_workers()
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(prepared, item) for item in programs[:workers]]
-            for i, (source, config, runs) in enumerate(programs):
-                dataset, featurizer, _ = source
-                bar.set_postfix_str(f"{dataset} {'+'.join(config.activations)} {'+'.join(config.regularizers)}")
-                blocks, program = futures[i].result()
+            for i, program in enumerate(programs):
+                config = program.config
+                blocks_per_source, compiled = futures[i].result()
                 if i + workers < len(programs):
                     futures.append(pool.submit(prepared, programs[i + workers]))
                 futures[i] = None  # let finished programs' inputs be freed
-                robust_names = list(load_dataset(dataset, featurizer=featurizer).robust)
                 per_chunk = max(1, chunk_size // width)  # blocks per results append
-                for first in range(0, len(blocks), per_chunk):
-                    chunk = runs[first * width:(first + per_chunk) * width]
-                    t0 = time.perf_counter()
-                    outputs = [jax.tree_util.tree_map(np.asarray, program(hp, data))
-                               for hp, data in blocks[first:first + per_chunk]]
-                    seconds = time.perf_counter() - t0
-                    stats.run_seconds += seconds
-                    if stats is not PROCESS_STATS:
-                        PROCESS_STATS.run_seconds += seconds
-                    final, curves = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:len(chunk)], *outputs)
-                    records = _records(chunk, final, curves, seconds, robust_names)
-                    results.append(records)
-                    done.update((r["run_id"], r) for r in records)
-                    bar.update(len(chunk))
+                for (source, runs), blocks in zip(program.runs, blocks_per_source):
+                    dataset, featurizer, _ = source
+                    bar.set_postfix_str(f"{dataset} {'+'.join(config.activations)} {'+'.join(config.regularizers)}")
+                    robust_names = list(load_dataset(dataset, featurizer=featurizer).robust)
+                    for first in range(0, len(blocks), per_chunk):
+                        chunk = runs[first * width:(first + per_chunk) * width]
+                        t0 = time.perf_counter()
+                        outputs = [jax.tree_util.tree_map(np.asarray, compiled(hp, data))
+                                   for hp, data in blocks[first:first + per_chunk]]
+                        seconds = time.perf_counter() - t0
+                        stats.run_seconds += seconds
+                        if stats is not PROCESS_STATS:
+                            PROCESS_STATS.run_seconds += seconds
+                        final, curves = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:len(chunk)], *outputs)
+                        records = _records(chunk, final, curves, seconds, robust_names)
+                        results.append(records)
+                        done.update((r["run_id"], r) for r in records)
+                        bar.update(len(chunk))
         bar.close()
     if report:
         print(stats.line(), flush=True)

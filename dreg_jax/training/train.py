@@ -258,21 +258,25 @@ def eval_step(state: TrainState, batch, config: TrainConfig):
     """Loss, accuracy and the activation-scope per-layer Jacobian terms (a diagnostic).
 
     ``batch["rows"]`` (optional, may be traced): only the first ``rows`` examples count, the
-    rest are padding (a shape bucket, :mod:`dreg_jax.engine.buckets`); built-in MLP only.
+    rest are padding (a shape bucket, :mod:`dreg_jax.engine.buckets`). ``batch["weights"]``
+    (optional): per-example weights instead of the mean (the metrics are weighted sums; a
+    chunk of a larger batch gives its share). Built-in MLP only, for either.
     """
     variables = model_variables(state, state.params)
-    rows = batch.get("rows")
+    weights = batch.get("weights")
+    if batch.get("rows") is not None:
+        weights = (jnp.arange(batch["x"].shape[0]) < batch["rows"]) / jnp.asarray(batch["rows"], jnp.float32)
     if config.model.is_custom:
-        if rows is not None:
-            raise ValueError("padded evaluation batches (batch['rows']) need the built-in MLP")
+        if weights is not None:
+            raise ValueError("padded or weighted evaluation batches (batch['rows'], batch['weights']) need "
+                             "the built-in MLP")
         logits, sq_norms = _custom_eval_terms(config, variables, batch["x"])
     else:
-        weights = None if rows is None else (jnp.arange(batch["x"].shape[0]) < rows) / jnp.asarray(rows, jnp.float32)
         logits, sq_norms = state.apply_fn(variables, batch["x"], jacobian_scope="activation",
                                           method=MLP.forward_with_jacobian_terms, row_weights=weights)
     loss = cross_entropy(logits, batch["y"])
     correct = jnp.argmax(logits, -1) == batch["y"]
-    if rows is None:
+    if weights is None:
         return {"loss": jnp.mean(loss), "accuracy": jnp.mean(correct), "jacobian_sq_norms": sq_norms}
     return {"loss": jnp.sum(jnp.where(weights > 0, loss, 0.0) * weights),
             "accuracy": jnp.sum(correct * weights), "jacobian_sq_norms": sq_norms}
