@@ -273,7 +273,15 @@ def _tune(args, sweep, kinds) -> int:
         directory = args.save_model / r.regularizer
         r.model.save(directory)
         print(f"saved the {r.regularizer} model at its pick to {directory}")
+    print(_compile_line())
     return 0
+
+
+def _compile_line() -> str:
+    """What this command compiled and ran (``compiled programs: N, compile seconds: S, run seconds: R``)."""
+    from dreg_jax.engine.grid import PROCESS_STATS
+
+    return PROCESS_STATS.line()
 
 
 def _early_stopping(args, **options):
@@ -367,6 +375,7 @@ def _train(args) -> int:
                         num_classes, data, spec.dataset,
                         {"seed": spec.seed, "learning_rate": spec.config.optimizer.learning_rate,
                          **{k: metrics[k] for k in ("validation_accuracy", "test_accuracy") if k in metrics}})
+    print(_compile_line())
     return 0 if status == "ok" else 1
 
 

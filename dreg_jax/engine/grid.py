@@ -10,6 +10,10 @@ width for every call makes a run's floating-point bits independent of how many r
 call, of the chunking and of the point a sweep was resumed from (a different vmap width can
 change the last bits: XLA vectorizes differently).
 
+Padded data (:mod:`dreg_jax.engine.buckets`) and runs of different lengths
+(``RunHParams.epochs`` under the config's cap) share a program: the cache key is the config,
+the class count and the arrays' shapes, never the data's values or a run's length.
+
 Multi-host: call ``jax.distributed.initialize()`` at the start of every host's process (same
 command on each host; on TPU pods and SLURM/Open MPI clusters it needs no arguments, elsewhere
 pass ``coordinator_address``, ``num_processes`` and ``process_id``), then build the mesh from
@@ -207,5 +211,8 @@ def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_c
     for block in run_blocks(hparams, width):
         block, placed = place(block, data, mesh)
         program = compile_grid(config, num_classes, options, block, placed)
+        t0 = time.perf_counter()
         outputs.append(jax.tree_util.tree_map(np.asarray, program(block, placed)))
+        with _LOCK:
+            PROCESS_STATS.run_seconds += time.perf_counter() - t0
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_runs], *outputs)

@@ -1,4 +1,9 @@
-r"""One training run, end to end, as a pure function: ``lax.scan`` over epochs and steps.
+r"""One training run, end to end, as a pure function: loops over epochs and steps.
+
+The epoch loop is a ``while_loop`` with the static cap ``TrainConfig.epochs`` and the run's own
+count ``RunHParams.epochs`` (traced); the step loop is a ``lax.scan``, or a ``while_loop`` with a
+traced count on padded data (:mod:`dreg_jax.engine.buckets`), so runs of different lengths and
+datasets of different shapes share one program.
 
 ``train_run(hparams, data, config, num_classes, options)`` depends on the run only through
 ``hparams`` (seed, learning rate, strength, data fraction, label noise, input noise), all
