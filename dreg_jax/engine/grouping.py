@@ -33,9 +33,10 @@ Greedy: the pair with the largest saving is merged first, until no merge saves t
 
 ``EngineOptions.fold`` overrides the model: ``"none"`` (one program per activation and
 regularizer, the engine's layout before folding), ``"all"`` (everything foldable),
-``"activations"`` (one program per regularizer kind holding a fixed set of activations,
+``"activations"`` (one program per regularizer family holding a fixed set of activations,
 ``EngineOptions.fold_activations``, whatever runs are pending: a study that adds runs in rounds
-reuses the same compiled programs in every round).
+reuses the same compiled programs in every round; a family is the kinds that share a loss
+branch, i.e. no regularizer, weight decay and DREG from the model's pass, or one other kind).
 
 Results do not depend on the grouping: a run's selected branch is bit for bit the code it
 runs unfolded (tested: ``tests/test_grouping.py``).
@@ -66,14 +67,20 @@ class BackendCosts:
     step_seconds: float  # one run's plain optimizer step inside a vmapped block (at least)
     activation_cost: float  # extra step cost per additional folded activation (relative)
     seconds_per_flop: float  # a step's time per forward-pass FLOP, for models bigger than the study's
+    # a run's time per padded training row per epoch (the epoch's shuffle sorts every row of
+    # the bucket, padding included): what padding the rows costs (dreg_jax.engine.buckets)
+    row_seconds: float = 0.0
 
 
 #: Measured on the 2-core CPU of the CI machine (study shapes: MLP 2x64, batch 64; fast-compile
 #: flags) and on one H100 (the issue's figures: a 4,000-run block of 1,260 steps in 2.1 s).
 BACKEND_COSTS: dict[str, BackendCosts] = {
-    "cpu": BackendCosts(compile_seconds=5.0, step_seconds=1.1e-4, activation_cost=0.15, seconds_per_flop=1.2e-10),
-    "gpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05, seconds_per_flop=4e-13),
-    "tpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05, seconds_per_flop=4e-13),
+    "cpu": BackendCosts(compile_seconds=5.0, step_seconds=1.1e-4, activation_cost=0.15, seconds_per_flop=1.2e-10,
+                        row_seconds=4.4e-7),
+    "gpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05, seconds_per_flop=4e-13,
+                        row_seconds=1e-9),
+    "tpu": BackendCosts(compile_seconds=8.0, step_seconds=4e-7, activation_cost=0.05, seconds_per_flop=4e-13,
+                        row_seconds=1e-9),
 }
 
 
@@ -162,7 +169,10 @@ def plan_folds(config: TrainConfig, run_counts: Mapping[tuple[str, str], int], s
         if not fixed or missing or not can_fold_activations:
             raise ValueError(f"fold='activations' needs EngineOptions.fold_activations to list every activation "
                              f"of the runs (built-in MLP only); missing: {missing or list(activations)}")
-        act_groups, kind_groups = [fixed], [(k,) for k in kinds]
+        # one program per regularizer family: the kinds whose loss is the model's own pass (no
+        # regularizer, weight decay, DREG from the pass) share one branch, the rest keep theirs
+        family = list(loss_branches(dataclasses.replace(config, fold=Fold((), tuple(foldable))))) if foldable else []
+        act_groups, kind_groups = [fixed], family + singles
     elif mode == "none":
         act_groups, kind_groups = [(a,) for a in activations], [(k,) for k in kinds]
     elif mode == "all":
@@ -214,11 +224,15 @@ def padded_run_seconds(config: TrainConfig, bucket: Bucket, steps: int, epochs: 
     multiply-adds per example at the padded features and classes, :math:`r` the per-FLOP rate
     and :math:`B` the batch size. The steps and the evaluated rows are the runs' own (padding
     rows never enter a batch, and a padded split is scored in chunks up to its true rows,
-    :func:`dreg_jax.engine.run.evaluate_rows`): what padding costs is its features and classes."""
+    :func:`dreg_jax.engine.run.evaluate_rows`); padding the features and classes costs in every
+    step, and padding the training rows costs :attr:`BackendCosts.row_seconds` per row and epoch
+    (each epoch's shuffle sorts the bucket's rows; measured on the 2-core CPU: 32 rows padded to
+    1,078 doubled a pima run's time)."""
     costs = costs or backend_costs()
     macs = _forward_macs(config, bucket)
     step = max(costs.step_seconds, costs.seconds_per_flop * 2 * config.batch_size * macs)
-    return steps * step + max(epochs * costs.step_seconds, costs.seconds_per_flop * 2 * eval_rows * macs)
+    return (steps * step + max(epochs * costs.step_seconds, costs.seconds_per_flop * 2 * eval_rows * macs)
+            + epochs * bucket.train_rows * costs.row_seconds)
 
 
 def plan_buckets(config: TrainConfig, shapes: Mapping, work: Mapping, rules: tuple[bool, bool, bool],

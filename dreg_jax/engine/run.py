@@ -222,7 +222,7 @@ def _masked_mean(values, count):
 #: Rows per evaluation chunk of a padded program: a padded split is scored chunk by chunk up
 #: to its true row count (a while_loop with a traced count), so the padding rows cost at most
 #: one chunk, not a pass over the bucket.
-EVAL_CHUNK = 64
+EVAL_CHUNK = 256
 
 
 def evaluate_rows(state, x, y, rows, config):
