@@ -424,9 +424,11 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
              if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input", "tau_steps")}
     if patience is not None:
         final["epochs_run"] = epochs_run
-    if restore:  # the best epoch's parameters are the run's result
+    if restore:  # the best epoch's parameters are the run's result; that epoch scored them
         state = state.replace(params=best[0], batch_stats=best[1])
-        final.update(_evaluate(state, data, config, options, options.per_epoch_diagnostics, test_rows))
+        final.update({k: v[best[3]] for k, v in curves.items()
+                      if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input",
+                               "validation_accuracy", "validation_loss")})
         final["best_epoch"] = best[3] + 1
     if not options.per_epoch_diagnostics:
         final.update(_tau(state, data, options, test_rows))
@@ -440,7 +442,7 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                  train_examples=num_included,
                  # the validation split actually scored (a user dataset carries its own split)
                  validation_rows=jnp.asarray(n_val, jnp.int32))
-    if has_val:
+    if has_val and not restore:
         val = score_validation(state)
         final.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
     if options.return_variables:
