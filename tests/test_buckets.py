@@ -213,3 +213,22 @@ def test_plan_buckets_modes_and_cost_model():
     assert (None, ("b",)) in plan_buckets(config, shapes, small, (True, False, True), "all")
     with pytest.raises(ValueError, match="shape_buckets must be one of"):
         plan_buckets(config, shapes, small, rules, "some")
+
+
+@pytest.mark.parametrize("rows", [1, 255, 256, 269, 300])
+def test_chunked_evaluation_of_a_perfect_model_is_exactly_one(rows):
+    """Accuracies are counts over the real rows divided once: never 1.0000004 (a row the
+    results store would refuse), whatever the chunking (chunks of 256, the last one clamped)."""
+    from dreg_jax.engine.run import evaluate_rows
+
+    config = _config()
+    state = create_train_state(config, jax.random.key(0), FEATURES, CLASSES)
+    x = np.random.default_rng(rows).normal(size=(300, FEATURES)).astype(np.float32)
+    y = np.asarray(jnp.argmax(state.apply_fn({"params": state.params}, x), -1)).astype(np.int32)
+    y[rows:] = (y[rows:] + 1) % CLASSES  # padding rows are all wrong: they must not count
+    got = jax.jit(lambda s: evaluate_rows(s, x, y, jnp.int32(rows), config))(state)
+    assert float(got["accuracy"]) == 1.0
+    want = eval_step(state, {"x": x[:rows], "y": y[:rows]}, config)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["jacobian_sq_norms"], want["jacobian_sq_norms"], rtol=1e-5)
+    assert float(eval_step(state, {"x": x, "y": y, "rows": jnp.int32(rows)}, config)["accuracy"]) == 1.0

@@ -227,11 +227,11 @@ EVAL_CHUNK = 256
 
 def evaluate_rows(state, x, y, rows, config):
     """:func:`eval_step` over the first ``rows`` (traced) of ``x``, in chunks of
-    :data:`EVAL_CHUNK`: the metrics are the unpadded batch's means (weighted sums of the
-    chunks; the last chunk is clamped into the array and weights only its new rows)."""
+    :data:`EVAL_CHUNK`: the metrics are the unpadded batch's means (the chunks' sums over
+    their real rows, divided by ``rows`` at the end; the last chunk is clamped into the array
+    and counts only its new rows)."""
     total = x.shape[0]
     chunk = min(EVAL_CHUNK, total)
-    scale = 1.0 / jnp.asarray(rows, jnp.float32)
     shapes = jax.eval_shape(lambda: eval_step(state, {"x": x[:chunk], "y": y[:chunk]}, config))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -240,14 +240,14 @@ def evaluate_rows(state, x, y, rows, config):
         first = i * chunk
         start = jnp.minimum(first, total - chunk)
         index = start + jnp.arange(chunk)
-        weights = jnp.where((index >= first) & (index < rows), scale, 0.0)
+        weights = ((index >= first) & (index < rows)).astype(jnp.float32)
         part = eval_step(state, {"x": jax.lax.dynamic_slice_in_dim(x, start, chunk),
                                  "y": jax.lax.dynamic_slice_in_dim(y, start, chunk), "weights": weights}, config)
         return jax.tree_util.tree_map(jnp.add, sums, part), i + 1
 
     chunks = (rows + chunk - 1) // chunk
     sums, _ = jax.lax.while_loop(lambda loop: loop[1] < chunks, body, (zeros, jnp.array(0, jnp.int32)))
-    return sums
+    return jax.tree_util.tree_map(lambda v: v / jnp.asarray(rows, jnp.float32), sums)
 
 
 def _score(state, x, y, rows, config, padded):

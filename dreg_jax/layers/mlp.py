@@ -162,9 +162,9 @@ class MLP(nn.Module):
           return_representation: also return the last hidden layer's output.
           include_output: ``jacobian_scope="layer"`` only: append the output layer's term
             :math:`\\|W_{out}\\|_F^2` (exact: the head is linear, its Jacobian is its kernel).
-          row_weights: ``(batch,)`` weights summing to 1 for the mean over examples (default
-            uniform); a padded evaluation batch gives its padding rows weight 0. Activation
-            scope and the exact layer estimator only.
+          row_weights: ``(batch,)`` weights: the terms are the weighted sums over examples
+            instead of the means (default: means); a padded evaluation batch gives its padding
+            rows weight 0. Activation scope and the exact layer estimator only.
 
         Returns:
           ``(logits, sq_norms)`` with ``sq_norms`` of shape ``(len(hidden),)`` (``+ 1`` with

@@ -259,13 +259,15 @@ def eval_step(state: TrainState, batch, config: TrainConfig):
 
     ``batch["rows"]`` (optional, may be traced): only the first ``rows`` examples count, the
     rest are padding (a shape bucket, :mod:`dreg_jax.engine.buckets`). ``batch["weights"]``
-    (optional): per-example weights instead of the mean (the metrics are weighted sums; a
-    chunk of a larger batch gives its share). Built-in MLP only, for either.
+    (optional, 0/1 per example): the metrics are **sums** over the examples of weight 1 (a
+    chunk of a larger batch gives its part; divide the totals by the count). Sums of 0/1
+    counts are exact, so an accuracy never leaves [0, 1] by rounding. Built-in MLP only, for
+    either.
     """
     variables = model_variables(state, state.params)
-    weights = batch.get("weights")
-    if batch.get("rows") is not None:
-        weights = (jnp.arange(batch["x"].shape[0]) < batch["rows"]) / jnp.asarray(batch["rows"], jnp.float32)
+    weights, rows = batch.get("weights"), batch.get("rows")
+    if rows is not None:
+        weights = (jnp.arange(batch["x"].shape[0]) < rows).astype(jnp.float32)
     if config.model.is_custom:
         if weights is not None:
             raise ValueError("padded or weighted evaluation batches (batch['rows'], batch['weights']) need "
@@ -278,5 +280,8 @@ def eval_step(state: TrainState, batch, config: TrainConfig):
     correct = jnp.argmax(logits, -1) == batch["y"]
     if weights is None:
         return {"loss": jnp.mean(loss), "accuracy": jnp.mean(correct), "jacobian_sq_norms": sq_norms}
-    return {"loss": jnp.sum(jnp.where(weights > 0, loss, 0.0) * weights),
+    sums = {"loss": jnp.sum(jnp.where(weights > 0, loss, 0.0) * weights),
             "accuracy": jnp.sum(correct * weights), "jacobian_sq_norms": sq_norms}
+    if rows is None:
+        return sums
+    return jax.tree_util.tree_map(lambda v: v / jnp.asarray(rows, jnp.float32), sums)
