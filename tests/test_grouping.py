@@ -125,7 +125,10 @@ def test_quick_study_compiles_at_most_12_programs_on_a_cpu(load_experiment):
     assert any(len(p.runs) > 1 for p in programs)  # datasets share a program (same shapes or a bucket)
     assert sorted(s.run_id for p in programs for s in p.specs) == sorted(s.run_id for s in specs)
     # per dataset on a GPU: the activation-scope kinds folded, SN, and DREG-layer (its own scope)
-    assert len(plan_programs(specs, EngineOptions(), backend="gpu")) == 9
+    assert len(plan_programs(specs, EngineOptions(shape_buckets="none"), backend="gpu")) == 9
+    # with shape buckets the three datasets share each of those programs
+    gpu = plan_programs(specs, EngineOptions(), backend="gpu")
+    assert len(gpu) == 4 and all(len({source[0] for source, _ in p.runs}) == 3 for p in gpu)
 
 
 def test_sweep_records_do_not_depend_on_the_grouping(tmp_path, capsys):
