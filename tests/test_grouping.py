@@ -128,7 +128,7 @@ def test_quick_study_compiles_at_most_12_programs_on_a_cpu(load_experiment):
     assert len(plan_programs(specs, EngineOptions(shape_buckets="none"), backend="gpu")) == 9
     # with shape buckets the three datasets share each of those programs
     gpu = plan_programs(specs, EngineOptions(), backend="gpu")
-    assert len(gpu) == 4 and all(len({source[0] for source, _ in p.runs}) == 3 for p in gpu)
+    assert len(gpu) == 4 and sum(len(p.runs) == 3 for p in gpu) == 2  # JacReg keeps its classes exact
 
 
 def test_sweep_records_do_not_depend_on_the_grouping(tmp_path, capsys):
