@@ -13,7 +13,8 @@
 
     python benchmarks/compile_share.py [--plan-only] [--profiles quick full]
 
-Issue 32 tracks bringing these counts down (one program per shape bucket).
+With shape buckets (issue 32) a program is one per regularizer family and bucket: the planner
+counts ``(config, class count, bucket)``, or the data's own shapes for an unpadded program.
 """
 from __future__ import annotations
 
