@@ -1,7 +1,7 @@
 r"""One training run, end to end, as a pure function: loops over epochs and steps.
 
 The epoch loop is a ``while_loop`` with the static cap ``TrainConfig.epochs`` and the run's own
-count ``RunHParams.epochs`` (traced); the step loop is a ``lax.scan``, or a ``while_loop`` with a
+count ``RunHParams.epochs`` (traced; a ``lax.scan`` when no run has a count of its own); the step loop is a ``lax.scan``, or a ``while_loop`` with a
 traced count on padded data (:mod:`dreg_jax.engine.buckets`), so runs of different lengths and
 datasets of different shapes share one program.
 
