@@ -9,9 +9,9 @@ datasets whose shapes fit one bucket call one program with different arguments.
 What the padding never changes (``tests/test_buckets.py`` compares padded with unpadded runs):
 
 * **rows**: a padding row never enters a batch (the training order draws from the run's
-  included rows only), a loss, a metric, a BatchNorm statistic or a diagnostic (evaluation
-  means are weighted by ``rows``; :func:`dreg_jax.engine.diagnostics.tail_ratio` takes a
-  count);
+  included rows only), a loss, a metric, a BatchNorm statistic or a diagnostic (a padded
+  split is scored in chunks up to its true rows, :func:`dreg_jax.engine.run.evaluate_rows`;
+  :func:`dreg_jax.engine.diagnostics.tail_ratio` takes a count);
 * **features**: a padding feature column is zero and meets kernel rows that are zero at
   initialization and stay zero (their gradient is ``x^T delta`` with ``x = 0``, weight decay
   keeps a zero at zero, spectral normalization's power iteration and every Jacobian term see
@@ -27,7 +27,7 @@ What the padding never changes (``tests/test_buckets.py`` compares padded with u
 
 Where bits differ (float rounding only): the first kernel is drawn at the padded fan-in and
 rescaled to the true one (:func:`unpadded_init`: 1-2 ulp), matrix products and means add
-zeros in another order, and evaluation means are weighted sums.
+zeros in another order, and evaluation means are sums of chunks.
 
 Not padded (exact shapes, as before): the user's own modules (their input is theirs to
 interpret), and the options whose random draws or statistics span features or classes:
@@ -74,10 +74,6 @@ class Bucket(NamedTuple):
     def join(self, other: "Bucket") -> "Bucket":
         return Bucket(*(max(a, b) for a, b in zip(self, other)))
 
-    def cells(self) -> int:
-        """Padded training rows x features: the size the cost model charges for."""
-        return self.train_rows * self.features
-
 
 def ladder(value: int, minimum: int = 1) -> int:
     """The bucket edge of ``value``: the next power of two or 1.5 times one (1, 2, 3, 4, 6, 8,
@@ -109,16 +105,6 @@ def exact_bucket(data, num_classes: int) -> Bucket:
     n_val = 0 if data.x_val is None else data.x_val.shape[0]
     sets = 0 if data.x_robust is None else data.x_robust.shape[0]
     return Bucket(data.x_train.shape[0], data.x_test.shape[0], n_val, data.x_train.shape[1], num_classes, sets)
-
-
-def bucket_of(shape: Bucket, rules: tuple[bool, bool, bool]) -> Bucket:
-    """``shape`` rounded up on the ladder along the axes ``rules`` lets a program pad."""
-    rows, features, classes = rules
-    r = (lambda v: ladder(v)) if rows else (lambda v: v)
-    return Bucket(r(shape.train_rows), r(shape.test_rows), r(shape.val_rows) if shape.val_rows else 0,
-                  ladder(shape.features) if features else shape.features,
-                  ladder(shape.classes) if classes else shape.classes, shape.robust_sets if not rows
-                  else ladder(shape.robust_sets) if shape.robust_sets else 0)
 
 
 def _pad(array, shape):

@@ -269,8 +269,7 @@ def plan_buckets(config: TrainConfig, shapes: Mapping, work: Mapping, rules: tup
 
     def fixed(source):  # the axes that may not be padded: only equal ones share
         b = shapes[source]
-        return (None if features else b.features, None if classes else b.classes,
-                None if rows else tuple(b[:3]) + (b.robust_sets,), b.val_rows > 0, b.robust_sets > 0)
+        return (None if features else b.features, None if classes else b.classes, b.val_rows > 0, b.robust_sets > 0)
 
     if mode == "none" or not rows:
         return [(None, (s,)) for s in sources]

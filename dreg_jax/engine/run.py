@@ -250,15 +250,16 @@ def evaluate_rows(state, x, y, rows, config):
     return jax.tree_util.tree_map(lambda v: v / jnp.asarray(rows, jnp.float32), sums)
 
 
-def _score(state, x, y, rows, config, padded):
-    """eval_step on a split: whole when unpadded, chunked up to its true rows when padded."""
-    if padded:
+def _score(state, x, y, rows, config):
+    """eval_step on a split: whole when unpadded (``rows`` None), chunked up to its true rows
+    when padded."""
+    if rows is not None:
         return evaluate_rows(state, x, y, rows, config)
     return eval_step(state, {"x": x, "y": y}, config)
 
 
 def _evaluate(state, data: EngineData, config, options, with_tau: bool, test_rows):
-    ev = _score(state, data.x_test, data.y_test, test_rows, config, data.sizes is not None)
+    ev = _score(state, data.x_test, data.y_test, test_rows, config)
     out = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
            "jacobian_sq_norms": ev["jacobian_sq_norms"]}
     if with_tau:
@@ -268,7 +269,7 @@ def _evaluate(state, data: EngineData, config, options, with_tau: bool, test_row
 
 def _tau(state, data: EngineData, options, test_rows):
     diag_x = data.x_test[: options.diag_size]
-    count = jnp.minimum(test_rows, diag_x.shape[0]) if data.sizes is not None else None
+    count = None if test_rows is None else jnp.minimum(test_rows, diag_x.shape[0])
     return {"tau": gradient_tail_ratio(state, diag_x, count=count),
             "tau_input": gradient_tail_ratio(state, diag_x, variant="input", count=count)}
 
@@ -338,10 +339,10 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     padded = data.sizes is not None
     if padded:
         sizes = data.sizes
-        n, classes, test_rows = sizes.train_rows, sizes.classes, sizes.test_rows
+        n, classes, test_rows, val_rows = sizes.train_rows, sizes.classes, sizes.test_rows, sizes.val_rows
         steps = (n + batch - 1) // batch
-    else:
-        n, classes, test_rows, steps = n_pad, num_classes, data.x_test.shape[0], steps_cap
+    else:  # rows None: every row is real
+        n, classes, test_rows, val_rows, steps = n_pad, num_classes, None, None, steps_cap
     epochs = config.epochs if hp.epochs is None else hp.epochs
     k_init, k_mask, k_label, k_noise, k_loop = run_keys(hp.seed)
     state = create_train_state(config, k_init, d_pad, num_classes, learning_rate=hp.learning_rate,
@@ -388,7 +389,7 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         raise ValueError(f"EngineOptions.patience={patience} stops on validation accuracy: it needs "
                          "restore_best_epoch=True and a patience of at least 1 epoch")
     def score_validation(state):
-        return _score(state, data.x_val, data.y_val, sizes.val_rows if padded else None, config, padded)
+        return _score(state, data.x_val, data.y_val, val_rows, config)
 
     def one_epoch(carry, k_epoch):
         carry, best = carry
@@ -436,12 +437,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         final["best_epoch"] = best[3] + 1
     if not options.per_epoch_diagnostics:
         final.update(_tau(state, data, options, test_rows))
-    if padded:
-        n_val = sizes.val_rows
-        final.update(validation_share=(n_val / (n + n_val)).astype(jnp.float32))
-    else:
-        n_val = 0 if data.x_val is None else data.x_val.shape[0]
-        final.update(validation_share=jnp.asarray(n_val / (n + n_val), jnp.float32))
+    n_val = val_rows if padded else 0 if data.x_val is None else data.x_val.shape[0]
+    final.update(validation_share=jnp.asarray(n_val / (n + n_val), jnp.float32))
     final.update(fail_step=fail_step, diverge_step=diverge_step, volatility_peak=peak,
                  train_examples=num_included,
                  # the validation split actually scored (a user dataset carries its own split)
@@ -454,7 +451,7 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
             raise ValueError("return_variables keeps the model at the data's own shapes: do not pad its data")
         final["variables"] = {"params": state.params, "batch_stats": state.batch_stats}
     if data.x_robust is not None and data.x_robust.shape[0] > 0:
-        robust = jax.vmap(lambda xr: _score(state, xr, data.y_test, test_rows, config, padded)["accuracy"])(
+        robust = jax.vmap(lambda xr: _score(state, xr, data.y_test, test_rows, config)["accuracy"])(
             data.x_robust)
         if padded:  # padding sets score NaN and stay out of the mean
             valid = jnp.arange(robust.shape[0]) < sizes.robust_sets
