@@ -183,21 +183,53 @@ def _sweep_config(args):
     return SweepConfig.from_mapping(mapping)
 
 
-def cmd_sweep(args) -> int:
-    from dreg_jax.engine import EngineOptions, run_mesh, run_sweep, summary_table
+def _sweep_mesh(args):
+    """The sweep's devices: joins the distributed job first (``--distributed``), then a mesh over
+    ``--devices`` (default every device of every process; one device: no mesh)."""
+    import jax
 
-    check_outputs({"--results": args.results}, _inputs(args))
+    from dreg_jax.engine import initialize_distributed, run_mesh
+
+    if args.cpu_devices is not None:  # before JAX starts its backends
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.distributed:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    elif any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+        raise ValueError("--coordinator, --num-processes and --process-id describe a distributed job: add --distributed")
+    available = jax.device_count()
+    wanted = available if args.devices is None else args.devices
+    if wanted > available:
+        raise ValueError(f"--devices {wanted} but JAX sees {available} device(s) here; on a CPU, --cpu-devices "
+                         f"{wanted} exposes that many")
+    if jax.process_count() > 1 and wanted != available:
+        raise ValueError(f"--devices {wanted}: a distributed sweep uses every process's devices ({available}); "
+                         "leave --devices out")
+    return run_mesh(jax.devices()[:wanted]) if wanted > 1 else None
+
+
+def cmd_sweep(args) -> int:
+    from dreg_jax.engine import EngineOptions, run_sweep, summary_table
+
+    mesh = _sweep_mesh(args)
+    import jax
+
+    writer = jax.process_index() == 0
+    if writer:  # the only process that writes (the others may not see the file)
+        check_outputs({"--results": args.results}, _inputs(args))
     specs = _sweep_config(args).expand()  # validated before anything compiles
     from dreg_jax.engine import enable_compilation_cache
 
     enable_compilation_cache()
-    import jax
-
-    mesh = run_mesh() if len(jax.devices()) > 1 else None
-    print(f"{len(specs)} runs -> {args.results} ({len(jax.devices())} device(s))")
+    devices = 1 if mesh is None else mesh.size
+    if writer:
+        print(f"{len(specs)} runs -> {args.results} ({devices} device(s)"
+              + (f", {jax.process_count()} processes" if jax.process_count() > 1 else "") + ")")
     start = time.perf_counter()
-    records = run_sweep(specs, args.results, chunk_size=args.chunk_size, mesh=mesh,
-                        options=EngineOptions(per_epoch_diagnostics=not args.no_epoch_diagnostics))
+    records = run_sweep(specs, args.results, chunk_size=args.chunk_size, mesh=mesh, progress=writer,
+                        options=EngineOptions(per_epoch_diagnostics=not args.no_epoch_diagnostics,
+                                              vmap_width=args.vmap_width))
+    if not writer:
+        return 0
     print(summary_table(records))
     bad = [r for r in records if r["status"] != "ok"]
     for r in bad:
@@ -599,9 +631,31 @@ def build_parser() -> argparse.ArgumentParser:
     grid_options(p_sweep, plural=True)
     p_sweep.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results/sweep.jsonl"))
     p_sweep.add_argument("--chunk-size", dest="chunk_size", type=_positive_int, default=64,
-                         help="max runs per compiled program call")
+                         help="runs trained per results append (whole blocks of --vmap-width runs)")
     p_sweep.add_argument("--no-epoch-diagnostics", action="store_true",
                          help="compute tau only at the end (faster)")
+    scale = p_sweep.add_argument_group(
+        "devices and processes",
+        "Runs are sharded over every device JAX sees (one compiled call trains --vmap-width runs, spread "
+        "over the devices). A run's last bits depend on the device count and the vmap width: each row "
+        "records both (its 'layout'), and a resume on another layout says so. Several processes (hosts): "
+        "start the same command on every one with --distributed; process 0 plans and writes --results, "
+        "the others need not see the file.")
+    scale.add_argument("--devices", type=_positive_int, metavar="N",
+                       help="use the first N devices (default: all; 1: no sharding)")
+    scale.add_argument("--vmap-width", dest="vmap_width", type=_positive_int, metavar="W",
+                       help="runs per compiled call, rounded up to a multiple of the devices "
+                            "(default 8 on a CPU, 256 on an accelerator)")
+    scale.add_argument("--cpu-devices", dest="cpu_devices", type=_positive_int, metavar="N",
+                       help="CPU only: how many CPU devices each process exposes (default 1)")
+    scale.add_argument("--distributed", action="store_true",
+                       help="join a jax.distributed job first: on SLURM, Open MPI and TPU pods JAX finds "
+                            "the coordinator, process count and id itself; elsewhere give the three flags below")
+    scale.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address (with --distributed)")
+    scale.add_argument("--num-processes", dest="num_processes", type=_positive_int, metavar="N",
+                       help="processes in the job (with --distributed)")
+    scale.add_argument("--process-id", dest="process_id", type=int, metavar="I",
+                       help="this process's index, 0 .. N-1 (with --distributed)")
     p_sweep.set_defaults(func=cmd_sweep)
 
     p_tune = sub.add_parser("tune", help="choose each regularizer's strength on the validation split "

@@ -11,6 +11,7 @@ from dreg_jax.engine.diagnostics import (
     tail_ratio,
     volatility,
 )
+from dreg_jax.engine.distributed import initialize as initialize_distributed
 from dreg_jax.engine.grid import CompileStats, enable_compilation_cache, run_mesh, train_many
 from dreg_jax.engine.grouping import BACKEND_COSTS, FOLD_MODES, plan_folds
 from dreg_jax.engine.identity import model_identity
@@ -42,6 +43,6 @@ def __getattr__(name):  # the sweep layer (tqdm, datasets) loads on first use: t
 
 
 __all__ = ["TAU_VARIANTS", "gradient_tail_ratio", "per_example_grad_norms", "tail_ratio", "volatility",
-           "CompileStats", "enable_compilation_cache", "run_mesh", "train_many", "BACKEND_COSTS", "FOLD_MODES",
+           "initialize_distributed", "CompileStats", "enable_compilation_cache", "run_mesh", "train_many", "BACKEND_COSTS", "FOLD_MODES",
            "plan_folds", "model_identity", "EngineData", "EngineOptions", "RunHParams", "run_keys", "train_run",
            "training_mask", *_SWEEP_NAMES]

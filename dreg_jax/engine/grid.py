@@ -14,11 +14,13 @@ Padded data (:mod:`dreg_jax.engine.buckets`) and runs of different lengths
 (``RunHParams.epochs`` under the config's cap) share a program: the cache key is the config,
 the class count and the arrays' shapes, never the data's values or a run's length.
 
-Multi-host: call ``jax.distributed.initialize()`` at the start of every host's process (same
-command on each host; on TPU pods and SLURM/Open MPI clusters it needs no arguments, elsewhere
-pass ``coordinator_address``, ``num_processes`` and ``process_id``), then build the mesh from
-``jax.devices()`` (all hosts' devices) with :func:`run_mesh`; each host then runs its shard of
-the grid. Only process 0 should write the results file.
+Several processes (hosts): call :func:`dreg_jax.engine.distributed.initialize` (or
+``jax.distributed.initialize()``) at the start of every process, with the same command on each,
+then pass ``mesh=run_mesh()`` (every process's devices). Each process builds its own shards of a
+block (:func:`place`), the program runs across all of them, and :func:`fetch` gives every
+process every run's results; ``train_many`` returns the whole grid on every process, and
+:func:`dreg_jax.engine.run_sweep` plans on process 0 and writes there only
+(:mod:`dreg_jax.engine.distributed`).
 """
 from __future__ import annotations
 
@@ -141,11 +143,37 @@ def run_blocks(hparams: RunHParams, width: int):
 
 
 def place(hparams: RunHParams, data: EngineData, mesh: Mesh | None = None):
-    """Shards the run axis over the mesh and replicates the data (no-op without a mesh)."""
-    if mesh is not None and mesh.size > 1:
-        hparams = jax.device_put(hparams, NamedSharding(mesh, P("runs")))
-        data = jax.device_put(data, NamedSharding(mesh, P()))
-    return hparams, data
+    """Shards the run axis over the mesh and replicates the data (no-op without a mesh).
+
+    On a mesh that spans processes every process holds the same host arrays and builds only its
+    own devices' shards (``jax.make_array_from_callback``): nothing crosses processes and no
+    collective is issued, so blocks can be placed from compile threads in any order."""
+    if mesh is None or mesh.size == 1:
+        return hparams, data
+    if mesh.is_multi_process:
+        return (_from_host(hparams, NamedSharding(mesh, P("runs"))),
+                _from_host(data, NamedSharding(mesh, P())))
+    return (jax.device_put(hparams, NamedSharding(mesh, P("runs"))),
+            jax.device_put(data, NamedSharding(mesh, P())))
+
+
+def _from_host(tree, sharding):
+    def one(leaf):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree_util.tree_map(one, tree)
+
+
+def fetch(outputs, mesh: Mesh | None = None):
+    """A program's outputs as numpy arrays holding every run, on every process.
+
+    Across processes this is ``process_allgather``, a collective: call it from the main thread,
+    at the same point of the plan on every process."""
+    if mesh is not None and mesh.is_multi_process:
+        from jax.experimental import multihost_utils
+
+        return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(outputs, tiled=True))
+    return jax.tree_util.tree_map(np.asarray, outputs)
 
 
 def compile_grid(config: TrainConfig, num_classes: int, options: EngineOptions, hparams, data,
@@ -212,7 +240,7 @@ def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_c
         block, placed = place(block, data, mesh)
         program = compile_grid(config, num_classes, options, block, placed)
         t0 = time.perf_counter()
-        outputs.append(jax.tree_util.tree_map(np.asarray, program(block, placed)))
+        outputs.append(fetch(program(block, placed), mesh))
         with _LOCK:
             PROCESS_STATS.run_seconds += time.perf_counter() - t0
     return jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:num_runs], *outputs)

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
+import json
 import math
 import os
 import time
+import warnings
 from typing import Iterable, NamedTuple, Sequence
 
 import jax
@@ -37,8 +40,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dreg_jax._checks import check_choice
+from dreg_jax._files import fault
 from dreg_jax.data.registry import load_dataset
-from dreg_jax.engine.grid import PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, place, run_blocks
+from dreg_jax.engine.distributed import broadcast_json, check_agreement, spans_processes
+from dreg_jax.engine.grid import (
+    PROCESS_STATS, CompileStats, block_width, compile_grid, enable_compilation_cache, fetch, place, run_blocks,
+)
 from dreg_jax.engine.buckets import Bucket, pad_engine_data, padding_rules
 from dreg_jax.engine.grouping import BUCKET_MODES, FOLD_MODES, fold_config, forward_flops, plan_buckets, plan_folds
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams
@@ -84,7 +91,7 @@ def _status(fail_step: int, diverge_step: int) -> str:
     return "failed" if fail_step >= 0 else "diverged" if diverge_step >= 0 else "ok"
 
 
-def _records(chunk, final, curves, seconds, robust_names):
+def _records(chunk, final, curves, seconds, robust_names, layout):
     out = []
     for i, spec in enumerate(chunk):
         metrics = {k: _to_json(v[i]) for k, v in final.items()}
@@ -104,6 +111,8 @@ def _records(chunk, final, curves, seconds, robust_names):
             "curves": {k: _to_json(v[i][:spec.config.epochs]) for k, v in curves.items()
                        if k not in KIND_CURVES or k in get_regularizer(spec.config.regularizer.kind).curves},
             "seconds": seconds / len(chunk),
+            # devices, processes and vmap width: a run's last bits depend on them
+            "layout": layout,
             "finished_at": utc_now(),
         })
     return out
@@ -240,17 +249,48 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
         raise ValueError("a sweep records metrics, not parameters: leave EngineOptions.return_variables "
                          "off (train_many returns them; dreg_jax.tune and `dreg-jax train --save-model` keep a model)")
     unique = list({s.run_id: s for s in specs}.values())
+    distributed = spans_processes(mesh)
+    if jax.process_count() > 1 and not distributed:
+        raise ValueError(f"this is process {jax.process_index()} of {jax.process_count()} (jax.distributed) but the "
+                         "mesh holds only this process's devices: pass mesh=run_mesh() (every process's devices) so "
+                         "the processes share the grid and process 0 writes the results")
+    writer = jax.process_index() == 0  # the only process that reads, plans from and writes the file
     results = ResultsFile(results_path)
-    results.check_writable()  # a bad results path fails now, not after the first chunk
     width = block_width(options, mesh)
+    layout = {"devices": 1 if mesh is None else int(mesh.size), "processes": jax.process_count(),
+              "vmap_width": width}
     stats = CompileStats() if stats is None else stats
     enable_compilation_cache()
-    with results.writer_lock():
-        done = results.load(repair=True)
+    with contextlib.ExitStack() as held:
+        done, problem = {}, None
+        if writer:
+            try:
+                results.check_writable()  # a bad results path fails now, not after the first chunk
+                held.enter_context(results.writer_lock())
+                done = results.load(repair=True)
+            except Exception as err:  # noqa: BLE001 - sent to the other processes, then raised here
+                if not distributed:
+                    raise
+                problem = err
+        if distributed:  # the others take process 0's view of the file: they never plan on their own
+            shared = broadcast_json({"problem": None if problem is None else f"{type(problem).__name__}: {problem}",
+                                     "done": {s.run_id: done[s.run_id] for s in unique if s.run_id in done}})
+            if problem is not None:
+                raise problem
+            if shared["problem"] is not None:
+                raise RuntimeError(f"process 0 cannot run the sweep: {shared['problem']}")
+            done = shared["done"] if not writer else done
         pending = [s for s in unique if s.run_id not in done]
         programs = plan_programs(pending, options, plan_for=plan_for)
+        if distributed:
+            check_agreement({"runs": [s.run_id for s in unique], "layout": layout,
+                             "plan": [(repr(p.config), p.num_classes, p.bucket,
+                                       [(src, [s.run_id for s in rs]) for src, rs in p.runs]) for p in programs]},
+                            "runs or plans")
+        if pending:
+            _warn_other_layouts(done, layout)
         bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc="runs",
-                   unit="run", disable=not progress)
+                   unit="run", disable=not progress or not writer)
 
         def prepared(program):
             blocks = []
@@ -277,21 +317,37 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
                     for first in range(0, len(blocks), per_chunk):
                         chunk = runs[first * width:(first + per_chunk) * width]
                         t0 = time.perf_counter()
-                        outputs = [jax.tree_util.tree_map(np.asarray, compiled(hp, data))
-                                   for hp, data in blocks[first:first + per_chunk]]
+                        # every process fetches every block in the plan's order (a collective
+                        # across processes), on this thread
+                        outputs = [fetch(compiled(hp, data), mesh) for hp, data in blocks[first:first + per_chunk]]
                         seconds = time.perf_counter() - t0
                         stats.run_seconds += seconds
                         if stats is not PROCESS_STATS:
                             PROCESS_STATS.run_seconds += seconds
                         final, curves = jax.tree_util.tree_map(lambda *a: np.concatenate(a)[:len(chunk)], *outputs)
-                        records = _records(chunk, final, curves, seconds, robust_names)
-                        results.append(records)
+                        records = _records(chunk, final, curves, seconds, robust_names, layout)
+                        if writer:
+                            results.append(records)
                         done.update((r["run_id"], r) for r in records)
                         bar.update(len(chunk))
+                        fault("sweep:chunk-done")  # the kill tests' hook (no-op unless set)
         bar.close()
-    if report:
+    if report and writer:
         print(stats.line(), flush=True)
     return [done[s.run_id] for s in specs]
+
+
+def _warn_other_layouts(done: dict, layout: dict):
+    """Says when finished rows were trained on another device layout than this resume: a run's
+    last bits depend on the device count and the vmap width (XLA vectorizes differently)."""
+    others = collections.Counter(json.dumps(r["layout"], sort_keys=True) for r in done.values()
+                                 if isinstance(r.get("layout"), dict) and r["layout"] != layout)
+    if others:
+        seen = "; ".join(f"{n} row(s) on {text}" for text, n in others.most_common())
+        warnings.warn(f"resuming on layout {json.dumps(layout, sort_keys=True)}, but the file has {seen}: "
+                      "rows of different layouts can differ in the last bits (float rounding), so a "
+                      "bit-for-bit comparison across them will fail; pass the same --devices and "
+                      "--vmap-width to keep one layout", stacklevel=3)
 
 
 SUMMARY_KEYS = ("dataset", "activation", "regularizer", "data_fraction", "label_noise", "input_noise",
