@@ -217,6 +217,15 @@ def cmd_sweep(args) -> int:
     if writer:  # the only process that writes (the others may not see the file)
         check_outputs({"--results": args.results}, _inputs(args))
     specs = _sweep_config(args).expand()  # validated before anything compiles
+    if args.shard is not None:
+        from dreg_jax.engine.sweep import shard_specs
+
+        index, count = args.shard
+        total, specs = len(specs), shard_specs(specs, index, count)
+        if writer:
+            print(f"shard {index}/{count}: {len(specs)} of the grid's {total} runs")
+        if not specs:
+            return 0
     from dreg_jax.engine import enable_compilation_cache
 
     enable_compilation_cache()
@@ -454,10 +463,13 @@ def cmd_results(args) -> int:
     from dreg_jax.analysis.results import load_records, results_frame
     from dreg_jax.engine import summary_table
 
+    from dreg_jax.engine.store import results_paths
+
+    files = results_paths(args.file)  # patterns expanded, missing files refused
     if args.csv is not None:
         check_writable_file(args.csv, "--csv")
-        check_outputs({"--csv": args.csv}, {"results file": args.file})
-    records = load_records(args.file)  # read once; a reader never changes the file
+        check_outputs({"--csv": args.csv}, {f"results file {f.name}": f for f in files})
+    records = load_records(files)  # read once; a reader never changes a file
     frame = results_frame(records)
     print(summary_table(records))
     print(f"{len(frame)} runs, {frame.shape[1]} columns")
@@ -470,9 +482,12 @@ def cmd_results(args) -> int:
 def cmd_plot(args) -> int:
     from dreg_jax.analysis.results import plot_results
 
+    from dreg_jax.engine.store import results_paths
+
+    files = results_paths(args.file)
     check_writable_directory(args.out, "--out")
-    check_outputs({"--out": args.out}, {"results file": args.file})
-    for path in plot_results(args.file, args.out):
+    check_outputs({"--out": args.out}, {f"results file {f.name}": f for f in files})
+    for path in plot_results(files, args.out):
         print(f"wrote {path}")
     return 0
 
@@ -530,6 +545,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    index, slash, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        index = count = -1
+    if not slash or count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share I/N with 0 <= I < N (e.g. 0/4, "
+                                         "or $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    return index, count
 
 
 def _dataset_name(text: str) -> str:
@@ -641,6 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
         "records both (its 'layout'), and a resume on another layout says so. Several processes (hosts): "
         "start the same command on every one with --distributed; process 0 plans and writes --results, "
         "the others need not see the file.")
+    scale.add_argument("--shard", type=_shard, metavar="I/N",
+                       help="run only share I of N of the grid (0 <= I < N; a run's share is its run id modulo "
+                            "N, so it stays put when the grid grows): a job array's task I writes its own "
+                            "--results, and `dreg-jax results 'part-*.jsonl'` reads the shares as one table")
     scale.add_argument("--devices", type=_positive_int, metavar="N",
                        help="use the first N devices (default: all; 1: no sharding)")
     scale.add_argument("--vmap-width", dest="vmap_width", type=_positive_int, metavar="W",
@@ -681,11 +712,14 @@ def build_parser() -> argparse.ArgumentParser:
     p_predict.set_defaults(func=cmd_predict)
 
     p_results = sub.add_parser("results", help="a sweep's results: summary table, flat CSV")
-    p_results.add_argument("file", type=pathlib.Path, help="a results JSONL written by sweep")
+    p_results.add_argument("file", nargs="+", type=pathlib.Path,
+                           help="results JSONL file(s) written by sweep/train, or glob patterns (a job "
+                                "array's shards: 'results/part-*.jsonl'); read as one table")
     p_results.add_argument("--csv", type=pathlib.Path, help="write one flat row per run to this CSV")
     p_results.set_defaults(func=cmd_results)
     p_plot = sub.add_parser("plot", help="accuracy-by-regularizer and learning-curve PNGs of a sweep")
-    p_plot.add_argument("file", type=pathlib.Path, help="a results JSONL written by sweep")
+    p_plot.add_argument("file", nargs="+", type=pathlib.Path,
+                        help="results JSONL file(s) or glob patterns, read as one table (as for results)")
     p_plot.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/plots"))
     p_plot.set_defaults(func=cmd_plot)
 

@@ -171,3 +171,78 @@ def test_a_resume_on_another_layout_says_the_bits_may_differ(tmp_path):
     with pytest.warns(UserWarning, match=r"1 row\(s\) on .*\"devices\": 8.*differ in the last bits"):
         records = run_sweep(specs, path, options=EngineOptions(vmap_width=2), progress=False, report=False)
     assert records[1]["layout"] == {"devices": 1, "processes": 1, "vmap_width": 2}
+
+
+# job arrays: shares of a grid, each in its own file, read back as one table
+
+def _grid():
+    from dreg_jax.engine import SweepConfig
+
+    return SweepConfig(datasets=("iris",), activations=("gelu", "relu"), regularizers=("none", "dreg"), seeds=3,
+                       epochs=1, hidden=(4,)).expand()
+
+
+def _row(spec, accuracy):
+    return {"run_id": spec.run_id, "spec": spec.to_dict(), "status": "ok", "metrics": {"test_accuracy": accuracy}}
+
+
+def test_shares_partition_the_grid_and_keep_their_runs_when_it_grows():
+    from dreg_jax.engine import shard_specs
+
+    specs = _grid()
+    shares = [shard_specs(specs, i, 3) for i in range(3)]
+    ids = [s.run_id for share in shares for s in share]
+    assert sorted(ids) == sorted(s.run_id for s in specs) and len(set(ids)) == len(ids)
+    from dreg_jax.engine import SweepConfig
+
+    grown = SweepConfig(datasets=("iris",), activations=("gelu", "relu"), regularizers=("none", "dreg"), seeds=5,
+                        epochs=1, hidden=(4,)).expand()  # the grid with two more seeds
+    for i in range(3):
+        assert {s.run_id for s in shares[i]} <= {s.run_id for s in shard_specs(grown, i, 3)}
+    with pytest.raises(ValueError, match="0 <= index < count"):
+        shard_specs(specs, 3, 3)
+
+
+def test_readers_take_several_files_and_patterns_and_refuse_rows_that_disagree(tmp_path, capsys):
+    from dreg_jax.cli import main
+    from dreg_jax.engine import load_records
+
+    specs = _grid()
+    for i in range(2):
+        (tmp_path / f"part-{i}.jsonl").write_text(
+            "".join(json.dumps(_row(s, 0.5)) + "\n" for j, s in enumerate(specs) if j % 2 == i))
+    assert len(load_records(tmp_path / "part-*.jsonl")) == len(specs)
+    assert len(load_records([tmp_path / "part-0.jsonl", tmp_path / "part-1.jsonl"])) == len(specs)
+    same = tmp_path / "again.jsonl"  # a run in two files with the same results is one row
+    same.write_text(json.dumps(_row(specs[0], 0.5)) + "\n")
+    assert len(load_records([tmp_path / "part-*.jsonl", same])) == len(specs)
+    assert main(["results", str(tmp_path / "part-*.jsonl")]) == 0
+    assert f"{len(specs)} runs" in capsys.readouterr().out
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(_row(specs[0], 0.75)) + "\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=rf"run {specs[0].run_id} is in .*part-0.jsonl and in .*other.jsonl with "
+                                         r"different metrics"):
+        load_records([tmp_path / "part-*.jsonl", other])
+    assert main(["results", str(tmp_path / "part-0.jsonl"), str(other)]) == 2
+    assert "different metrics" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="matches no file"):
+        load_records(tmp_path / "nothing-*.jsonl")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # readers never write
+
+
+def test_cli_shares_train_their_runs_into_their_own_files(tmp_path, capsys):
+    from dreg_jax.cli import main
+    from dreg_jax.engine import load_records
+
+    grid = ["--datasets", "iris", "--activations", "gelu", "--regularizers", "none", "--seeds", "3", "--epochs", "1",
+            "--hidden", "4"]
+    for i in range(2):
+        assert main(["sweep", *grid, "--shard", f"{i}/2", "--results", str(tmp_path / f"part-{i}.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "shard 0/2:" in out and "shard 1/2:" in out
+    rows = load_records(tmp_path / "part-*.jsonl")
+    assert len(rows) == 3 and len({r["run_id"] for r in rows}) == 3
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", *grid, "--shard", "2/2"])
+    assert exit_.value.code == 2 and "not a share I/N" in capsys.readouterr().err

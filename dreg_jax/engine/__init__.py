@@ -26,7 +26,7 @@ from dreg_jax.engine.run import (
 
 # the sweep layer: run specs (specs.py), the results store (store.py), SweepConfig
 # (sweep_config.py), planning and run_sweep (sweep.py)
-_SWEEP_NAMES = ("ResultsFile", "RunSpec", "SweepConfig", "plan_programs", "run_sweep", "summary_table",
+_SWEEP_NAMES = ("ResultsFile", "RunSpec", "SweepConfig", "plan_programs", "run_sweep", "shard_specs", "summary_table",
                 "engine_data", "dataset_engine_data", "load_records")
 
 

@@ -296,12 +296,55 @@ def flat_row(record: dict) -> dict:
     return row
 
 
-def load_records(path) -> list[dict]:
-    """The valid records of a results JSONL (bad lines reported and skipped; the file is not changed)."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise ValueError(f"results file {path} does not exist")
-    records = list(ResultsFile(path).load().values())
+def results_paths(paths) -> list[pathlib.Path]:
+    """The files a reader is given: one path, several, or glob patterns (``results/part-*.jsonl``,
+    as a job array's shards write them); a pattern that matches nothing, or a missing file, is
+    refused."""
+    import glob
+
+    given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not given:
+        raise ValueError("no results file given")
+    out = []
+    for item in given:
+        text = str(item)
+        if not os.path.exists(text) and any(c in text for c in "*?["):
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise ValueError(f"results pattern {text} matches no file")
+            out.extend(pathlib.Path(m) for m in matches)
+        elif not os.path.exists(text):
+            raise ValueError(f"results file {text} does not exist")
+        else:
+            out.append(pathlib.Path(text))
+    return list(dict.fromkeys(p.resolve() for p in out))
+
+
+#: What two rows of one run must agree on to be one row (the rest: time, machine, layout).
+SAME_RUN_FIELDS = ("status", "metrics", "curves")
+
+
+def load_records(paths) -> list[dict]:
+    """The valid records of one or more results JSONL files as one table (bad lines reported and
+    skipped; no file is changed).
+
+    ``paths``: a path, a list of paths or glob patterns (:func:`results_paths`). A run found in
+    two files is kept once when both rows agree on its status, metrics and curves; rows that
+    disagree are refused with both files named (two shards that overlap, or two results of one run
+    on different device layouts, cannot be one table in silence).
+    """
+    files = results_paths(paths)
+    records, source = {}, {}
+    for path in files:
+        for run_id, row in ResultsFile(path).load().items():
+            if run_id not in records:
+                records[run_id], source[run_id] = row, path
+                continue
+            differ = [f for f in SAME_RUN_FIELDS if records[run_id].get(f) != row.get(f)]
+            if differ:
+                raise ValueError(f"run {run_id} is in {source[run_id]} and in {path} with different "
+                                 f"{', '.join(differ)}: keep one of the two rows (the files overlap)")
     if not records:
-        raise ValueError(f"results file {path} holds no valid run")
-    return records
+        names = ", ".join(map(str, files))
+        raise ValueError(f"results file{'s' if len(files) > 1 else ''} {names} hold{'' if len(files) > 1 else 's'} no valid run")
+    return list(records.values())

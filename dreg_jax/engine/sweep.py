@@ -223,6 +223,15 @@ def program_data(program: Program, source) -> EngineData:
     return data if program.bucket is None else pad_engine_data(data, num_classes, program.bucket)
 
 
+def shard_specs(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
+    """Share ``index`` of ``count`` of a grid: the runs whose run id (hex) is ``index`` modulo
+    ``count``. Deterministic, and a run keeps its share when the grid grows; every share of a
+    program's runs compiles that program (shares trade compilations for independence)."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
+    return [s for s in specs if int(s.run_id, 16) % count == index]
+
+
 def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
               options: EngineOptions = EngineOptions(), mesh=None, progress: bool = True,
               stats: CompileStats | None = None, report: bool = True, plan_for: Sequence[RunSpec] = ()) -> list[dict]:
