@@ -68,6 +68,19 @@ Probes and sampled rows are reproducible: the ``k``-th recorded call (in call or
 draws its probes from ``fold_in(key, k)``: ``rademacher(fold_in(k_call, 0), (P, *h.shape))``
 and, for ``r < 1``, rows ``permutation(fold_in(k_call, 1), B)[:m]`` (see :func:`call_key`).
 
+On many devices (README "DREG on many devices"):
+
+* ``jax.jit`` with sharded inputs (a classic ``Mesh`` or explicit axes, ``jax.make_mesh``): the
+  terms are the global batch's, the same numbers as on one device (the sampled rows of
+  ``r < 1`` are gathered replicated: every device sees the ``m`` rows).
+* ``shard_map``: each shard computes the terms of its own rows (``||J||_F^2 / B_local``);
+  ``lax.pmean`` over the batch axis gives the global batch's mean (equal shards). Each shard must
+  draw its own probes and rows, or the shards' estimates are correlated (the spread grows) and,
+  with batch statistics synced over the axis, biased. So the key of every recorded call is
+  ``fold_in(key, axis_index(a))`` for each mesh axis ``a`` the input varies over:
+  found by JAX itself under ``check_vma=True`` (the default), given as ``axis_name=`` under
+  ``check_vma=False``. ``row_fraction`` then samples within each shard.
+
 Keys of ``terms`` are the submodule paths: scope names joined with ``/`` as in the params tree
 for linen (``"Block_0/Dense_1"``), attribute names and indices for NNX (``"blocks/0/mlp"``).
 A submodule called more than once gets one entry per call, ``"path#0"``, ``"path#1"``, ... in
@@ -234,7 +247,7 @@ class _Recorder:
         if self.row_fraction < 1.0:
             m = max(1, round(self.row_fraction * batch))
             rows = jax.random.permutation(jax.random.fold_in(k_call, 1), batch)[:m]
-            h_probe = h[rows]
+            h_probe = _take_rows(h, rows)
         else:
             h_probe = h
         v = rademacher(jax.random.fold_in(k_call, 0), (probes,) + h_probe.shape, h.dtype)
@@ -875,9 +888,43 @@ def _check_layers(layers, scope):
     return layers
 
 
+def _take_rows(h, rows):
+    """``h[rows]``; under explicit mesh axes with the batch sharded, the rows come back
+    replicated over the batch axes (every device holds the ``m`` sampled rows: the global
+    batch's draw, as on one device)."""
+    spec = getattr(getattr(jax.typeof(h), "sharding", None), "spec", None)
+    if spec is not None and len(spec) and spec[0] is not None:
+        return h.at[rows].get(out_sharding=jax.sharding.PartitionSpec(None, *spec[1:]))
+    return h[rows]
+
+
+def _shard_axes(x, axis_name) -> tuple:
+    """Mesh axes the input varies over inside ``shard_map``: ``axis_name`` (a name or names)
+    and those JAX tracks for ``x`` (``check_vma=True``), sorted."""
+    given = () if axis_name is None else (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    tracked = set()
+    for leaf in jax.tree_util.tree_leaves(x):
+        if isinstance(leaf, (jax.Array, np.ndarray)):
+            aval = jax.typeof(leaf)
+            # the axes JAX tracks (check_vma=True): older JAX names them aval.vma, newer
+            # aval.manual_axis_type.varying
+            manual = getattr(aval, "manual_axis_type", None)
+            tracked |= set(getattr(manual, "varying", None) or getattr(aval, "vma", None) or ())
+    return tuple(sorted(set(given) | tracked))
+
+
+def shard_key(key, x, axis_name=None):
+    """The key :func:`jacobian_terms` draws from: ``key`` folded with ``axis_index(a)`` for every
+    mesh axis ``a`` the input ``x`` varies over inside ``shard_map`` (module docs); ``key``
+    itself outside one."""
+    for name in _shard_axes(x, axis_name):
+        key = jax.random.fold_in(key, jax.lax.axis_index(name))
+    return key
+
+
 def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str = "layer",
                    estimator: str = "probe", num_probes: int = 1, row_fraction: float = 1.0,
-                   with_widths: bool = False, **kwargs):
+                   with_widths: bool = False, axis_name=None, **kwargs):
     """Forward pass of ``model`` plus one DREG term per selected submodule call.
 
     Args:
@@ -895,6 +942,9 @@ def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str
       row_fraction: share of batch rows that carry probes, in (0, 1] (unbiased; see docs).
       with_widths: also return each term's output width (units per example), the ``widths`` of
         ``dreg_penalty(..., scaling="width")``, from the same pass.
+      axis_name: inside ``shard_map`` with ``check_vma=False``: the batch's mesh axis name (or
+        names); each shard then draws its own probes and rows (:func:`shard_key`). Under
+        ``check_vma=True`` JAX tells the library the axes itself.
 
     Returns:
       ``(out, terms)`` (``(out, terms, widths)`` with ``with_widths``): ``out`` what
@@ -911,7 +961,11 @@ def jacobian_terms(model, variables, x, *args, key=None, layers=None, scope: str
     layers = _check_layers(layers, scope)
     if scope == "layer" and estimator == "probe" and key is None:
         raise ValueError('the probe estimator draws Rademacher probes: pass key=jax.random.key(...)')
-    key = jax.random.key(0) if key is None else key
+    if row_fraction < 1.0 and (estimator == "exact" or scope == "activation"):
+        raise ValueError(f"row_fraction={row_fraction} samples the rows that carry probes; "
+                         f"{'the exact estimator' if estimator == 'exact' else 'the activation scope'} "
+                         "draws none and uses every row: leave row_fraction at 1, or use estimator=\"probe\"")
+    key = jax.random.key(0) if key is None else shard_key(key, x, axis_name)
     _check_model_input(x)
     out, _, terms, widths = _run(model, variables, x, args, kwargs,
                                  (layers, scope, estimator, key, num_probes, row_fraction))
