@@ -59,3 +59,16 @@ def test_the_exact_estimator_and_the_activation_scope_refuse_row_fraction():
     for kwargs in ({"estimator": "exact", "layers": [nn.Dense]}, {"scope": "activation"}):
         with pytest.raises(ValueError, match="row_fraction=0.5 samples the rows"):
             jacobian_terms(model, variables, x, key=jax.random.key(0), row_fraction=0.5, **kwargs)
+
+
+def test_readme_data_parallel_vit_step_runs_on_8_devices(tmp_path):
+    from test_readme import section_block
+
+    script = tmp_path / "step.py"
+    script.write_text(section_block("DREG on many devices"))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    done = subprocess.run([sys.executable, str(script)], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("loss ") and "encoder/block_0/ffn" in line and "nan" not in line, line
