@@ -247,6 +247,11 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
     ``plan_for``: runs to plan the compiled programs for besides the pending ones
     (:func:`plan_programs`): a study that calls this in rounds passes every run it will ask
     for, so the rounds share their programs.
+
+    Several processes (``jax.distributed``, ``mesh=run_mesh()`` over every process's devices):
+    process 0 alone reads ``results_path``, plans and writes; the others take its finished rows
+    and pending runs (:mod:`dreg_jax.engine.distributed`) and return the same records. Every row
+    records its ``layout`` (devices, processes, vmap width); a resume on another layout warns.
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
