@@ -67,7 +67,7 @@ rebuild-reports: $(STAMP)
 	$(PY) experiments/rebuild_report.py $$(dirname $$(ls docs/results/*/meta.json))
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers (pytest-xdist), one test file each at a time
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -26,7 +26,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 from dreg_jax import jacobian_terms  # noqa: E402
 
-KEYS = 300
+KEYS = 200
 
 
 class MLP(nn.Module):
