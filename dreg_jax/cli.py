@@ -743,9 +743,58 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv=None) -> int:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), interrupts_delivered():
         warnings.showwarning = _show_warning
         return _main(argv)
+
+
+#: Seconds after a Ctrl-C at which it is delivered again if the command has not stopped.
+REDELIVER_SECONDS = 0.5
+_INTERRUPT = {"pending": False}  # a Ctrl-C arrived and the command has not stopped for it yet
+
+
+@contextlib.contextmanager
+def interrupts_delivered():
+    """Ctrl-C always stops the command. Python raises ``KeyboardInterrupt`` wherever the main
+    thread is, and inside a callback (JAX registers one with the garbage collector) the exception
+    is printed as "Exception ignored" and dropped: the command ran on and exited 0. While this is
+    active, a Ctrl-C that has not stopped the command within :data:`REDELIVER_SECONDS` is sent
+    again, and dropped interrupts are not printed. Only on the main thread and only over
+    Python's own handler (an ignored SIGINT, e.g. under ``nohup``, stays ignored)."""
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield _INTERRUPT
+        return
+
+    def redeliver():
+        if _INTERRUPT["pending"]:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def handler(signum, frame):
+        _INTERRUPT["pending"] = True
+        timer = threading.Timer(REDELIVER_SECONDS, redeliver)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and _INTERRUPT["pending"]:
+            return  # dropped by a callback: delivered again
+        previous_hook(unraisable)
+
+    signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = hook
+    try:
+        yield _INTERRUPT
+    finally:
+        _INTERRUPT["pending"] = False
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
 
 
 def _main(argv) -> int:
@@ -758,6 +807,7 @@ def _main(argv) -> int:
         args = parser.parse_args(argv)
         return args.func(args)
     except KeyboardInterrupt:  # every write is whole or not at all: nothing is left half written
+        _INTERRUPT["pending"] = False
         print("dreg-jax: interrupted; every file is as it was or complete (nothing half written)",
               file=sys.stderr)
         return INTERRUPTED

@@ -331,3 +331,31 @@ def test_a_module_level_constant_is_part_of_the_run_id():
         exec(source.format(hidden), module.__dict__)  # noqa: S102 - a user's module, as a script defines it
         ids.append(model_identity(module.Net()))
     assert ids[0] != ids[1] and ids[0] == ids[2]
+
+
+def test_an_interrupt_dropped_by_a_callback_is_delivered_again(capsys):
+    """Python drops a KeyboardInterrupt raised inside a callback (JAX's garbage-collector hook
+    did, and `tune` ran on after Ctrl-C): the CLI sends it again."""
+    import gc
+    import signal
+    import time
+
+    from dreg_jax.cli import interrupts_delivered
+
+    def callback(phase, info):
+        if phase == "start":
+            signal.raise_signal(signal.SIGINT)  # Python runs the handler here, inside the callback
+            sum(range(10))
+
+    with interrupts_delivered() as state:
+        gc.callbacks.append(callback)
+        try:
+            gc.collect()  # the interrupt is dropped inside the callback ...
+        finally:
+            gc.callbacks.remove(callback)
+        assert state["pending"]
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)  # ... and delivered again
+        state["pending"] = False
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
