@@ -16,6 +16,7 @@ from dreg_jax.layers import (
     cubic_value_and_derivative,
     get_activation,
     jacobian_terms,
+    shard_key,
     submodule_fns,
     term_widths,
 )
@@ -76,7 +77,7 @@ def load_results(path):
 
 __all__ = [
     # any-model DREG
-    "jacobian_terms", "term_widths", "call_key", "Activation", "NNXActivation", "NNXModel",
+    "jacobian_terms", "term_widths", "call_key", "shard_key", "Activation", "NNXActivation", "NNXModel",
     "submodule_fns", "layer_jacobian_sq_norms", "layer_widths", "elementwise_value_and_derivative",
     # penalties
     "dreg_penalty", "warn_if_penalty_dominates", "input_gradient_penalty",

@@ -9,6 +9,7 @@ from dreg_jax.layers.jacobian_terms import (
     call_key,
     jacobian_terms,
     nnx_module_paths,
+    shard_key,
     term_widths,
 )
 from dreg_jax.layers.mlp import MLP
