@@ -32,7 +32,7 @@ def captured(model, variables, x, *args, **kwargs):
 
     def capture(fun, a, k, ctx):
         if ctx.method_name == "__call__" and ctx.module.scope is not None and ctx.module.scope.path:
-            seen.setdefault("/".join(ctx.module.scope.path), []).append(a[0])
+            seen.setdefault("/".join(ctx.module.scope.path), []).append(a[0] if a else next(iter(k.values())))
         return fun(*a, **k)
 
     with nn.intercept_methods(capture):
@@ -465,7 +465,37 @@ class SelfCall(nn.Module):
         return jnp.tanh(nn.Dense(x.shape[-1], name="inner")(x))
 
 
-PATTERNS = ["self_call", "scaled_super", "multi_output", "reflect", "circular", "nested", "scan", "remat"]
+PATTERNS = ["self_call", "scaled_super", "multi_output", "reflect", "circular", "nested", "scan", "remat",
+            # production constructs (issue 34): nn.jit, a custom_vjp inside, (cache, x) outputs,
+            # partitioned params, self-attention over one tensor passed twice, keyword inputs
+            "jit", "custom_vjp", "cache", "partitioned", "tied", "keyword"]
+
+
+@jax.custom_vjp
+def _clipped_sqrt(x):
+    return jnp.sqrt(x)
+
+
+_clipped_sqrt.defvjp(lambda x: (jnp.sqrt(x), x), lambda x, g: (g / (2.0 * jnp.sqrt(jnp.maximum(x, 1e-6))),))
+
+
+class _SqrtGate(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(x.shape[-1])(x) * _clipped_sqrt(jax.nn.sigmoid(nn.Dense(x.shape[-1])(x)))
+
+
+class _CacheOut(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        k = nn.Dense(2 * x.shape[-1])(x)
+        return {"k": k, "index": jnp.zeros((x.shape[0],), jnp.int32)}, jnp.tanh(nn.Dense(x.shape[-1])(x))
+
+
+class _Bilinear(nn.Module):
+    @nn.compact
+    def __call__(self, q, kv):
+        return jnp.tanh(nn.Dense(q.shape[-1])(q)) * nn.Dense(q.shape[-1])(kv)
 
 
 def _pattern_model(pattern):
@@ -484,6 +514,19 @@ def _pattern_model(pattern):
                 return nn.Conv(1, (1, 3), padding=pattern.upper(), name="sel")(h).reshape(x.shape[0], -1)
             if pattern == "nested":
                 return MlpBlock(name="sel")(x)
+            if pattern == "jit":
+                return nn.jit(MlpBlock)(name="sel")(x)
+            if pattern == "custom_vjp":
+                return _SqrtGate(name="sel")(x)
+            if pattern == "cache":
+                return _CacheOut(name="sel")(x)[1]
+            if pattern == "partitioned":
+                return nn.Dense(x.shape[-1], name="sel", kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), ("embed", "mlp")))(x)
+            if pattern == "tied":
+                return _Bilinear(name="sel")(x, x)
+            if pattern == "keyword":
+                return MlpBlock(name="sel")(x=x)
             if pattern == "scan":
                 return nn.scan(_Step, variable_axes={"params": 0}, split_rngs={"params": True},
                                length=2)(name="sel")(x, None)[0]
@@ -502,8 +545,10 @@ def _layers(pattern):
     return {"nested": ["sel", "sel/Dense_1"], "scan": ["sel/mlp"]}.get(pattern, ["sel"])
 
 
-def _reference(model, v, x, path):
+def _reference(model, v, x, path, pattern=None):
     """jacfwd of the submodule at ``path`` alone, at each input it received."""
+    if pattern == "jit":  # the same block without nn.jit: its inputs are concrete (the same params)
+        model = _pattern_model("nested")
     inputs = captured(model, v, x)
     refs = []
     if path == "sel/mlp":  # the scan's layers: apply each layer's slice
@@ -518,7 +563,7 @@ def _reference(model, v, x, path):
 
     h = inputs[path][0]
 
-    def fn(z):
+    def fn(z):  # every argument that is h (a tied self-attention input) becomes z
         out = {}
 
         def grab(fun, a, k, ctx):
@@ -531,15 +576,16 @@ def _reference(model, v, x, path):
             if ctx.method_name == "__call__" and ctx.module.scope is not None and "/".join(ctx.module.scope.path) == path \
                     and "done" not in out:
                 out["done"] = True
-                return grab(fun, (z,) + tuple(a[1:]), k, ctx)
+                first = a[0] if a else next(iter(k.values()))
+                return grab(fun, tuple(z if b is first else b for b in a), {n: z if b is first else b for n, b in k.items()}, ctx)
             return fun(*a, **k)
 
         with nn.intercept_methods(swap):
             model.apply(v, x)
-        first = jax.tree_util.tree_leaves(out[path])[0]
-        return first
+        return out[path][1] if isinstance(out[path], tuple) else out[path]  # (cache, x): x
 
-    refs.append(jac_sq(fn, h))
+    jacobian = jax.jacrev if pattern == "custom_vjp" else jax.jacfwd
+    refs.append(float(jnp.sum(jacobian(fn)(h) ** 2) / h.shape[0]))
     return refs
 
 
@@ -559,7 +605,7 @@ def test_module_patterns_give_the_reference_or_a_clear_error(pattern, estimator,
     for value in terms.values():
         assert not isinstance(value, jax.core.Tracer) and np.isfinite(float(value))
     chex.assert_trees_all_close(out, model.apply(v, x), rtol=1e-6, atol=1e-6)
-    refs = _reference(model, v, x, layers[0])
+    refs = _reference(model, v, x, layers[0], pattern)
     got = [t for k, t in terms.items() if k.split("#")[0] == layers[0]]
     assert len(got) == len(refs)
     if estimator == "exact":
@@ -572,6 +618,16 @@ def test_module_patterns_give_the_reference_or_a_clear_error(pattern, estimator,
     for i, ref in enumerate(refs):
         mean, se = float(jnp.mean(values[:, i])), float(jnp.std(values[:, i]) / np.sqrt(len(keys)))
         assert abs(mean - ref) < 3 * se + 1e-5 * ref, (pattern, i, mean, ref, se)
+
+
+PRODUCTION_PATTERNS = PATTERNS[PATTERNS.index("jit"):]
+
+
+@pytest.mark.parametrize("estimator", ["probe", "exact"])
+@pytest.mark.parametrize("pattern", PRODUCTION_PATTERNS)
+def test_every_production_pattern_gives_the_reference_or_a_clear_error(pattern, estimator):
+    """The property test above samples 6 of its cases; these constructs run every time."""
+    test_module_patterns_give_the_reference_or_a_clear_error.hypothesis.inner_test(pattern, estimator, 1)
 
 
 def test_nnx_vmap_ensemble_gives_one_term_per_member():
