@@ -477,3 +477,30 @@ def test_scan_terms_draw_from_call_key_0_as_documented():
     probe = rademacher(jax.random.fold_in(dreg_jax.call_key(key, 0), 0), (1,) + x.shape, x.dtype)[0]
     _, jv = jax.jvp(lambda z: nn.Dense(D).apply({"params": p0}, z), (jnp.tanh(x),), (probe,))
     np.testing.assert_allclose(float(terms["s/mlp#0"]), float(jnp.mean(jnp.sum(jv ** 2, -1))), rtol=1e-5)
+
+
+def test_nnx_custom_vjp_takes_reverse_mode_and_bad_modes_are_refused():
+    class Gate(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(D, D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
+
+        def __call__(self, x):
+            return self.a(x) * sqrt_bound_derivative(jax.nn.sigmoid(self.b(x)))
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.gate = Gate(rngs)
+
+        def __call__(self, x):
+            return self.gate(x)
+
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (B, D))
+    ref = jac_sq(lambda z: model.gate(z), x, jax.jacrev)
+    assert_unbiased(lambda k: dreg_jax.jacobian_terms(model, None, x, key=k, layers=["gate"])[1]["gate"], ref)
+    with pytest.raises(ValueError, match=r"'gate' calls a jax.custom_vjp function \(sqrt_bound_derivative\)"):
+        dreg_jax.jacobian_terms(model, None, x, key=jax.random.key(0), layers=["gate"], mode="forward")
+    with pytest.raises(ValueError, match=r"mode=\"reverse\" chooses how the probe estimator differentiates"):
+        dreg_jax.jacobian_terms(model, None, x, layers=["gate/a"], estimator="exact", mode="reverse")
+    with pytest.raises(ValueError, match="mode"):
+        dreg_jax.jacobian_terms(model, None, x, key=jax.random.key(0), layers=["gate"], mode="backward")
