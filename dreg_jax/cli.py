@@ -1,13 +1,4 @@
-"""The ``dreg-jax`` command: ``train``, ``sweep`` and ``data`` subcommands.
-
-Examples::
-
-    dreg-jax train --dataset digits --activation chainzrule --regularizer dreg --epochs 20
-    dreg-jax sweep --datasets digits wine --activations gelu chainzrule \\
-        --regularizers none dreg --seeds 5 --fractions 0.1 1.0 --results results/sweep.jsonl
-    dreg-jax sweep --config sweep.yaml          # keys = SweepConfig fields
-    dreg-jax data list
-"""
+"""The ``dreg-jax`` command line (``dreg-jax --help`` prints :data:`DESCRIPTION`)."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +18,30 @@ from dreg_jax._files import (
     check_writable_directory,
     check_writable_file,
 )
+
+
+DESCRIPTION = """\
+dreg-jax: train, tune and study DREG-regularized networks (JAX/Flax).
+
+commands:
+  train     train one run and print its metrics (--out: a results row)
+  sweep     a resumable factorial grid of runs, one results row per run
+  tune      choose each regularizer's strength on the validation split
+  predict   predict the rows of a CSV with a saved model
+  results   summary table (and flat CSV) of results files
+  plot      accuracy and learning-curve plots of results files
+  data      list or inspect the datasets
+
+examples:
+  dreg-jax train --dataset digits --activation chainzrule --regularizer dreg --epochs 20
+  dreg-jax tune --csv table.csv --target label --save-model models/
+  dreg-jax predict --model models/dreg --csv new_rows.csv --out predictions.csv
+  dreg-jax sweep --datasets digits wine --regularizers none dreg --seeds 5 --results results/sweep.jsonl
+  dreg-jax results results/sweep.jsonl
+  dreg-jax data list
+
+`dreg-jax COMMAND --help` lists a command's options and their defaults.
+"""
 
 
 def _json_number(value):
@@ -359,6 +374,14 @@ def cmd_train(args) -> int:
         return _train(args)
 
 
+def _robust_names(spec):
+    """Names of the robustness sets of a run's dataset (the order of its robust accuracies), as
+    sweep names them (the dataset is cached: loading it again costs nothing)."""
+    from dreg_jax.data import load_dataset
+
+    return load_dataset(spec.dataset, featurizer=spec.featurizer).robust
+
+
 def _train(args) -> int:
     sweep = _sweep_config(args)
     if args.strength is not None:
@@ -402,9 +425,13 @@ def _train(args) -> int:
         print(f"  FAILED: non-finite loss at step {metrics['fail_step']}")
     elif metrics["diverge_step"] >= 0:
         print(f"  DIVERGED: data loss exploded at step {metrics['diverge_step']}")
-    if args.out:
-        atomic_write(args.out, json.dumps(out, indent=2, allow_nan=False), what="--out")
-        print(f"wrote {args.out}")
+    if args.out:  # the row sweep writes (one JSON line): results and plot read it
+        from dreg_jax.engine.sweep import _records
+
+        row = _records([spec], final, curves, out["seconds"], list(_robust_names(spec)),
+                       {"devices": 1, "processes": 1, "vmap_width": 1})[0]
+        atomic_write(args.out, json.dumps(row, allow_nan=False) + "\n", what="--out")
+        print(f"wrote {args.out} (a results row: `dreg-jax results {args.out}`)")
     if args.save_model is not None:
         if status != "ok":
             step = metrics["fail_step"] if status == "failed" else metrics["diverge_step"]
@@ -574,8 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     from dreg_jax.penalties.schedules import SCHEDULES
     from dreg_jax.training.config import REGULARIZERS
 
-    parser = _Parser(prog="dreg-jax", description=__doc__,
+    parser = _Parser(prog="dreg-jax", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dreg-jax {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     dataset_help = "a dataset name (`dreg-jax data list`: 15 offline sets, public TFDS names)"
 
@@ -595,10 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seeds", type=_positive_int, help=f"number of seeds (0..n-1) (default {defaults.seeds})")
             p.add_argument("--fractions", nargs="+", type=float,
                            help=f"training fractions in (0, 1] (default {said(defaults.fractions)})")
-            p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float, help="(default 0)")
-            p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float, help="(default 0)")
+            p.add_argument("--label-noise", dest="label_noise", nargs="+", type=float,
+                           help="shares of training labels replaced by random ones (default 0)")
+            p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float,
+                           help="stds of Gaussian noise added to the training inputs (default 0)")
             p.add_argument("--learning-rates", dest="learning_rates", nargs="+", type=float,
-                           help=f"(default {said(defaults.learning_rates)})")
+                           help=f"Adam learning rates (default {said(defaults.learning_rates)})")
             p.add_argument("--strengths", dest="strength_grid", nargs="+", type=float, metavar="LAMBDA",
                            help="strengths for every regularizer that has one (default: each one's own)")
             p.add_argument("--strength-schedules", dest="strength_schedules", nargs="+", choices=SCHEDULES,
@@ -639,15 +669,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--activation", choices=ACTIVATIONS, default=defaults.activations[0],
                          help=f"(default {defaults.activations[0]}, as sweep and tune)")
     p_train.add_argument("--regularizer", choices=REGULARIZERS, default="dreg", help="(default dreg)")
-    p_train.add_argument("--seed", type=int, default=0)
-    p_train.add_argument("--fraction", type=float)
-    p_train.add_argument("--label-noise", dest="label_noise", type=float)
-    p_train.add_argument("--input-noise", dest="input_noise", type=float)
-    p_train.add_argument("--learning-rate", dest="learning_rate", type=float)
+    p_train.add_argument("--seed", type=int, default=0, help="the run's seed (default 0)")
+    p_train.add_argument("--fraction", type=float,
+                         help=f"share of the training split used, in (0, 1] (default {said(defaults.fractions)})")
+    p_train.add_argument("--label-noise", dest="label_noise", type=float,
+                         help="share of training labels replaced by random ones (default 0)")
+    p_train.add_argument("--input-noise", dest="input_noise", type=float,
+                         help="std of Gaussian noise added to the training inputs (default 0)")
+    p_train.add_argument("--learning-rate", dest="learning_rate", type=float,
+                         help=f"Adam's learning rate (default {said(defaults.learning_rates)})")
     p_train.add_argument("--strength", type=float, help="regularization strength (default per regularizer)")
     p_train.add_argument("--strength-schedule", dest="strength_schedule", choices=SCHEDULES,
                          help="lambda schedule of the dreg penalty (default constant)")
-    p_train.add_argument("--out", type=pathlib.Path, help="write metrics and curves as JSON")
+    p_train.add_argument("--out", type=pathlib.Path,
+                         help="write the run's results row (metrics and curves; the JSON line sweep "
+                              "writes, so `dreg-jax results` and `plot` read it)")
     p_train.add_argument("--save-model", dest="save_model", type=pathlib.Path, metavar="DIR",
                          help="keep the trained model in DIR (dreg_jax.load_model, dreg-jax predict)")
     grid_options(p_train, plural=False)
@@ -656,9 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_sweep = sub.add_parser("sweep", help="run a resumable factorial grid of runs")
     grid_options(p_sweep, plural=True)
-    p_sweep.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results/sweep.jsonl"))
+    p_sweep.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results/sweep.jsonl"),
+                         help="results JSONL: one row per run, appended; an existing file is resumed "
+                              "(default results/sweep.jsonl)")
     p_sweep.add_argument("--chunk-size", dest="chunk_size", type=_positive_int, default=64,
-                         help="runs trained per results append (whole blocks of --vmap-width runs)")
+                         help="runs trained per results append (whole blocks of --vmap-width runs; default 64)")
     p_sweep.add_argument("--no-epoch-diagnostics", action="store_true",
                          help="compute tau only at the end (faster)")
     scale = p_sweep.add_argument_group(
@@ -720,21 +758,33 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot = sub.add_parser("plot", help="accuracy-by-regularizer and learning-curve PNGs of a sweep")
     p_plot.add_argument("file", nargs="+", type=pathlib.Path,
                         help="results JSONL file(s) or glob patterns, read as one table (as for results)")
-    p_plot.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/plots"))
+    p_plot.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/plots"),
+                        help="folder for the PNGs (default results/plots)")
     p_plot.set_defaults(func=cmd_plot)
 
     p_data = sub.add_parser("data", help="list or inspect the datasets")
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_list = data_sub.add_parser("list", help="every dataset with size, classes, kind and source")
     p_show = data_sub.add_parser("show", help="summary of one dataset (+ PNG of examples for images)")
-    p_show.add_argument("name")
+    p_show.add_argument("name", help="a dataset name (`dreg-jax data list`)")
     p_show.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/data"),
-                        help="folder for the PNG of examples")
+                        help="folder for the PNG of examples (default results/data)")
     for p in (p_list, p_show):
         p.add_argument("--data-dir", dest="data_dir", type=pathlib.Path, default=None,
                        help="TFDS data dir (default $DREG_JAX_DATA_DIR or ~/.cache/dreg_jax/tfds)")
     p_data.set_defaults(func=cmd_data)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dreg_jax")
+    except PackageNotFoundError:  # a source checkout that was not installed
+        from dreg_jax import __version__
+
+        return __version__
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -419,7 +419,13 @@ def test_dominance_warning_fires_once(jit, monkeypatch):
     with pytest.warns(UserWarning, match="exceeds the data loss") as record:
         for _ in range(3):
             jax.block_until_ready(fn(jnp.array([2.0, 3.0]), jnp.array(1.0)))
-    assert len([w for w in record if "exceeds the data loss" in str(w.message)]) == 1
+    (warning,) = [w for w in record if "exceeds the data loss" in str(w.message)]
+    assert warning.filename == __file__  # the user's line (the lambda above), not the library's or JAX's
+    assert "pass scaling='width' or use a smaller strength than 1" in str(warning.message)
+    monkeypatch.setattr(dreg_module, "_WARNED", [])
+    with pytest.warns(UserWarning, match="you already pass scaling='width': use a smaller strength than 5"):
+        jax.block_until_ready(dreg_jax.dreg_penalty(jnp.array([20.0, 30.0]), strength=5.0, widths=(1, 1),
+                                                    scaling="width", data_loss=jnp.array(1.0)))
     monkeypatch.setattr(dreg_module, "_WARNED", [])
     import warnings
     with warnings.catch_warnings():

@@ -100,6 +100,20 @@ def test_cli_train_with_patience_keeps_the_best_epoch(tmp_path, capsys):
     assert m["validation_accuracy"] == pytest.approx(max(ran), abs=1e-6)
 
 
+def test_results_and_plot_read_what_train_out_writes(tmp_path, capsys):
+    """``train --out`` writes the row ``sweep`` writes: ``results`` and ``plot`` read it."""
+    out = tmp_path / "run.json"
+    assert cli_main(["train", "--dataset", "iris", "--epochs", "2", "--hidden", "8", "--out", str(out)]) == 0
+    capsys.readouterr()
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["status"] == "ok" and row["layout"] == {"devices": 1, "processes": 1, "vmap_width": 1}
+    assert cli_main(["results", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "iris" in table and "dreg" in table and "1 runs" in table
+    assert cli_main(["plot", str(out), "--out", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "accuracy_by_regularizer.png").stat().st_size > 0
+
+
 @pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it
 def test_cli_train_and_data_list(tmp_path, capsys):
     out = tmp_path / "run.json"

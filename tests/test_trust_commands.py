@@ -359,3 +359,34 @@ def test_an_interrupt_dropped_by_a_callback_is_delivered_again(capsys):
         state["pending"] = False
     assert "Exception ignored" not in capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_help_lists_every_command_and_every_option_says_its_default(capsys):
+    import argparse
+
+    from dreg_jax.cli import build_parser, main
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = []
+
+    def walk(p, name):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+            elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                text = action.help or ""
+                if not text or (action.default not in (None, False) and "default" not in text):
+                    missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(parser, "dreg-jax")
+    assert not missing, f"options without help or without their default: {missing}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert all(f"\n  {name} " in top for name in commands), top  # every subcommand, in plain text
+    assert "``" not in top and "::" not in top  # plain text, not raw RST
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("dreg-jax ")

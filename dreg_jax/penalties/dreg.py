@@ -40,6 +40,9 @@ Scopes (where the Jacobian is taken, chosen by the model pass, not here):
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import warnings
 from typing import Mapping, Sequence
 
@@ -146,33 +149,60 @@ def dreg_penalty(
         raise ValueError(f"the penalty overflows {penalty.dtype} (strength {strength!r} times terms summing to "
                          f"{float(jnp.sum(terms)):.4g}); use a smaller strength or scaling='width'")
     if data_loss is not None:
-        warn_if_penalty_dominates(penalty, data_loss)
+        warn_if_penalty_dominates(penalty, data_loss, scaling=scaling, strength=strength)
     return penalty
 
 
 _WARNED = []
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                 os.path.dirname(os.path.abspath(jax.__file__)))
 
 
-def _warn_once(penalty, data_loss):
+def _user_call_site():
+    """``(filename, lineno)`` of the first frame outside dreg_jax and JAX: the user's line that
+    computed the penalty (taken when the call is traced, so a jitted step names it too)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = os.path.abspath(frame.f_code.co_filename)
+        if not filename.startswith(_LIBRARY_DIRS) and "/flax/" not in filename and not filename.startswith("<"):
+            return frame.f_code.co_filename, frame.f_lineno
+        frame = frame.f_back
+    return "<unknown>", 0
+
+
+def _advice(scaling, strength) -> str:
+    shown = f"{float(strength):.3g}" if is_concrete(strength) and np.ndim(strength) == 0 else "the strength"
+    if scaling == "width":
+        return (f"you already pass scaling='width': use a smaller strength than {shown} (README, "
+                "'Choosing lambda')")
+    return ("the raw sum grows with the number of units per term (conv feature maps, sequence "
+            f"positions, deep stacks): pass scaling='width' or use a smaller strength than {shown} "
+            "(README, 'Choosing lambda')")
+
+
+def _warn_once(penalty, data_loss, *, advice, site):
     if _WARNED:
         return
     penalty, data_loss = float(np.mean(penalty)), float(np.mean(data_loss))
     if penalty > data_loss:
         _WARNED.append(True)
-        warnings.warn(
+        warnings.warn_explicit(
             f"the DREG penalty ({penalty:.4g}) exceeds the data loss ({data_loss:.4g}): the "
-            "regularizer dominates training. The raw sum grows with the number of units per term "
-            "(conv feature maps, sequence positions, deep stacks): use scaling='width' or a smaller "
-            "strength (README, 'Choosing lambda'). This warning is shown once per process.",
-            UserWarning, stacklevel=3,
+            f"regularizer dominates training; {advice}. This warning is shown once per process.",
+            UserWarning, site[0], site[1], module="dreg_jax",
         )
 
 
-def warn_if_penalty_dominates(penalty, data_loss):
-    """Warns once per process when ``penalty > data_loss`` (a host callback under ``jit``)."""
+def warn_if_penalty_dominates(penalty, data_loss, *, scaling=None, strength=None):
+    """Warns once per process when ``penalty > data_loss`` (a host callback under ``jit``).
+
+    The warning names the caller's line (the user's code, not this library's or JAX's) and
+    gives advice for what was passed (``scaling``, ``strength``: :func:`dreg_penalty`'s).
+    """
     if _WARNED:
         return
+    callback = functools.partial(_warn_once, advice=_advice(scaling, strength), site=_user_call_site())
     if is_concrete(penalty) and is_concrete(data_loss):
-        _warn_once(penalty, data_loss)
+        callback(penalty, data_loss)
     else:
-        jax.debug.callback(_warn_once, penalty, data_loss)
+        jax.debug.callback(callback, penalty, data_loss)
