@@ -175,9 +175,13 @@ def _sweep_config(args):
 
         if not args.target:
             raise ValueError("--csv needs --target COLUMN (the label column)")
+        # --validation-fraction is the CSV's own split here (default 0.1 of the training rows)
+        fraction = getattr(args, "validation_fraction", None)
         ds = from_csv(args.csv, args.target, test_csv=args.test_csv,
+                      validation_fraction=0.1 if fraction is None else fraction,
                       seed=0 if args.split_seed is None else args.split_seed, drop=args.drop or (),
                       keep=args.keep or (), encoding=args.encoding or "utf-8-sig")
+        args.validation_fraction = None  # taken by the split above, not by the sweep
         register_dataset(ds)
         print(f"{ds.name}: {len(ds.x_train)} train / {len(ds.x_val)} validation / {len(ds.x_test)} test rows, "
               f"{ds.num_features} features, classes {list(ds.label_names)}")
@@ -282,9 +286,8 @@ def cmd_tune(args) -> int:
     sweep = _sweep_config(args)
     if len(sweep.datasets) != 1:
         raise ValueError(f"tune chooses on one dataset at a time, got {list(sweep.datasets)}")
-    kinds = [r for r in sweep.regularizers if DEFAULT_STRENGTHS[r] is not None]
-    if not kinds:
-        raise ValueError(f"none of {list(sweep.regularizers)} has a strength to tune")
+    del DEFAULT_STRENGTHS  # every asked regularizer is tuned (none and SN: their learning rate only)
+    kinds = list(dict.fromkeys(([] if args.no_baseline else ["none"]) + list(sweep.regularizers)))
     locks = contextlib.ExitStack()
     if args.save_model is not None:  # fail before training, not after it
         from dreg_jax.saved_model import check_model_directory, model_directory_lock
@@ -306,23 +309,42 @@ def _tune(args, sweep, kinds) -> int:
     data, num_classes = engine_data(template.dataset, template.featurizer, template.validation_fraction)
     seeds = sweep.seeds if isinstance(sweep.seeds, int) else tuple(sweep.seeds)
     results = []
-    for kind in kinds:
+    for number, kind in enumerate(kinds, 1):
+        print(f"[{number}/{len(kinds)}] tuning {kind} on {len(data.y_val)} validation rows ...", flush=True)
         config = dataclasses.replace(template.config, regularizer=dataclasses.replace(
             template.config.regularizer, kind=kind, strength=None))
-        grid = (sweep.strengths or {}).get(kind)
+        from dreg_jax.training.regularizers import get_regularizer
+
+        # --strengths applies to the regularizers that have one (the baseline tunes its learning rate)
+        grid = (sweep.strengths or {}).get(kind) if get_regularizer(kind).default_strength is not None else None
         result = tune(data, config, num_classes, strengths=grid, learning_rates=sweep.learning_rates,
                       seeds=seeds, max_extensions=args.max_extensions, keep_model=args.save_model is not None,
                       preprocessing=_preprocessing_of(template.dataset),
                       options=_early_stopping(args, per_epoch_diagnostics=False))
         results.append(result)
-        print(f"\n{kind}: strength {result.strength:.3g}, learning rate {result.learning_rate:g} "
+        print(f"{kind}: strength {result.strength:.3g}, learning rate {result.learning_rate:g} "
               f"(validation rows {result.validation_rows}, {result.extensions} grid extension(s))")
         print(result.table())
         if result.note:
             print(f"note: {result.note}")
-    atomic_write(args.out / "tune.md", "\n\n".join(f"## {r.regularizer}\n\n{r.table()}" + (f"\n\nNote: {r.note}" if r.note else "")
-                                                    for r in results) + "\n")
-    atomic_write(args.out / "tune.json", json.dumps([r.to_dict() for r in results], indent=2, default=_json_number))
+    held = None
+    if "none" in kinds and len(kinds) > 1 and len(data.y_test):
+        from dreg_jax.tuning import held_out_comparison
+
+        print(f"refitting every arm at its pick ({len(seeds) if not isinstance(seeds, int) else seeds} seeds) and "
+              f"scoring it on the {len(data.y_test)} held-out rows (never seen by the picks) ...", flush=True)
+        held = held_out_comparison(data, template.config, num_classes, results, seeds=seeds,
+                                   options=_early_stopping(args, per_epoch_diagnostics=False))
+        print(f"\nheld-out comparison ({held.held_out_rows} rows):")
+        print(held.table())
+    report = "\n\n".join(f"## {r.regularizer}\n\n{r.table()}" + (f"\n\nNote: {r.note}" if r.note else "")
+                         for r in results) + "\n"
+    if held is not None:
+        report += f"\n## Held-out comparison ({held.held_out_rows} rows, picks fixed first)\n\n{held.table()}\n"
+    atomic_write(args.out / "tune.md", report)
+    atomic_write(args.out / "tune.json", json.dumps({"picks": [r.to_dict() for r in results],
+                                                     "held_out": None if held is None else held.to_dict()},
+                                                    indent=2, default=_json_number))
     plot_tuning(results, args.out / "tune.png")
     print(f"wrote {args.out / 'tune.md'}, {args.out / 'tune.json'}, {args.out / 'tune.png'}")
     for r in results if args.save_model is not None else ():
@@ -642,8 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text features: hashed n-grams (default) or minilm (needs the encoder extra)")
         p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")
         p.add_argument("--validation-fraction", dest="validation_fraction", type=float,
-                       help="built-in datasets: stratified share of the training split held out for "
-                            "validation (default 0: the published splits)")
+                       help="stratified share of the training rows held out for validation (default: 0 for "
+                            "built-in datasets, their published splits, 0.2 under tune; 0.1 for --csv)")
         p.add_argument("--csv", type=pathlib.Path, help="your own data: a CSV with a header row (replaces the dataset)")
         p.add_argument("--target", help="the label column of --csv")
         p.add_argument("--test-csv", dest="test_csv", type=pathlib.Path,
@@ -733,6 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
     patience_option(p_tune)
     p_tune.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tune"),
                         help="folder for tune.md, tune.png and tune.json (default results/tune)")
+    p_tune.add_argument("--no-baseline", dest="no_baseline", action="store_true",
+                        help="do not tune the baseline (none) beside the asked regularizers, and skip the "
+                             "held-out comparison against it")
     p_tune.add_argument("--max-extensions", dest="max_extensions", type=int, default=2,
                         help="how often an edge pick may extend the grid (default 2)")
     p_tune.add_argument("--save-model", dest="save_model", type=pathlib.Path, metavar="DIR",

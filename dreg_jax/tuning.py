@@ -266,6 +266,13 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     on_edge = edge_extension(scores(), step) is not None
     if on_edge:
         notes.append(f"the pick is still on the grid's edge after {extensions} extension(s); widen the grid")
+    tried = sorted({k[0] for k in accuracy})
+    if len(tried) > 1 and best[0] == tried[0]:
+        notes.append(f"the pick is the smallest strength tried ({best[0]:.3g}): tuning switched {kind} (almost) off "
+                     "on this data")
+    if len(lrs) > 1 and best[1] in (min(lrs), max(lrs)):
+        notes.append(f"the learning rate pick ({best[1]:g}) is on an end of its grid {list(lrs)}: a better one "
+                     "may lie beyond it; widen --learning-rates")
     model = None
     if keep_model:
         run = {"seed": int(seeds[0]), "strength": best[0], "learning_rate": best[1], "tuned": True,
@@ -277,4 +284,181 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes), model, on_edge)
 
 
-__all__ = ["TuneResult", "choose", "edge_extension", "plot_tuning", "strength_grid", "tune"]
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """Every tuned arm refit at its pick and scored on the held-out rows (:func:`held_out_comparison`).
+
+    Attributes:
+      rows: one dict per arm: ``regularizer, strength, learning_rate`` and, as mean and std over
+        seeds, ``accuracy, balanced_accuracy, macro_f1, log_loss, auc`` (binary AUC, or the macro
+        one-vs-rest AUC; None where a class is missing from the held-out rows).
+      comparisons: one dict per arm other than the baseline: ``regularizer, baseline,
+        accuracy_diff`` and ``balanced_accuracy_diff`` (points, mean over seeds) each with a 95%
+        ``[low, high]`` interval (paired bootstrap over held-out rows and seeds), ``verdict`` and
+        ``sentence``; ``switched_off``: its held-out predictions equal the baseline's on every
+        row and seed (tuning turned it off: the comparison then measures nothing).
+      held_out_rows, seeds: the held-out split's size and the seeds.
+    """
+
+    rows: tuple
+    comparisons: tuple
+    held_out_rows: int
+    seeds: tuple
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        metric = lambda r, k, scale=100: ("n/a" if r[k] is None else  # noqa: E731
+                                          f"{scale * r[k]:.2f} +- {scale * r[k + '_std']:.2f}")
+        lines = ["| regularizer | strength | learning rate | accuracy % | balanced accuracy % | macro F1 % | "
+                 "log loss | AUC % |", "|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r['regularizer']} | {r['strength']:.3g} | {r['learning_rate']:.3g} | "
+                         f"{metric(r, 'accuracy')} | {metric(r, 'balanced_accuracy')} | {metric(r, 'macro_f1')} | "
+                         f"{metric(r, 'log_loss', 1)} | {metric(r, 'auc')} |")
+        return "\n".join(lines + [""] + [c["sentence"] for c in self.comparisons])
+
+
+def _weighted_metrics(correct, y, weights, num_classes):
+    """Accuracy and balanced accuracy of ``correct`` ``(seeds, rows)`` under row ``weights``
+    ``(draws, rows)``: ``(draws, seeds)`` each."""
+    accuracy = correct @ weights.T / weights.sum(1)  # (seeds, draws)
+    recalls = []
+    for c in range(num_classes):
+        w = weights * (y == c)
+        total = w.sum(1)
+        recalls.append(np.where(total > 0, (correct @ w.T) / np.maximum(total, 1e-12), np.nan))
+    return accuracy.T, np.nanmean(np.stack(recalls), axis=0).T
+
+
+def paired_interval(correct_arm, correct_base, y, num_classes, *, draws=2000, seed=0):
+    """Paired bootstrap (over held-out rows and over seeds) of arm - baseline, in points.
+
+    ``correct_*``: ``(seeds, rows)`` booleans, seed ``s`` of both arms on the same rows. Each draw
+    resamples the rows (multinomial weights) and the seeds (the same seeds for both arms: the
+    pairing), and takes the difference of the seed-mean accuracy and balanced accuracy.
+
+    Returns:
+      ``{"accuracy": (diff, low, high), "balanced_accuracy": (diff, low, high)}`` in points
+      (100 x), ``diff`` on the data as observed, ``[low, high]`` the 2.5% and 97.5% quantiles.
+    """
+    correct_arm, correct_base = np.asarray(correct_arm, float), np.asarray(correct_base, float)
+    y = np.asarray(y)
+    seeds, rows = correct_arm.shape
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(rows), rng.multinomial(rows, np.full(rows, 1.0 / rows), size=draws)])
+    seed_counts = np.vstack([np.ones(seeds), rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=draws)])
+    out = {}
+    arm, base = _weighted_metrics(correct_arm, y, weights, num_classes), _weighted_metrics(correct_base, y, weights, num_classes)
+    for name, a, b in (("accuracy", arm[0], base[0]), ("balanced_accuracy", arm[1], base[1])):
+        diff = ((a - b) * seed_counts).sum(1) / seeds * 100  # (draws + 1,): the first is the data itself
+        low, high = np.quantile(diff[1:], [0.025, 0.975])
+        out[name] = (float(diff[0]), float(low), float(high))
+    return out
+
+
+def _verdict(low, high) -> str:
+    return "better" if low > 0 else "worse" if high < 0 else "no reliable difference"
+
+
+def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *, seeds=3, baseline="none",
+                        options: EngineOptions | None = None, draws: int = 2000) -> HeldOut:
+    """Refits every tuned arm at its pick and compares it with the baseline on held-out rows.
+
+    Each :class:`TuneResult` in ``results`` is trained again at its pick (strength and learning
+    rate) for every seed, on the same training rows :func:`tune` used (never the validation or
+    held-out rows), and scored on ``data``'s test split, which :func:`tune` never read: the
+    picks are fixed before any held-out row is seen.
+
+    Args:
+      data: ``EngineData`` (or a ``Dataset``) whose test split holds the held-out rows.
+      config: the runs' config (its regularizer and learning rate are each arm's pick).
+      num_classes: the class count.
+      results: :class:`TuneResult` per arm; the ``baseline`` arm must be among them.
+      seeds: number of seeds or a sequence (seed ``s`` of every arm pairs with seed ``s`` of the
+        baseline).
+      draws: bootstrap draws of the 95% intervals (:func:`paired_interval`).
+
+    Returns:
+      A :class:`HeldOut`.
+    """
+    from sklearn import metrics as skm  # noqa: PLC0415 - the study extra
+
+    if not isinstance(data, EngineData):
+        from dreg_jax.engine import dataset_engine_data  # noqa: PLC0415
+
+        num_classes = num_classes or data.num_classes
+        data = dataset_engine_data(data)
+    if data.x_test is None or len(data.x_test) == 0:
+        raise ValueError("the held-out comparison needs held-out rows (a test split); this data has none")
+    arms = {r.regularizer: r for r in results}
+    if baseline not in arms:
+        raise ValueError(f"the baseline {baseline!r} was not tuned (arms: {sorted(arms)})")
+    seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
+    # the runs' options as in tuning (early stopping on the validation rows, if it was used)
+    options = dataclasses.replace(options or EngineOptions(per_epoch_diagnostics=False),
+                                  vmap_width=len(seeds), return_variables=True)
+    fit = data._replace(x_robust=None)  # trained on the training rows, as tune trained them
+    y = np.asarray(data.y_test)
+    labels = list(range(num_classes))
+    rows, correct, predicted = [], {}, {}
+    for kind, result in arms.items():
+        arm_config = dataclasses.replace(
+            config, regularizer=dataclasses.replace(config.regularizer, kind=kind, strength=None),
+            optimizer=dataclasses.replace(config.optimizer, learning_rate=result.learning_rate))
+        runs = RunHParams.stack([RunHParams(seed=s, learning_rate=result.learning_rate, strength=result.strength)
+                                 for s in seeds])
+        final, _ = train_many(runs, fit, arm_config, num_classes, options)
+        scores = {k: [] for k in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "auc")}
+        hits, preds = [], []
+        for i, _ in enumerate(seeds):
+            variables = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
+            model = TrainedModel(arm_config, variables, num_classes, int(data.x_train.shape[1]))
+            proba = model.predict_proba(np.asarray(data.x_test, np.float32))
+            pred = proba.argmax(1)
+            hits.append(pred == y)
+            preds.append(pred)
+            scores["accuracy"].append(float(np.mean(pred == y)))
+            scores["balanced_accuracy"].append(float(skm.balanced_accuracy_score(y, pred)))
+            scores["macro_f1"].append(float(skm.f1_score(y, pred, average="macro", labels=labels, zero_division=0)))
+            scores["log_loss"].append(float(skm.log_loss(y, np.clip(proba, 1e-7, 1.0), labels=labels)))
+            try:
+                auc = (skm.roc_auc_score(y, proba[:, 1]) if num_classes == 2 else
+                       skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels))
+                scores["auc"].append(float(auc))
+            except ValueError:  # a class absent from the held-out rows: AUC is undefined
+                scores["auc"].append(None)
+        correct[kind] = np.stack(hits)
+        predicted[kind] = np.stack(preds)
+        row = {"regularizer": kind, "strength": result.strength, "learning_rate": result.learning_rate}
+        for k, values in scores.items():
+            known = [v for v in values if v is not None]
+            row[k] = float(np.mean(known)) if len(known) == len(values) else None
+            row[k + "_std"] = float(np.std(known)) if len(known) == len(values) else None
+        rows.append(row)
+    comparisons = []
+    for kind in arms:
+        if kind == baseline:
+            continue
+        interval = paired_interval(correct[kind], correct[baseline], y, num_classes, draws=draws)
+        (acc, lo, hi), (bacc, blo, bhi) = interval["accuracy"], interval["balanced_accuracy"]
+        verdict = _verdict(lo, hi)
+        switched_off = bool(np.array_equal(predicted[kind], predicted[baseline]))
+        said = {"better": f"reliably better than {baseline}", "worse": f"reliably worse than {baseline}",
+                "no reliable difference": "no reliable difference"}[verdict]
+        comparisons.append({
+            "regularizer": kind, "baseline": baseline, "accuracy_diff": acc, "accuracy_interval": [lo, hi],
+            "balanced_accuracy_diff": bacc, "balanced_accuracy_interval": [blo, bhi], "verdict": verdict,
+            "sentence": (f"{kind}: {acc:+.1f} pp accuracy [{lo:+.1f}, {hi:+.1f}] and {bacc:+.1f} pp balanced "
+                         f"accuracy [{blo:+.1f}, {bhi:+.1f}] vs {baseline} on your {len(y)} held-out rows "
+                         f"({len(seeds)} seeds, 95% paired bootstrap): {said}"
+                         + (f" (switched off by tuning: its held-out predictions equal {baseline}'s on every row "
+                            "and seed)" if switched_off else "")),
+            "switched_off": switched_off,
+        })
+    return HeldOut(tuple(rows), tuple(comparisons), len(y), seeds)
+
+
+__all__ = ["HeldOut", "TuneResult", "choose", "edge_extension", "held_out_comparison", "paired_interval",
+           "plot_tuning", "strength_grid", "tune"]
