@@ -192,6 +192,9 @@ def _sweep_config(args):
         value = getattr(args, field, None)
         if value is not None:
             mapping[field] = value
+    reading = getattr(args, "weight_decay_reading", None)
+    if reading is not None:
+        mapping["regularizer_options"] = {**mapping.get("regularizer_options", {}), "weight_decay_reading": reading}
     grid = getattr(args, "strength_grid", None)
     if grid is not None:  # one grid for every regularizer with a strength (none and SN have none)
         from dreg_jax.training.regularizers import DEFAULT_STRENGTHS
@@ -622,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dreg_jax.layers.activations import ACTIVATIONS
     from dreg_jax.penalties.schedules import SCHEDULES
     from dreg_jax.training.config import REGULARIZERS
+    from dreg_jax.training.regularizers import WEIGHT_DECAY_READINGS
 
     parser = _Parser(prog="dreg-jax", description=DESCRIPTION,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -660,6 +664,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", dest="batch_size", type=_positive_int, help=f"(default {defaults.batch_size})")
         p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"],
                        help=f"(default {defaults.dreg_scope})")
+        p.add_argument("--weight-decay-reading", dest="weight_decay_reading", choices=WEIGHT_DECAY_READINGS,
+                       help="how weight_decay's strength enters AdamW's decoupled decay: per_step "
+                            "(theta -= strength * theta every step; the default), times_lr (times the "
+                            "learning rate, as optax/PyTorch: inert at the default strength) or normalized "
+                            "(strength / sqrt(total steps))")
         p.add_argument("--featurizer", choices=FEATURIZERS,
                        help="text features: hashed n-grams (default) or minilm (needs the encoder extra)")
         p.add_argument("--config", type=pathlib.Path, help="YAML/JSON file of SweepConfig keys (flags override it)")

@@ -1,5 +1,8 @@
 """The study v2 switches: weight decay per step, spectral norm without the head, DREG's
 output-layer term, DREG arms per scope and sweep-wide regularizer options."""
+import dataclasses
+import json
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -138,7 +141,8 @@ def test_regularizer_options_are_checked():
 
 def test_new_fields_at_their_defaults_keep_earlier_run_ids():
     # run ids of results written before these fields existed are still found on resume
-    spec = RunSpec("wine", TrainConfig(regularizer=RegularizerConfig(kind="weight_decay")))
+    # (weight_decay_reading's default is now per_step; a row without the field meant times_lr)
+    spec = RunSpec("wine", TrainConfig(regularizer=RegularizerConfig(kind="weight_decay", weight_decay_reading="times_lr")))
     d = spec.to_dict()
     for name in ("weight_decay_reading", "spectral_norm_head", "dreg_output_layer"):
         del d["config"]["regularizer"][name]
@@ -147,3 +151,27 @@ def test_new_fields_at_their_defaults_keep_earlier_run_ids():
                                                                         weight_decay_reading="per_step")))
     assert changed.run_id != spec.run_id
     assert OptimizerConfig().learning_rate == 1e-3
+
+
+def test_weight_decay_acts_by_default_and_old_results_keep_their_reading():
+    """The default reading is per_step (theta -= strength * theta every step); a stored config
+    without the field (results and models written before the change) still means times_lr, and
+    its run id is unchanged; the CLI flag selects a reading."""
+    from dreg_jax.cli import _sweep_config, build_parser
+    from dreg_jax.engine.specs import RunSpec
+    from dreg_jax.training.regularizers import decay_per_step
+
+    default = RegularizerConfig(kind="weight_decay")
+    assert default.weight_decay_reading == "per_step"
+    assert decay_per_step(default.weight_decay_reading, 1e-4, 1e-3) == pytest.approx(1e-4)  # not 1e-7
+    old = TrainConfig(regularizer=RegularizerConfig(kind="weight_decay", weight_decay_reading="times_lr"))
+    stored = dataclasses.asdict(old)
+    del stored["regularizer"]["weight_decay_reading"]  # a row written before the field existed
+    assert TrainConfig.from_dict(stored).regularizer.weight_decay_reading == "times_lr"
+    old_spec = RunSpec("iris", old)
+    assert RunSpec.from_dict(json.loads(json.dumps(old_spec.to_dict()))).run_id == old_spec.run_id
+    assert RunSpec("iris", TrainConfig(regularizer=default)).run_id != old_spec.run_id  # never mixed on resume
+    for flag, reading in (([], "per_step"), (["--weight-decay-reading", "times_lr"], "times_lr")):
+        args = build_parser().parse_args(["sweep", "--datasets", "iris", "--regularizers", "weight_decay", *flag])
+        specs = _sweep_config(args).expand()
+        assert specs and all(s.config.regularizer.weight_decay_reading == reading for s in specs)

@@ -100,7 +100,7 @@ def test_cli_train_with_patience_keeps_the_best_epoch(tmp_path, capsys):
     assert m["validation_accuracy"] == pytest.approx(max(ran), abs=1e-6)
 
 
-def test_results_and_plot_read_what_train_out_writes(tmp_path, capsys):
+def test_results_and_plot_read_what_train_out_writes(tmp_path, capsys, monkeypatch):
     """``train --out`` writes the row ``sweep`` writes: ``results`` and ``plot`` read it."""
     out = tmp_path / "run.json"
     assert cli_main(["train", "--dataset", "iris", "--epochs", "2", "--hidden", "8", "--out", str(out)]) == 0
@@ -110,8 +110,21 @@ def test_results_and_plot_read_what_train_out_writes(tmp_path, capsys):
     assert cli_main(["results", str(out)]) == 0
     table = capsys.readouterr().out
     assert "iris" in table and "dreg" in table and "1 runs" in table
+    import dreg_jax.analysis.results as results_module
+
+    figures = []
+    real_save = results_module.save_figure
+    monkeypatch.setattr(results_module, "save_figure", lambda fig, path, **kw: figures.append(fig) or real_save(fig, path, **kw))
     assert cli_main(["plot", str(out), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "accuracy_by_regularizer.png").stat().st_size > 0
+    accuracy, curves = figures
+    assert not accuracy.axes[0].patches  # dots and intervals, no bars from 0
+    data_loss, penalty, _ = curves.axes
+    assert data_loss.get_ylabel().startswith("data loss") and penalty.get_ylabel().startswith("penalty")
+    expected = np.asarray(row["curves"]["train_loss"]) - np.asarray(row["curves"]["penalty"])
+    np.testing.assert_allclose(data_loss.lines[0].get_ydata(), expected, rtol=1e-6)
+    np.testing.assert_allclose(penalty.lines[0].get_ydata(), row["curves"]["penalty"], rtol=1e-6)
+    assert results_module.value_label(0.0031622776601683794) == "3.2e-03" and results_module.value_label("gelu") == "gelu"
 
 
 @pytest.mark.slow  # the default suite's time budget; `make test-slow` runs it

@@ -44,10 +44,12 @@ def test_tune_picks_the_best_validation_mean_and_never_reads_test_data(iris):
 
 
 def test_an_edge_pick_extends_the_grid(iris):
-    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), regularizer=dreg_jax.RegularizerConfig(kind="weight_decay"),
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), regularizer=dreg_jax.RegularizerConfig(
+                                      kind="weight_decay", weight_decay_reading="times_lr"),
                                   optimizer=dreg_jax.OptimizerConfig(learning_rate=1e-2), epochs=3, batch_size=16)
     data = dataset_engine_data(iris)
-    # a decay of 1e3 and 1e4 per step wipes the weights: the smallest strength wins, on the edge
+    # times_lr: a decay of 1e3 and 1e4 (x lr 1e-2) per step wipes the weights: the smallest
+    # strength wins, on the edge
     result = dreg_jax.tune(data, config, 3, strengths=(1e2, 1e3, 1e4), seeds=2, max_extensions=1)
     strengths = [r["strength"] for r in result.rows]
     assert result.extensions == 1 and min(strengths) == pytest.approx(10.0)

@@ -19,6 +19,19 @@ import numpy as np
 from dreg_jax._files import save_figure
 from dreg_jax.engine.store import CONFIG_COLUMNS, ResultsFile, flat_row, load_records  # noqa: F401 (re-exported)
 
+def _curve(curves, metric):
+    """One run's curve; ``data_loss`` is the train loss minus the penalty it includes."""
+    if metric != "data_loss":
+        values = curves.get(metric)
+        return None if values is None else np.asarray(values, float).reshape(-1)
+    loss = curves.get("train_loss")
+    if loss is None:
+        return None
+    loss = np.asarray(loss, float).reshape(-1)
+    penalty = curves.get("penalty")
+    return loss if penalty is None else loss - np.asarray(penalty, float).reshape(-1)
+
+
 def results_frame(records) -> "pandas.DataFrame":  # noqa: F821
     """One flat ``pandas.DataFrame`` row per record (see the module docstring)."""
     import pandas as pd
@@ -38,8 +51,21 @@ def varying_columns(frame, candidates=None) -> list[str]:
     return [c for c in candidates if c != "seed" and frame[c].astype(str).nunique() > 1]
 
 
+def value_label(value) -> str:
+    """A config value as a plot label: floats in short scientific notation (``3.2e-03``, not
+    ``0.0031622776601683794``), everything else as is."""
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and value != int(value):
+        return f"{value:.1e}"
+    return str(value)
+
+
 def plot_results(path, out_dir) -> list[pathlib.Path]:
-    """Accuracy by regularizer (per dataset) and mean learning curves, as PNGs in ``out_dir``."""
+    """Accuracy by regularizer (per dataset) and mean learning curves, as PNGs in ``out_dir``.
+
+    Accuracy is drawn as dots with mean +- std over seeds on an axis zoomed to the data (bars
+    from 0 hide differences of a point). The learning curves show the data loss (the train loss
+    minus the penalty, for regularizers that add one), the penalty, and test accuracy apart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +88,7 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     for row, metric in zip(axes, metrics):
         for ax, dataset in zip(row, datasets):
             sub = ok[ok.dataset == dataset]
-            labels = sub[groups].astype(str).agg(" ".join, axis=1) if groups else None
+            labels = sub[groups].apply(lambda r: " ".join(value_label(v) for v in r), axis=1) if groups else None
             keys = sorted(set(labels)) if groups else [""]
             regs = list(dict.fromkeys(sub.regularizer))
             width = 0.8 / len(keys)
@@ -70,8 +96,9 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
                 part = sub if not groups else sub[labels == key]
                 means = [100 * part[part.regularizer == r][metric].mean() for r in regs]
                 errs = [100 * part[part.regularizer == r][metric].std(ddof=0) for r in regs]
-                ax.bar(np.arange(len(regs)) + j * width, means, width, yerr=errs, capsize=2, label=key or None)
+                ax.errorbar(np.arange(len(regs)) + j * width, means, yerr=errs, fmt="o", capsize=3, label=key or None)
             ax.set_xticks(np.arange(len(regs)) + 0.4 - width / 2, regs, rotation=30)
+            ax.grid(axis="y", alpha=0.3)  # the axis is zoomed to the dots: read values off the grid
             ax.set_title(dataset)
             ax.set_ylabel(f"{metric.replace('_', ' ')} % (mean +- std over seeds)")
             if groups:
@@ -80,7 +107,7 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     written.append(save_figure(fig, out_dir / "accuracy_by_regularizer.png", dpi=120))
 
     records = [r for r in records if r["status"] == "ok"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     curves = {}
     for r in records:  # one curve per dataset, regularizer and strength (a tuning grid is not averaged)
         row = flat_row(r)
@@ -89,18 +116,22 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
             curves.setdefault(key, []).append(r["curves"])
     several = {(d, g) for d, g, _ in curves if sum(k[:2] == (d, g) for k in curves) > 1}
     for (dataset, reg, strength), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
-        label = f"{dataset} {reg}" + (f" lambda {strength:.3g}" if (dataset, reg) in several else "")
-        for ax, metric in zip(axes, ("train_loss", "test_accuracy")):
-            values = [np.asarray(c[metric], float).reshape(-1) for c in runs if c.get(metric) is not None]
+        label = f"{dataset} {reg}" + (f" lambda {value_label(float(strength))}" if (dataset, reg) in several else "")
+        for ax, metric in zip(axes, ("data_loss", "penalty", "test_accuracy")):
+            values = [_curve(c, metric) for c in runs]
+            values = [v for v in values if v is not None]
+            if metric == "penalty" and not any(np.nanmax(np.abs(v), initial=0) > 0 for v in values):
+                continue  # no penalty (none, weight decay, spectral norm): nothing to draw
             if values:  # runs of different lengths (early stopping): NaN after each one's end
                 length = max(len(v) for v in values)
                 values = np.stack([np.pad(v, (0, length - len(v)), constant_values=np.nan) for v in values])
                 ax.plot(np.arange(1, values.shape[1] + 1), np.nanmean(values, axis=0), label=label)
-    for ax, metric in zip(axes, ("train loss", "test accuracy")):
+    for ax, metric in zip(axes, ("data loss (train loss without the penalty)", "penalty (lambda x terms)",
+                                 "test accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
-    if axes[1].get_legend_handles_labels()[0]:  # rows written without curves draw none
-        axes[1].legend(fontsize=7)
+    if axes[2].get_legend_handles_labels()[0]:  # rows written without curves draw none
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     written.append(save_figure(fig, out_dir / "learning_curves.png", dpi=120))
     return written

@@ -27,6 +27,11 @@ CUSTOM_ACTIVATION = "custom"  # ModelConfig.activation of a user module
 # dreg_jax.training.regularizers.REGISTRY (DEFAULT_STRENGTHS and REGULARIZERS derive from it).
 
 
+#: RegularizerConfig fields whose default changed: the value a stored config without the field
+#: meant (results and model.json files written before the change).
+LEGACY_REGULARIZER_DEFAULTS = {"weight_decay_reading": "times_lr"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The built-in MLP (``hidden``, ``activation``, ...) or your own linen ``module``.
@@ -95,10 +100,13 @@ class RegularizerConfig:
     coherent_l1: float = 0.0
     coherent_decay: float = 0.9
     coherent_threshold: float = 0.5
-    # weight decay: "times_lr" (optax/PyTorch AdamW: theta -= lr * strength * theta per step) or
-    # "per_step" (Loshchilov & Hutter 2019, Alg. 2 with schedule multiplier 1:
-    # theta -= strength * theta per step, not multiplied by the learning rate)
-    weight_decay_reading: str = "times_lr"
+    # weight decay, decoupled (AdamW) in every reading (dreg_jax.training.regularizers.decay_per_step):
+    # "per_step" (the default; Loshchilov & Hutter 2019, Alg. 2 with schedule multiplier 1:
+    # theta -= strength * theta every step, not multiplied by the learning rate), "times_lr"
+    # (optax/PyTorch AdamW: theta -= lr * strength * theta; at the default strength 1e-4 and a
+    # learning rate of 1e-3 that is 1e-7 per step, which does not act: the default before
+    # 2026-12, kept for old results) or "normalized" (strength / sqrt(total steps) per step)
+    weight_decay_reading: str = "per_step"
     # spectral norm: also normalize the output (classifier) layer, as Miyato et al. do for
     # discriminators; False keeps the logits' scale free (hidden layers only)
     spectral_norm_head: bool = True
@@ -202,7 +210,8 @@ class TrainConfig:
         return cls(
             model=ModelConfig(**{**model, "hidden": tuple(model["hidden"]),
                                  "jacobian_layers": tuple(model.get("jacobian_layers", ()))}),
-            regularizer=RegularizerConfig(**c["regularizer"]),
+            # a config stored before a field existed meant that field's legacy default
+            regularizer=RegularizerConfig(**{**LEGACY_REGULARIZER_DEFAULTS, **c["regularizer"]}),
             optimizer=OptimizerConfig(**c["optimizer"]),
             epochs=c["epochs"], batch_size=c["batch_size"],
         )

@@ -252,8 +252,9 @@ class Regularizer:
 REGISTRY: dict[str, Regularizer] = {r.name: r for r in (
     Regularizer("none", "none", None, "no regularization"),
     Regularizer("weight_decay", "WD", 1e-4,
-                "optax.adamw's default decoupled decay, multiplied by the learning rate (see "
-                "weight_decay_reading for Loshchilov & Hutter's per-step and normalized readings)", optimizer=_adamw),
+                "AdamW's decoupled decay, theta -= strength * theta every step (Loshchilov & Hutter's "
+                "per-step reading; weight_decay_reading='times_lr' multiplies it by the learning rate, "
+                "as optax and PyTorch do)", optimizer=_adamw),
     Regularizer("spectral_norm", "SN", None,
                 "Miyato et al. 2018; flax.linen.SpectralNorm, one power-iteration step per train step",
                 spectral_norm=True),
