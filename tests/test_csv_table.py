@@ -222,3 +222,29 @@ def test_encodings(tmp_path, capsys):
 
 def test_the_table_has_at_least_60_cases():
     assert len(CASES) + len(TEST_CASES) + 3 >= 60
+
+
+def test_a_continuous_target_is_refused_with_a_hint_and_class_codes_are_not(tmp_path):
+    """Every distinct label is a class: an age or a price would be dozens of rare classes."""
+    import csv as csv_module
+
+    from dreg_jax.data import from_csv
+
+    rng = np.random.default_rng(0)
+
+    def table(name, target_values):
+        path = tmp_path / name
+        with open(path, "w", newline="") as f:
+            w = csv_module.writer(f)
+            w.writerow(["x", "target"])
+            w.writerows([[float(rng.normal()), t] for t in target_values])
+        return path
+
+    ages = rng.integers(18, 90, 1500)
+    with pytest.raises(ValueError, match=r"target 'target' looks continuous \(\d+ distinct numeric values in 1500 rows"):
+        from_csv(table("ages.csv", ages), "target")
+    with pytest.raises(ValueError, match="a continuous target is regression"):  # decimals: refused per cell
+        from_csv(table("prices.csv", np.round(rng.gamma(2.0, 10.0, 300), 2)), "target")
+    codes = from_csv(table("codes.csv", rng.integers(0, 26, 3000)), "target")  # 26 class codes, 3000 rows
+    assert codes.num_classes == 26
+    assert from_csv(table("small.csv", rng.integers(0, 3, 60)), "target").num_classes == 3

@@ -253,11 +253,34 @@ def _columns(header, rows, lines, target, path, drop):
         raise ValueError(f"{path}: {target!r} is the target column; it cannot be dropped")
     t = header.index(target)
     labels = _csv_labels([row[t].strip() for row in rows], lines, path, target)
+    _refuse_continuous_target(labels, path, target)
     features = [(name, [row[i].strip() for row in rows]) for i, name in enumerate(header)
                 if i != t and name not in drop]
     if not features:
         raise ValueError(f"{path} has no feature column left besides the target {target!r}")
     return labels, features
+
+
+#: A numeric target with more distinct values than this (and than CONTINUOUS_SHARE of its rows,
+#: or with a non-integer value) reads as a measurement, not as classes.
+CONTINUOUS_DISTINCT = 20
+CONTINUOUS_SHARE = 0.02
+
+
+def _refuse_continuous_target(labels, path, target):
+    """Every distinct label is a class: a numeric column with many distinct values (an age, a
+    price) would become dozens of rare classes, so it is refused with what to do instead."""
+    numbers = [v for v in labels if isinstance(v, (int, float)) or (isinstance(v, str) and is_number(v))]
+    if len(numbers) != len(labels) or not labels:
+        return
+    values = [float(v) for v in numbers]
+    distinct = len(set(values))
+    fractional = any(not v.is_integer() for v in values)
+    if distinct > CONTINUOUS_DISTINCT and (fractional or distinct > CONTINUOUS_SHARE * len(values)):
+        raise ValueError(f"{path}: target {target!r} looks continuous ({distinct} distinct numeric values in "
+                         f"{len(values)} rows, from {min(values):g} to {max(values):g}); dreg-jax classifies, each "
+                         "distinct value a class: bin it into a few classes first (e.g. pandas.cut) or choose "
+                         "a categorical target (regression is not supported yet)")
 
 
 def _numeric_column(name, values, lines, path, keep=()):
