@@ -349,7 +349,10 @@ def _tune(args, sweep, kinds) -> int:
                                                      "held_out": None if held is None else held.to_dict()},
                                                     indent=2, default=_json_number))
     plot_tuning(results, args.out / "tune.png")
-    print(f"wrote {args.out / 'tune.md'}, {args.out / 'tune.json'}, {args.out / 'tune.png'}")
+    written = [args.out / "tune.md", args.out / "tune.json", args.out / "tune.png"]
+    if held is not None and held.comparisons:
+        written.append(held.plot(args.out / "held_out.png"))
+    print(f"wrote {', '.join(map(str, written))}")
     for r in results if args.save_model is not None else ():
         directory = args.save_model / r.regularizer
         r.model.save(directory)
@@ -763,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     grid_options(p_tune, plural=True)
     patience_option(p_tune)
     p_tune.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tune"),
-                        help="folder for tune.md, tune.png and tune.json (default results/tune)")
+                        help="folder for tune.md, tune.json, tune.png and held_out.png (default results/tune)")
     p_tune.add_argument("--no-baseline", dest="no_baseline", action="store_true",
                         help="do not tune the baseline (none) beside the asked regularizers, and skip the "
                              "held-out comparison against it")

@@ -94,6 +94,12 @@ def plot_tuning(results, path):
     for result in results:
         for lr in sorted({r["learning_rate"] for r in result.rows}):
             rows = [r for r in result.rows if r["learning_rate"] == lr]
+            if all(r["strength"] == 0 for r in rows):  # no strength (none, SN): a level to compare with
+                (row,) = rows
+                line = ax.axhline(100 * row["mean"], ls="--", label=f"{result.regularizer}, lr {lr:g} (no strength)")
+                ax.axhspan(100 * (row["mean"] - row["std"]), 100 * (row["mean"] + row["std"]), alpha=0.1,
+                           color=line.get_color())
+                continue
             s = np.array([r["strength"] for r in rows])
             m = np.array([100 * r["mean"] for r in rows])
             sd = np.array([100 * r["std"] for r in rows])
@@ -307,6 +313,29 @@ class HeldOut:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def plot(self, path):
+        """Each arm minus the baseline on the held-out rows: accuracy and balanced accuracy
+        (points), with the 95% paired-bootstrap intervals; a dashed line at no difference."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(9, 0.6 * len(self.comparisons) + 1.8), squeeze=False)
+        names = [c["regularizer"] for c in self.comparisons]
+        for ax, key, title in zip(axes[0], ("accuracy", "balanced_accuracy"), ("accuracy", "balanced accuracy")):
+            diffs = np.array([c[f"{key}_diff"] for c in self.comparisons])
+            low = np.array([c[f"{key}_interval"][0] for c in self.comparisons])
+            high = np.array([c[f"{key}_interval"][1] for c in self.comparisons])
+            ax.errorbar(diffs, np.arange(len(names)), xerr=[diffs - low, high - diffs], fmt="o", capsize=4)
+            ax.axvline(0.0, ls="--", color="gray")
+            ax.set_yticks(np.arange(len(names)), names)
+            ax.set_xlabel(f"{title}: arm - {self.comparisons[0]['baseline'] if self.comparisons else 'baseline'} (pp)")
+        axes[0][0].set_title(f"held-out rows: {self.held_out_rows}, seeds: {len(self.seeds)} (95% intervals)",
+                             fontsize=9, loc="left")
+        fig.tight_layout()
+        return save_figure(fig, path, dpi=120)
 
     def table(self) -> str:
         metric = lambda r, k, scale=100: ("n/a" if r[k] is None else  # noqa: E731

@@ -203,6 +203,7 @@ def test_tune_cli_tunes_the_baseline_and_compares_on_held_out_rows_test_labels_n
         assert "[1/2] tuning none" in printed and "[2/2] tuning dreg" in printed
         assert "held-out comparison (169 rows)" in printed and "vs none on your 169 held-out rows" in printed
         runs[name] = json.loads((out / "tune.json").read_text())
+        assert (out / "held_out.png").stat().st_size > 0 and (out / "tune.png").stat().st_size > 0
     picks = lambda run: [(p["regularizer"], p["strength"], p["learning_rate"], p["rows"]) for p in run["picks"]]  # noqa: E731
     assert picks(runs["test"]) == picks(runs["poisoned"])  # test labels never reach the picks
     assert [p[0] for p in picks(runs["test"])] == ["none", "dreg"]
