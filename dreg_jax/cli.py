@@ -284,8 +284,11 @@ def cmd_tune(args) -> int:
     if args.save_model is not None:
         check_writable_directory(args.save_model, "--save-model")
     check_outputs({"--out": args.out, "--save-model": args.save_model}, _inputs(args))
+    if args.folds is not None and args.folds < 2:
+        raise ValueError(f"--folds must be >= 2 (K-fold cross-validation), got {args.folds}")
     if getattr(args, "validation_fraction", None) is None and args.csv is None:
-        args.validation_fraction = 0.2  # built-in sets: a stratified 20% of training to choose on
+        # built-in sets: a stratified 20% of training to choose on (K folds use every training row)
+        args.validation_fraction = 0.0 if args.folds else 0.2
     sweep = _sweep_config(args)
     if len(sweep.datasets) != 1:
         raise ValueError(f"tune chooses on one dataset at a time, got {list(sweep.datasets)}")
@@ -313,7 +316,9 @@ def _tune(args, sweep, kinds) -> int:
     seeds = sweep.seeds if isinstance(sweep.seeds, int) else tuple(sweep.seeds)
     results = []
     for number, kind in enumerate(kinds, 1):
-        print(f"[{number}/{len(kinds)}] tuning {kind} on {len(data.y_val)} validation rows ...", flush=True)
+        scored = (f"{args.folds}-fold cross-validation of {len(data.y_train) + len(data.y_val)} rows" if args.folds
+                  else f"{len(data.y_val)} validation rows")
+        print(f"[{number}/{len(kinds)}] tuning {kind} on {scored} ...", flush=True)
         config = dataclasses.replace(template.config, regularizer=dataclasses.replace(
             template.config.regularizer, kind=kind, strength=None))
         from dreg_jax.training.regularizers import get_regularizer
@@ -322,7 +327,7 @@ def _tune(args, sweep, kinds) -> int:
         grid = (sweep.strengths or {}).get(kind) if get_regularizer(kind).default_strength is not None else None
         result = tune(data, config, num_classes, strengths=grid, learning_rates=sweep.learning_rates,
                       seeds=seeds, max_extensions=args.max_extensions, keep_model=args.save_model is not None,
-                      preprocessing=_preprocessing_of(template.dataset),
+                      preprocessing=_preprocessing_of(template.dataset), folds=args.folds or 1,
                       options=_early_stopping(args, per_epoch_diagnostics=False))
         results.append(result)
         print(f"{kind}: strength {result.strength:.3g}, learning rate {result.learning_rate:g} "
@@ -767,6 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
     patience_option(p_tune)
     p_tune.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tune"),
                         help="folder for tune.md, tune.json, tune.png and held_out.png (default results/tune)")
+    p_tune.add_argument("--folds", type=int, metavar="K",
+                        help="choose by stratified K-fold cross-validation on the training rows (small "
+                             "tables) instead of one validation split (default: one split)")
     p_tune.add_argument("--no-baseline", dest="no_baseline", action="store_true",
                         help="do not tune the baseline (none) beside the asked regularizers, and skip the "
                              "held-out comparison against it")

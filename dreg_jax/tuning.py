@@ -69,7 +69,9 @@ class TuneResult:
 
     def table(self) -> str:
         """A markdown table of validation accuracy (mean +- std over seeds) per grid point."""
-        lines = ["| strength | learning rate | validation accuracy (%) | seeds |", "|---|---|---|---|"]
+        folds = self.rows[0].get("folds", 1) if self.rows else 1
+        scored = f"{folds}-fold cross-validation accuracy (%)" if folds > 1 else "validation accuracy (%)"
+        lines = [f"| strength | learning rate | {scored} | seeds |", "|---|---|---|---|"]
         for r in self.rows:
             mark = " **(pick)**" if (r["strength"], r["learning_rate"]) == (self.strength, self.learning_rate) else ""
             broken = f" ({r['diverged']} diverged: not eligible)" if r.get("diverged") else ""
@@ -165,9 +167,31 @@ def edge_extension(accuracy: dict, step: float) -> float | None:
     return best[0] * 10 ** (-step if i == 0 else step)
 
 
+def stratified_folds(y, folds: int, seed: int = 0) -> list:
+    """``folds`` disjoint index arrays covering every row of ``y``, each class dealt round-robin
+    (in a seeded random order) so every fold holds its share of every class (sizes differ by at
+    most one row per class)."""
+    y = np.asarray(y)
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    counts = np.bincount(y)
+    short = [(c, int(n)) for c, n in enumerate(counts) if 0 < n < folds]
+    if short:
+        raise ValueError(f"class(es) {short[:5]} (class, rows) have fewer rows than folds={folds}: every fold "
+                         "needs a row of every class; use fewer folds")
+    rng = np.random.default_rng(seed)
+    parts, start = [[] for _ in range(folds)], 0
+    for c in np.flatnonzero(counts):
+        rows = rng.permutation(np.flatnonzero(y == c))
+        for i, row in enumerate(rows):
+            parts[(start + i) % folds].append(row)
+        start = (start + len(rows)) % folds  # the next class starts where this one stopped: sizes balance
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
 def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths=None, learning_rates=None,
          seeds=3, max_extensions: int = 2, options: EngineOptions | None = None, keep_model: bool = True,
-         preprocessing=None) -> TuneResult:
+         preprocessing=None, folds: int = 1) -> TuneResult:
     """Chooses ``config``'s regularizer strength (and optionally the learning rate) on validation.
 
     Args:
@@ -188,12 +212,18 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
       keep_model: keep the variables of each grid point's first-seed run, and return the pick's
         as :attr:`TuneResult.model`.
       preprocessing: ``Dataset.preprocessing`` of the data (user tables), stored with the model.
+      folds: ``K > 1``: stratified K-fold cross-validation instead of one validation split: the
+        training and validation rows are pooled and split by :func:`stratified_folds`; every grid
+        point trains on ``K - 1`` folds and is scored on the held fold, ``K`` times, and its
+        score is the mean over folds and seeds (every pooled row scored once per seed: for
+        small tables, where one validation split is a handful of rows). The kept model is the
+        first fold's.
 
     Returns:
       A :class:`TuneResult`.
     """
     if not isinstance(data, EngineData):  # a Dataset: its arrays, class count and preprocessing
-        if not all(hasattr(data, a) for a in ("x_train", "y_train", "x_val", "y_val", "num_classes", "robust")):
+        if not all(hasattr(data, a) for a in ("x_train", "y_train", "x_val", "y_val", "num_classes", "robust")):  # noqa: E501
             raise TypeError(f"data must be a Dataset or an EngineData, got {type(data).__name__}")
         from dreg_jax.engine import dataset_engine_data  # the sweep layer (a Dataset needs the study extra)
 
@@ -214,11 +244,25 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
             raise ValueError(f"strengths must be >= 2 positive values, got {grid}")
     lrs = tuple(float(lr) for lr in (learning_rates or (config.optimizer.learning_rate,)))
     seeds = tuple(range(seeds)) if isinstance(seeds, int) else tuple(seeds)
-    if data.x_val is None or len(data.x_val) == 0:
-        raise ValueError("tune chooses on a validation split, and this data has none: use "
-                         "validation_fraction > 0 (from_csv / from_arrays / load_dataset)")
-    # the test split never enters: the runs are scored on the validation rows only
-    scored = data._replace(x_test=data.x_val, y_test=data.y_val, x_robust=None)
+    folds = int(folds)
+    if folds > 1:  # the training and validation rows pooled, K stratified folds
+        has_val = data.x_val is not None and len(data.x_val) > 0
+        pool_x = np.concatenate([np.asarray(data.x_train)] + ([np.asarray(data.x_val)] if has_val else []))
+        pool_y = np.concatenate([np.asarray(data.y_train)] + ([np.asarray(data.y_val)] if has_val else []))
+        parts = stratified_folds(pool_y, folds)
+        everything = np.arange(len(pool_y))
+        fold_data = [data._replace(x_train=pool_x[np.setdiff1d(everything, part)],
+                                   y_train=pool_y[np.setdiff1d(everything, part)],
+                                   x_test=pool_x[part], y_test=pool_y[part], x_val=pool_x[part], y_val=pool_y[part],
+                                   x_robust=None) for part in parts]
+        n_val = len(pool_y)
+    else:
+        if data.x_val is None or len(data.x_val) == 0:
+            raise ValueError("tune chooses on a validation split, and this data has none: use "
+                             "validation_fraction > 0 (from_csv / from_arrays / load_dataset), or folds=K")
+        # the test split never enters: the runs are scored on the validation rows only
+        fold_data = [data._replace(x_test=data.x_val, y_test=data.y_val, x_robust=None)]
+        n_val = len(data.y_val)
     config = dataclasses.replace(config, regularizer=dataclasses.replace(config.regularizer, strength=None))
     options = options or EngineOptions(per_epoch_diagnostics=False)
     options = dataclasses.replace(options, vmap_width=len(seeds) * len(lrs),  # extensions reuse the program
@@ -228,6 +272,10 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     kept: dict = {}
 
     def train(new_strengths):
+        for fold, scored in enumerate(fold_data):
+            train_fold(new_strengths, scored, fold)
+
+    def train_fold(new_strengths, scored, fold):
         keys = [(s, lr, seed) for s in new_strengths for lr in lrs for seed in seeds]
         runs = RunHParams.stack([RunHParams(seed=seed, learning_rate=lr, strength=s) for s, lr, seed in keys])
         final, _ = train_many(runs, scored, config, num_classes, options)
@@ -237,7 +285,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
             if fail[i] >= 0 or diverge[i] >= 0:
                 status = "failed" if fail[i] >= 0 else "diverged"
                 broken.setdefault((s, lr), []).append((seed, int(fail[i] if fail[i] >= 0 else diverge[i]), status))
-            if keep_model and seed == seeds[0]:
+            if keep_model and seed == seeds[0] and fold == 0:
                 kept[(s, lr)] = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
 
     def scores():  # a grid point with a diverged or failed run is never the pick: it ranks last
@@ -257,8 +305,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
                          f"learning rate {best[1]:g}, seed {seed}: {status} at step {step_}); nothing to pick: "
                          "lower the learning rates or the strengths")
     rows = tuple({"strength": s, "learning_rate": lr, "mean": float(np.mean(a)), "std": float(np.std(a)),
-                  "seeds": len(a), "diverged": len(broken.get((s, lr), []))} for (s, lr), a in sorted(accuracy.items()))
-    n_val = len(data.y_val)
+                  "seeds": len(a) // len(fold_data), "folds": len(fold_data), "diverged": len(broken.get((s, lr), []))} for (s, lr), a in sorted(accuracy.items()))
     means = sorted((float(np.mean(a)) for k, a in accuracy.items() if k not in broken), reverse=True)
     notes = []
     if len(means) > 1 and means[0] - means[1] < 1.0 / n_val:
@@ -285,7 +332,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
                "validation_accuracy": accuracy[best][0], "validation_rows": n_val}
         model = TrainedModel(dataclasses.replace(config, regularizer=dataclasses.replace(
             config.regularizer, strength=best[0]), optimizer=dataclasses.replace(
-            config.optimizer, learning_rate=best[1])), kept[best], num_classes, int(data.x_train.shape[1]),
+            config.optimizer, learning_rate=best[1])), kept[best], num_classes, int(fold_data[0].x_train.shape[1]),
             preprocessing, run)
     return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes), model, on_edge)
 
@@ -489,5 +536,5 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
     return HeldOut(tuple(rows), tuple(comparisons), len(y), seeds)
 
 
-__all__ = ["HeldOut", "TuneResult", "choose", "edge_extension", "held_out_comparison", "paired_interval",
+__all__ = ["stratified_folds", "HeldOut", "TuneResult", "choose", "edge_extension", "held_out_comparison", "paired_interval",
            "plot_tuning", "strength_grid", "tune"]

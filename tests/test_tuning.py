@@ -212,3 +212,30 @@ def test_tune_cli_tunes_the_baseline_and_compares_on_held_out_rows_test_labels_n
     (comparison,) = runs["test"]["held_out"]["comparisons"]
     low, high = comparison["accuracy_interval"]
     assert low <= comparison["accuracy_diff"] <= high and comparison["verdict"] in ("better", "worse", "no reliable difference")
+
+
+def test_stratified_folds_are_disjoint_cover_every_row_and_keep_class_shares():
+    from dreg_jax.tuning import stratified_folds
+
+    y = np.repeat([0, 1, 2], [50, 30, 7])
+    parts = stratified_folds(y, 5, seed=3)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(y) and len(np.unique(joined)) == len(y)  # disjoint, every row once
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    for c, n in enumerate([50, 30, 7]):
+        per_fold = [int(np.sum(y[p] == c)) for p in parts]
+        assert max(per_fold) - min(per_fold) <= 1 and sum(per_fold) == n
+    with pytest.raises(ValueError, match="fewer rows than folds=10"):
+        stratified_folds(y, 10)
+
+
+def test_tune_by_k_fold_scores_every_row_once_per_seed(iris):
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), regularizer=dreg_jax.RegularizerConfig(kind="dreg"),
+                                  optimizer=dreg_jax.OptimizerConfig(learning_rate=1e-2), epochs=2, batch_size=16)
+    data = dataset_engine_data(iris)
+    result = dreg_jax.tune(data, config, 3, strengths=(1e-3, 1e-1), seeds=2, folds=3, max_extensions=0)
+    pooled = len(data.y_train) + (0 if data.x_val is None else len(data.y_val))
+    assert result.validation_rows == pooled
+    assert all(r["folds"] == 3 and r["seeds"] == 2 for r in result.rows)
+    assert "3-fold cross-validation accuracy" in result.table()
