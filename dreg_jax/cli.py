@@ -827,9 +827,7 @@ def _version() -> str:
     try:
         return version("dreg_jax")
     except PackageNotFoundError:  # a source checkout that was not installed
-        from dreg_jax import __version__
-
-        return __version__
+        return "unknown (not installed: pip install -e .)"
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

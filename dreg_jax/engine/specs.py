@@ -89,6 +89,11 @@ class RunSpec:
             fields = functools.reduce(lambda m, k: m[k], path, d)
             if fields.get(name) == default:
                 del fields[name]
+        regularizer = d["config"]["regularizer"]
+        # the weight-decay reading acts on weight decay alone: for any other kind its new default
+        # (per_step) hashes as the old one did (left out), so no other run's id moved with it
+        if regularizer.get("kind") != "weight_decay" and regularizer.get("weight_decay_reading") == "per_step":
+            del regularizer["weight_decay_reading"]
         canonical = json.dumps({"v": RESULTS_VERSION, **d}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
