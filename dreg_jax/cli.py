@@ -188,7 +188,7 @@ def _sweep_config(args):
         args.datasets = [ds.name]
     for field in ("datasets", "activations", "regularizers", "seeds", "fractions", "label_noise",
                   "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope",
-                  "strength_schedules", "featurizer", "validation_fraction"):
+                  "strength_schedules", "featurizer", "validation_fraction", "class_weight"):
         value = getattr(args, field, None)
         if value is not None:
             mapping[field] = value
@@ -632,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dreg_jax.data.registry import FEATURIZERS
     from dreg_jax.layers.activations import ACTIVATIONS
     from dreg_jax.penalties.schedules import SCHEDULES
-    from dreg_jax.training.config import REGULARIZERS
+    from dreg_jax.training.config import CLASS_WEIGHTS, REGULARIZERS
     from dreg_jax.training.regularizers import WEIGHT_DECAY_READINGS
 
     parser = _Parser(prog="dreg-jax", description=DESCRIPTION,
@@ -672,6 +672,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", dest="batch_size", type=_positive_int, help=f"(default {defaults.batch_size})")
         p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"],
                        help=f"(default {defaults.dreg_scope})")
+        p.add_argument("--class-weight", dest="class_weight", choices=CLASS_WEIGHTS,
+                       help="balanced: weight each training example's loss by n / (C n_c) of its class "
+                            "(imbalanced labels; metrics stay unweighted) (default none)")
         p.add_argument("--weight-decay-reading", dest="weight_decay_reading", choices=WEIGHT_DECAY_READINGS,
                        help="how weight_decay's strength enters AdamW's decoupled decay: per_step "
                             "(theta -= strength * theta every step; the default), times_lr (times the "

@@ -175,3 +175,40 @@ def test_weight_decay_acts_by_default_and_old_results_keep_their_reading():
         args = build_parser().parse_args(["sweep", "--datasets", "iris", "--regularizers", "weight_decay", *flag])
         specs = _sweep_config(args).expand()
         assert specs and all(s.config.regularizer.weight_decay_reading == reading for s in specs)
+
+
+def test_balanced_class_weights_are_sklearns_and_weight_the_data_loss_as_documented():
+    """w_c = n / (C n_c) over the included rows (sklearn's "balanced"); the data loss is
+    sum_b w_b CE_b / sum_b w_b; metrics unweighted; run ids of class_weight="none" unchanged."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from dreg_jax.cli import _sweep_config, build_parser
+    from dreg_jax.training.regularizers import cross_entropy
+    from dreg_jax.training.train import balanced_class_weights, create_train_state, train_step
+
+    y = jnp.array([0, 0, 0, 0, 1, 1, 2, 0, 2, 1, 0, 0])
+    included = jnp.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0])  # the last two rows are not trained on
+    w = balanced_class_weights(y, included, 4)
+    expected = compute_class_weight("balanced", classes=np.array([0, 1, 2]), y=np.asarray(y[:10]))
+    np.testing.assert_allclose(np.asarray(w[:3]), expected, rtol=1e-6)
+    assert float(w[3]) == 0.0  # a class without rows
+    x = jax.random.normal(jax.random.key(0), (12, 5))
+    for kind in ("none", "igpen", "dreg"):
+        config = TrainConfig(model=ModelConfig(hidden=(8,)), regularizer=RegularizerConfig(kind=kind),
+                             class_weight="balanced")
+        state = create_train_state(config, jax.random.key(1), 5, 4)
+        batch = {"x": x, "y": y, "w": w[y]}
+        _, m = train_step(state, batch, jax.random.key(2), config)
+        logits = state.apply_fn({"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}, x)
+        ce = cross_entropy(logits, y)
+        np.testing.assert_allclose(float(m["data_loss"]), float(jnp.sum(w[y] * ce) / jnp.sum(w[y])), rtol=1e-5)
+        _, plain = train_step(state, {"x": x, "y": y}, jax.random.key(2), config)
+        np.testing.assert_allclose(float(plain["data_loss"]), float(jnp.mean(ce)), rtol=1e-5)
+    unweighted = RunSpec("iris", TrainConfig())
+    assert RunSpec("iris", TrainConfig(class_weight="none")).run_id == unweighted.run_id
+    assert RunSpec("iris", TrainConfig(class_weight="balanced")).run_id != unweighted.run_id
+    with pytest.raises(ValueError, match="class_weight"):
+        TrainConfig(class_weight="inverse").validate()
+    args = build_parser().parse_args(["train", "--dataset", "iris", "--class-weight", "balanced"])
+    args.datasets, args.regularizers = ["iris"], ["none"]
+    assert all(s.config.class_weight == "balanced" for s in _sweep_config(args).expand())

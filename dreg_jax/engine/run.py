@@ -46,7 +46,7 @@ from dreg_jax.engine.scarcity import stratified_fraction_mask, symmetric_label_n
 from dreg_jax.engine.diagnostics import gradient_tail_ratio, tail_ratio, volatility
 from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.fit import check_labels
-from dreg_jax.training.train import create_train_state, eval_step, train_step
+from dreg_jax.training.train import balanced_class_weights, create_train_state, eval_step, train_step
 
 
 DIVERGENCE_FACTOR = 10.0
@@ -361,6 +361,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     else:
         noise = jax.random.normal(k_noise, data.x_train.shape)
     x_train = data.x_train + hp.input_noise * noise
+    class_weights = (balanced_class_weights(y_train, mask, num_classes) if config.class_weight == "balanced"
+                     else None)
     positions = jnp.arange(steps_cap * batch).reshape(steps_cap, batch)
 
     chance = jnp.log(jnp.asarray(classes, jnp.float32)) if padded else math.log(num_classes)
@@ -368,7 +370,10 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     def one_step(carry, inputs):
         state, prev_norm, fail_step, step, peak, first_loss, diverge_step = carry
         idx, k = inputs
-        state, m = train_step(state, {"x": x_train[idx], "y": y_train[idx]}, k, config)
+        batch_data = {"x": x_train[idx], "y": y_train[idx]}
+        if class_weights is not None:
+            batch_data["w"] = class_weights[y_train[idx]]
+        state, m = train_step(state, batch_data, k, config)
         finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
         fail_step = jnp.where((fail_step < 0) & ~finite, step, fail_step)
         first_loss = jnp.where(step == 0, m["data_loss"], first_loss)

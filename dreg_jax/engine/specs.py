@@ -35,6 +35,7 @@ _LATER_DEFAULTS = (  # (path to the mapping, field, default)
     (("config", "regularizer"), "weight_decay_reading", "times_lr"),
     (("config", "regularizer"), "spectral_norm_head", True),
     (("config", "regularizer"), "dreg_output_layer", False),
+    (("config",), "class_weight", "none"),
 )
 
 

@@ -131,6 +131,7 @@ class SweepConfig:
     strength_schedules: tuple[str, ...] = ("constant",)  # DREG runs only; see penalties.schedules
     module: Any = None  # your own linen module (Python only; see ModelConfig.module)
     jacobian_layers: tuple[str, ...] = ()  # its submodules for dreg_scope="layer"
+    class_weight: str = "none"  # "balanced": the data loss weighted n / (C n_c) per class (TrainConfig)
 
     @classmethod
     def from_mapping(cls, mapping: dict) -> "SweepConfig":
@@ -180,7 +181,7 @@ class SweepConfig:
                     regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=scope,
                                                   strength_schedule=schedule, **options),
                     optimizer=OptimizerConfig(learning_rate=lr),
-                    epochs=self.epochs, batch_size=self.batch_size,
+                    epochs=self.epochs, batch_size=self.batch_size, class_weight=self.class_weight,
                 )
                 specs.append(RunSpec(ds, config, int(seed), float(frac), float(ln), float(inoise), self.featurizer,
                                      float(self.validation_fraction)))

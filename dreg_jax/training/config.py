@@ -27,6 +27,9 @@ CUSTOM_ACTIVATION = "custom"  # ModelConfig.activation of a user module
 # dreg_jax.training.regularizers.REGISTRY (DEFAULT_STRENGTHS and REGULARIZERS derive from it).
 
 
+#: TrainConfig.class_weight choices.
+CLASS_WEIGHTS = ("none", "balanced")
+
 #: RegularizerConfig fields whose default changed: the value a stored config without the field
 #: meant (results and model.json files written before the change).
 LEGACY_REGULARIZER_DEFAULTS = {"weight_decay_reading": "times_lr"}
@@ -190,6 +193,10 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     fold: Fold | None = None  # set by the engine for programs that hold several configs
+    # "balanced": the data loss weights each example by n / (C n_c) of its class (C classes
+    # present, n_c training rows of class c; sklearn's "balanced"), normalized per batch:
+    # sum_b w_b CE_b / sum_b w_b. "none": the plain mean. Metrics are never weighted.
+    class_weight: str = "none"
 
     @property
     def activations(self) -> tuple[str, ...]:
@@ -213,10 +220,11 @@ class TrainConfig:
             # a config stored before a field existed meant that field's legacy default
             regularizer=RegularizerConfig(**{**LEGACY_REGULARIZER_DEFAULTS, **c["regularizer"]}),
             optimizer=OptimizerConfig(**c["optimizer"]),
-            epochs=c["epochs"], batch_size=c["batch_size"],
+            epochs=c["epochs"], batch_size=c["batch_size"], class_weight=c.get("class_weight", "none"),
         )
 
     def validate(self):
+        check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
         self.model.validate()
         self.regularizer.validate()
         self.optimizer.validate()

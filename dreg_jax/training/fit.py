@@ -15,7 +15,7 @@ import numpy as np
 
 from dreg_jax._checks import check_float_array
 from dreg_jax.training.config import TrainConfig
-from dreg_jax.training.train import TrainState, create_train_state, eval_step, train_step
+from dreg_jax.training.train import TrainState, balanced_class_weights, create_train_state, eval_step, train_step
 
 
 class FitResult(NamedTuple):
@@ -69,13 +69,19 @@ def fit(config: TrainConfig, x_train, y_train, x_test, y_test, *, seed: int = 0,
             epochs = tqdm(epochs, desc=desc, leave=False)
         except ImportError:
             pass
+    class_weights = None
+    if config.class_weight == "balanced":
+        class_weights = balanced_class_weights(jnp.asarray(y_train), jnp.ones(len(y_train)), num_classes)
     for _ in epochs:
         loop_key, perm_key = jax.random.split(loop_key)
         sums = None
         batches = epoch_batch_indices(perm_key, len(x_train), config.batch_size)
         for idx in batches:
             loop_key, step_key = jax.random.split(loop_key)
-            state, metrics = train_step(state, {"x": x_train[idx], "y": y_train[idx]}, step_key, config)
+            batch = {"x": x_train[idx], "y": y_train[idx]}
+            if class_weights is not None:
+                batch["w"] = class_weights[jnp.asarray(y_train)[idx]]
+            state, metrics = train_step(state, batch, step_key, config)
             sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
         history["train_loss"].append(float(sums["loss"]) / len(batches))
         history["train_accuracy"].append(float(sums["accuracy"]) / len(batches))

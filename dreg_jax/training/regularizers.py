@@ -48,6 +48,15 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def mean_cross_entropy(logits, ctx):
+    """The data loss: the batch mean of the cross entropy, or with per-example ``ctx.weights``
+    (``TrainConfig.class_weight``) the weighted mean :math:`\\sum_b w_b CE_b / \\sum_b w_b`."""
+    losses = cross_entropy(logits, ctx.y)
+    if ctx.weights is None:
+        return jnp.mean(losses)
+    return jnp.sum(ctx.weights * losses) / jnp.maximum(jnp.sum(ctx.weights), 1e-12)
+
+
 def _model_pass_options(reg) -> dict:
     """The built-in MLP pass every loss of a config uses (DREG's terms come from it when they
     can, so a folded program runs one pass for the plain and the DREG runs; unused terms are
@@ -74,7 +83,7 @@ def _plain_loss(ctx) -> LossTerms:
 
         (logits, _), updates = ctx.apply(ctx.x, update_stats=True, method=MLP.forward_with_jacobian_terms,
                                          **_model_pass_options(ctx.config.regularizer))
-    return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), jnp.zeros([], jnp.float32), updates, {})
+    return LossTerms(logits, mean_cross_entropy(logits, ctx), jnp.zeros([], jnp.float32), updates, {})
 
 
 def custom_model_terms(ctx, scope, estimator, num_probes):
@@ -119,13 +128,16 @@ def _dreg_loss(ctx) -> LossTerms:
     metrics["jacobian_sq_norms"] = sq_norms
     penalty = dreg_penalty(sq_norms, widths, strength=state.strength * multiplier,
                            scaling=reg.dreg_scaling)
-    return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), penalty, updates, metrics)
+    return LossTerms(logits, mean_cross_entropy(logits, ctx), penalty, updates, metrics)
 
 
 def _igpen_loss(ctx) -> LossTerms:
-    def per_example(inp):
+    def per_example(inp):  # weighted so that their mean is the weighted mean (class_weight)
         logits = ctx.state.apply_fn(ctx.variables, inp)
-        return cross_entropy(logits, ctx.y), logits
+        losses = cross_entropy(logits, ctx.y)
+        if ctx.weights is not None:
+            losses = losses * ctx.weights / jnp.maximum(jnp.mean(ctx.weights), 1e-12)
+        return losses, logits
 
     data_loss, penalty, logits = input_gradient_penalty(
         per_example, ctx.x, strength=ctx.state.strength, has_aux=True
@@ -137,7 +149,7 @@ def _jacobian_loss(ctx) -> LossTerms:
     logits, penalty = network_jacobian_penalty(
         lambda inp: ctx.state.apply_fn(ctx.variables, inp), ctx.x, ctx.key, strength=ctx.state.strength
     )
-    return LossTerms(logits, jnp.mean(cross_entropy(logits, ctx.y)), penalty, {}, {})
+    return LossTerms(logits, mean_cross_entropy(logits, ctx), penalty, {}, {})
 
 
 #: How the weight-decay strength enters the update (``RegularizerConfig.weight_decay_reading``).

@@ -130,6 +130,24 @@ def model_variables(state: TrainState, params):
     return variables
 
 
+def balanced_class_weights(labels, included, num_classes: int):
+    """``TrainConfig.class_weight="balanced"``: :math:`w_c = n / (C\\, n_c)` over the included
+    training rows (``n`` rows, ``n_c`` of class ``c``, ``C`` classes with a row; sklearn's
+    ``compute_class_weight("balanced")``); 0 for a class with no row.
+
+    Args:
+      labels: ``(rows,)`` int training labels (after any label noise: what the loss sees).
+      included: ``(rows,)`` bool or 0/1, the rows a run trains on (data fraction, padding).
+      num_classes: the class count.
+
+    Returns:
+      ``(num_classes,)`` float32 weights.
+    """
+    counts = jnp.zeros((num_classes,), jnp.float32).at[labels].add(jnp.asarray(included, jnp.float32))
+    present = jnp.sum(counts > 0)
+    return jnp.where(counts > 0, jnp.sum(counts) / (present * jnp.maximum(counts, 1.0)), 0.0)
+
+
 class LossContext(NamedTuple):
     """What a regularizer's loss hook reads (:attr:`Regularizer.loss`)."""
 
@@ -140,6 +158,7 @@ class LossContext(NamedTuple):
     key: jax.Array
     config: TrainConfig
     apply: Callable  # (*args, **kwargs) -> (model output, mutable-collection updates)
+    weights: jax.Array | None = None  # (B,) per-example loss weights (TrainConfig.class_weight)
 
 
 def loss_fn(params, state: TrainState, batch, key, config: TrainConfig, kinds=None):
@@ -165,7 +184,7 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig, kinds=No
         out = state.apply_fn(variables, *args, mutable=mutable, **kwargs_train, **kwargs)
         return out if mutable else (out, {})
 
-    ctx = LossContext(state, variables, batch["x"], batch["y"], key, config, apply)
+    ctx = LossContext(state, variables, batch["x"], batch["y"], key, config, apply, batch.get("w"))
     penalized = [k for k in kinds if get_regularizer(k).penalizes_loss]
     if penalized and len(kinds) > 1:  # the shared pass: DREG's terms come from the forward every
         terms = get_regularizer(penalized[0]).loss(ctx)  # kind of this branch needs
