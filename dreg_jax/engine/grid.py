@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dreg_jax.engine.distributed import spans_processes
 from dreg_jax.engine.run import EngineData, EngineOptions, RunHParams, train_run
 from dreg_jax.training.config import TrainConfig
 
@@ -150,7 +151,7 @@ def place(hparams: RunHParams, data: EngineData, mesh: Mesh | None = None):
     collective is issued, so blocks can be placed from compile threads in any order."""
     if mesh is None or mesh.size == 1:
         return hparams, data
-    if mesh.is_multi_process:
+    if spans_processes(mesh):
         return (_from_host(hparams, NamedSharding(mesh, P("runs"))),
                 _from_host(data, NamedSharding(mesh, P())))
     return (jax.device_put(hparams, NamedSharding(mesh, P("runs"))),
@@ -169,7 +170,7 @@ def fetch(outputs, mesh: Mesh | None = None):
 
     Across processes this is ``process_allgather``, a collective: call it from the main thread,
     at the same point of the plan on every process."""
-    if mesh is not None and mesh.is_multi_process:
+    if spans_processes(mesh):
         from jax.experimental import multihost_utils
 
         return jax.tree_util.tree_map(np.asarray, multihost_utils.process_allgather(outputs, tiled=True))

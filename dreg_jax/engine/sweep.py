@@ -293,7 +293,8 @@ def run_sweep(specs: Iterable[RunSpec], results_path, *, chunk_size: int = 64,
                 raise problem
             if shared["problem"] is not None:
                 raise RuntimeError(f"process 0 cannot run the sweep: {shared['problem']}")
-            done = shared["done"] if not writer else done
+            if not writer:  # the writer's own rows are the ones it broadcast
+                done = shared["done"]
         pending = [s for s in unique if s.run_id not in done]
         programs = plan_programs(pending, options, plan_for=plan_for)
         if distributed:
