@@ -278,8 +278,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from dreg_jax.training.regularizers import DEFAULT_STRENGTHS
-
     check_writable_directory(args.out, "--out")  # before any work: outputs writable, never an input
     if args.save_model is not None:
         check_writable_directory(args.save_model, "--save-model")
@@ -292,7 +290,7 @@ def cmd_tune(args) -> int:
     sweep = _sweep_config(args)
     if len(sweep.datasets) != 1:
         raise ValueError(f"tune chooses on one dataset at a time, got {list(sweep.datasets)}")
-    del DEFAULT_STRENGTHS  # every asked regularizer is tuned (none and SN: their learning rate only)
+    # every asked regularizer is tuned (none and SN: their learning rate only)
     kinds = list(dict.fromkeys(([] if args.no_baseline else ["none"]) + list(sweep.regularizers)))
     locks = contextlib.ExitStack()
     if args.save_model is not None:  # fail before training, not after it
@@ -308,6 +306,7 @@ def cmd_tune(args) -> int:
 
 def _tune(args, sweep, kinds) -> int:
     from dreg_jax.engine import engine_data
+    from dreg_jax.training.regularizers import get_regularizer
     from dreg_jax.tuning import plot_tuning, tune
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -321,8 +320,6 @@ def _tune(args, sweep, kinds) -> int:
         print(f"[{number}/{len(kinds)}] tuning {kind} on {scored} ...", flush=True)
         config = dataclasses.replace(template.config, regularizer=dataclasses.replace(
             template.config.regularizer, kind=kind, strength=None))
-        from dreg_jax.training.regularizers import get_regularizer
-
         # --strengths applies to the regularizers that have one (the baseline tunes its learning rate)
         grid = (sweep.strengths or {}).get(kind) if get_regularizer(kind).default_strength is not None else None
         result = tune(data, config, num_classes, strengths=grid, learning_rates=sweep.learning_rates,

@@ -250,11 +250,12 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         pool_x = np.concatenate([np.asarray(data.x_train)] + ([np.asarray(data.x_val)] if has_val else []))
         pool_y = np.concatenate([np.asarray(data.y_train)] + ([np.asarray(data.y_val)] if has_val else []))
         parts = stratified_folds(pool_y, folds)
-        everything = np.arange(len(pool_y))
-        fold_data = [data._replace(x_train=pool_x[np.setdiff1d(everything, part)],
-                                   y_train=pool_y[np.setdiff1d(everything, part)],
-                                   x_test=pool_x[part], y_test=pool_y[part], x_val=pool_x[part], y_val=pool_y[part],
-                                   x_robust=None) for part in parts]
+        fold_data = []
+        for part in parts:
+            rest = np.setdiff1d(np.arange(len(pool_y)), part)  # the other folds: trained on
+            fold_data.append(data._replace(x_train=pool_x[rest], y_train=pool_y[rest], x_test=pool_x[part],
+                                           y_test=pool_y[part], x_val=pool_x[part], y_val=pool_y[part],
+                                           x_robust=None))
         n_val = len(pool_y)
     else:
         if data.x_val is None or len(data.x_val) == 0:
@@ -478,7 +479,7 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
     fit = data._replace(x_robust=None)  # trained on the training rows, as tune trained them
     y = np.asarray(data.y_test)
     labels = list(range(num_classes))
-    rows, correct, predicted = [], {}, {}
+    rows, predicted = [], {}
     for kind, result in arms.items():
         arm_config = dataclasses.replace(
             config, regularizer=dataclasses.replace(config.regularizer, kind=kind, strength=None),
@@ -487,13 +488,12 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
                                  for s in seeds])
         final, _ = train_many(runs, fit, arm_config, num_classes, options)
         scores = {k: [] for k in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "auc")}
-        hits, preds = [], []
+        preds = []
         for i, _ in enumerate(seeds):
             variables = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
             model = TrainedModel(arm_config, variables, num_classes, int(data.x_train.shape[1]))
             proba = model.predict_proba(np.asarray(data.x_test, np.float32))
             pred = proba.argmax(1)
-            hits.append(pred == y)
             preds.append(pred)
             scores["accuracy"].append(float(np.mean(pred == y)))
             scores["balanced_accuracy"].append(float(skm.balanced_accuracy_score(y, pred)))
@@ -505,8 +505,7 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
                 scores["auc"].append(float(auc))
             except ValueError:  # a class absent from the held-out rows: AUC is undefined
                 scores["auc"].append(None)
-        correct[kind] = np.stack(hits)
-        predicted[kind] = np.stack(preds)
+        predicted[kind] = np.stack(preds)  # (seeds, rows)
         row = {"regularizer": kind, "strength": result.strength, "learning_rate": result.learning_rate}
         for k, values in scores.items():
             known = [v for v in values if v is not None]
@@ -517,7 +516,7 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
     for kind in arms:
         if kind == baseline:
             continue
-        interval = paired_interval(correct[kind], correct[baseline], y, num_classes, draws=draws)
+        interval = paired_interval(predicted[kind] == y, predicted[baseline] == y, y, num_classes, draws=draws)
         (acc, lo, hi), (bacc, blo, bhi) = interval["accuracy"], interval["balanced_accuracy"]
         verdict = _verdict(lo, hi)
         switched_off = bool(np.array_equal(predicted[kind], predicted[baseline]))

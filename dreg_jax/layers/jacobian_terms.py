@@ -141,10 +141,10 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-import inspect
-import itertools
 import contextlib
 import dataclasses
+import inspect
+import itertools
 import math
 import threading
 from typing import Any
@@ -272,7 +272,7 @@ class _Site:
         """This call on ``rows`` of the batch: ``h`` (and its tied copies) and every other array
         argument whose leading axis has the batch's length ``batch``."""
         def take(a):
-            if hasattr(a, "shape") and getattr(a, "ndim", 0) >= 1 and a.shape[0] == batch:
+            if _is_array(a) and a.ndim >= 1 and a.shape[0] == batch:
                 return _take_rows(a, rows)
             return a
 
@@ -328,7 +328,6 @@ class _Recorder:
         self.active: list[str] = []  # paths of the selected calls being computed (re-entry runs through)
         self.passthrough = 0  # > 0: calls go straight through (side passes, closed forms)
         self.frames: list[list[_Call]] = []  # exact-estimator frames recording child calls
-        self.reverse_paths: set[str] = set()  # selections measured in reverse mode
 
     # -- selection -------------------------------------------------------------------------
     def selected(self, path: str, module) -> bool:
@@ -389,16 +388,17 @@ class _Recorder:
     # -- the probe estimator ---------------------------------------------------------------
     def _probe(self, path, module, call, site, k_call):
         mode = self.options.mode
+        probed = self._probe_site(site, k_call)  # the call on the rows that carry probes
         # the submodule alone as a pure function (on the probed rows), with the state the
         # model's call is about to see
-        side = self.adapter.side_pass(module, call, self._probe_site(site, k_call), jax.random.fold_in(k_call, 2))
+        side = self.adapter.side_pass(module, call, probed, jax.random.fold_in(k_call, 2))
         if mode == "reverse":
             y = site.calling(call)(site.h)
-            return y, self._reverse(path, side, site, y, k_call)
+            return y, self._reverse(path, side, site.h, probed.h, y, k_call)
         start, calls = len(self.entries), self.calls
         try:
             with _forward_attempt():
-                return self._probe_forward(path, site, module, call, side, k_call)
+                return self._probe_forward(path, site, probed.h, module, call, side, k_call)
         except _CustomVJPInForwardPass as err:
             # the forward pass stopped at the custom_vjp call, before any tangent met it: nothing
             # was committed (a lifted nn.jvp commits only when it returns)
@@ -415,7 +415,7 @@ class _Recorder:
         del self.entries[start:]  # the nested terms of the stopped pass, recorded again
         self.calls = calls
         y = site.calling(call)(site.h)  # the model's own call, this time without a jvp
-        return y, self._reverse(path, side, site, y, k_call)
+        return y, self._reverse(path, side, site.h, probed.h, y, k_call)
 
     def _probe_site(self, site, k_call):
         """The call that carries probes: ``site`` itself, or (``row_fraction < 1``) the call on
@@ -428,9 +428,8 @@ class _Recorder:
         rows = jax.random.permutation(jax.random.fold_in(k_call, 1), batch)[:m]
         return site.take_rows(rows, batch)
 
-    def _probe_forward(self, path, site, module, call, side, k_call):
+    def _probe_forward(self, path, site, h_probe, module, call, side, k_call):
         h, probes = site.h, self.num_probes
-        h_probe = self._probe_site(site, k_call).h
         v = rademacher(jax.random.fold_in(k_call, 0), (probes,) + h_probe.shape, h.dtype)
         if self.row_fraction < 1.0:
             # the side pass first: a map it cannot differentiate fails before the model's pass
@@ -467,14 +466,11 @@ class _Recorder:
             self.passthrough -= 1
         return estimates, any(changed)
 
-    def _reverse(self, path, side, site, y, k_call):
+    def _reverse(self, path, side, h, h_probe, y, k_call):
         """Hutchinson through ``vjp``: ``E ||J^T u||^2 = ||J||_F^2`` for Rademacher ``u`` over the
         covered output; one side pass linearized once, ``P`` vjps (vmapped)."""
-        self.reverse_paths.add(path)
-        h = site.h
         covered = _covered_output(y, h, path, self.selector(path))
         pure, changed = side
-        h_probe = self._probe_site(site, k_call).h
         self.passthrough += 1
         try:
             try:

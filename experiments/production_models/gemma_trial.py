@@ -6,6 +6,7 @@ import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 from gemma import gm
 from gemma.gm.nn import _config, _modules
 import dreg_jax
+import _trial  # this folder's shared check and table
 
 cfg = _config.TransformerConfig(
     num_embed=128, embed_dim=32, hidden_dim=64, num_heads=2, head_dim=16, num_kv_heads=1,
@@ -54,23 +55,13 @@ def references(paths, variables, *args, **kwargs):
     return refs
 
 rows = []
+
+
 def check(name, layers, *args, num_probes=1, row_fraction=1.0, keys=300, **kwargs):
-    try:
-        refs = references(set(layers), params, *args, **kwargs)
-    except Exception as e:
-        rows.append((name, ",".join(layers), "-", "-", f"reference failed: {type(e).__name__}: {str(e)[:150]}"))
-        return
-    try:
-        f = jax.jit(jax.vmap(lambda k: dreg_jax.jacobian_terms(model, params, *args, key=k, layers=layers,
-                                                              num_probes=num_probes, row_fraction=row_fraction, **kwargs)[1]))
-        vals = f(jax.random.split(jax.random.key(3), keys))
-        for path in layers:
-            got = np.asarray(vals[path], np.float64)
-            mean, se = got.mean(), got.std() / np.sqrt(len(got))
-            ok = abs(mean - refs[path]) < 3 * se + 1e-5 * refs[path]
-            rows.append((name, path, f"{mean:.4g} +- {se:.2g}", f"{refs[path]:.4g}", "right" if ok else "WRONG"))
-    except Exception as e:
-        rows.append((name, ",".join(layers), "-", "-", f"refused/error: {type(e).__name__}: {str(e)[:150]}"))
+    """``kwargs`` go to the model's call (``cache=``), in the reference and in jacobian_terms."""
+    _trial.check(rows, name, layers, lambda: references(set(layers), params, *args, **kwargs), model, params,
+                 *args, keys=keys, num_probes=num_probes, row_fraction=row_fraction, **kwargs)
+
 
 # 1: nn.jit-wrapped __call__, three calls in a row (eager)
 try:
@@ -112,6 +103,4 @@ try:
 except Exception as e:
     rows.append(("jit(grad) of terms", "-", "-", "-", f"ERROR {type(e).__name__}: {str(e)[:150]}"))
 
-print("| case | path | term (mean +- se) | jacfwd reference | verdict |\n|---|---|---|---|---|")
-for r in rows:
-    print("| " + " | ".join(r) + " |")
+_trial.print_table(rows, "jacfwd")

@@ -7,6 +7,7 @@ import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
 import recurrentgemma.jax as rg
 from recurrentgemma import common
 import dreg_jax
+import _trial  # this folder's shared check and table
 
 cfg = common.GriffinConfig(vocab_size=128, width=32, mlp_expanded_width=64, num_heads=2,
                            block_types=(common.TemporalBlockType.RECURRENT, common.TemporalBlockType.ATTENTION),
@@ -50,21 +51,11 @@ def references(paths, *args, **kwargs):
     return refs
 
 rows = []
+
+
 def check(name, layers, *args, keys=300, **kw):
-    try:
-        refs = references(set(layers), *args)
-    except Exception as e:
-        rows.append((name, ",".join(layers), "-", "-", f"reference failed: {type(e).__name__}: {str(e)[:150]}")); return
-    try:
-        f = jax.jit(jax.vmap(lambda k: dreg_jax.jacobian_terms(model, params, *args, key=k, layers=layers, **kw)[1]))
-        vals = f(jax.random.split(jax.random.key(3), keys))
-        for path in layers:
-            got = np.asarray(vals[path], np.float64)
-            mean, se = got.mean(), got.std() / np.sqrt(len(got))
-            ok = abs(mean - refs[path]) < 3 * se + 1e-5 * refs[path]
-            rows.append((name, path, f"{mean:.4g} +- {se:.2g}", f"{refs[path]:.4g}", "right" if ok else "WRONG"))
-    except Exception as e:
-        rows.append((name, ",".join(layers), "-", "-", f"refused/error: {type(e).__name__}: {str(e)[:200]}"))
+    _trial.check(rows, name, layers, lambda: references(set(layers), *args), model, params, *args, keys=keys, **kw)
+
 
 check("RG-LRU (custom_vjp sqrt), auto", ["blocks.0/recurrent_block/rg_lru"], tokens, pos)
 check("RG-LRU, mode=reverse", ["blocks.0/recurrent_block/rg_lru"], tokens, pos, mode="reverse")
@@ -88,6 +79,4 @@ try:
 except Exception as e:
     rows.append(("jit(grad) of terms", "-", "-", "-", f"ERROR {type(e).__name__}: {str(e)[:200]}"))
 print("gradient_checkpointing (nn.remat) =", REMAT)
-print("| case | path | term (mean +- se) | jacrev reference | verdict |\n|---|---|---|---|---|")
-for r in rows:
-    print("| " + " | ".join(r) + " |")
+_trial.print_table(rows, "jacrev")
