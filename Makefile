@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-chainzrule study-full study-v2-full chainzrule-full transformer-full transformer-v2 transformer-v2-gpu test test-slow bench clean rebuild-reports
+.PHONY: docs demo demo-chainzrule study-full study-v2-full chainzrule-full transformer-full transformer-v2 transformer-v2-gpu test test-slow bench clean rebuild-reports
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,10 @@ transformer-v2-gpu: $(VENV)/.encoder
 # Every committed report rebuilt from the raw results beside it (nothing is trained).
 rebuild-reports: $(STAMP)
 	$(PY) experiments/rebuild_report.py $$(dirname $$(ls docs/results/*/meta.json))
+
+# The documentation site (MkDocs; API pages from the docstrings) into site/, warnings as errors.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers (pytest-xdist), one test file each at a time

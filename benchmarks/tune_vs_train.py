@@ -58,8 +58,10 @@ def main():
     env = {**os.environ, "DREG_JAX_CACHE": str(work / "cache")}  # both arms start with an empty compile cache
     common = ["--csv", str(csv), "--target", "type"]
 
+    # the same runs as the loop: one learning rate, no baselines beside dreg (tune's defaults add both)
     tune_seconds = run([exe, "tune", *common, "--regularizers", "dreg", "--strengths", *map(str, grid),
-                        "--seeds", str(args.seeds), "--max-extensions", "0", "--out", str(work / "tune")], env)
+                        "--seeds", str(args.seeds), "--max-extensions", "0", "--no-baseline",
+                        "--learning-rates", "0.001", "--out", str(work / "tune")], env)
     runs = [(s, seed) for s in grid for seed in range(args.seeds)]
     timed = runs if args.loop_runs is None else runs[:: max(1, len(runs) // args.loop_runs)][: args.loop_runs]
     per_call = [run([exe, "train", *common, "--strength", str(s), "--seed", str(seed)], env) for s, seed in timed]

@@ -277,6 +277,14 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+#: tuned beside the asked regularizers (``--no-baseline`` drops them): no regularizer, and a
+#: weight decay that acts (the default ``per_step`` reading: theta -= strength * theta each step)
+TUNE_BASELINES = ("none", "weight_decay")
+#: tune's learning rates when neither --learning-rates nor --config gives them: every strength
+#: is tried with each, and a pick at an end of this set is flagged
+TUNE_LEARNING_RATES = (3e-4, 1e-3, 3e-3)
+
+
 def cmd_tune(args) -> int:
     check_writable_directory(args.out, "--out")  # before any work: outputs writable, never an input
     if args.save_model is not None:
@@ -287,11 +295,13 @@ def cmd_tune(args) -> int:
     if getattr(args, "validation_fraction", None) is None and args.csv is None:
         # built-in sets: a stratified 20% of training to choose on (K folds use every training row)
         args.validation_fraction = 0.0 if args.folds else 0.2
+    if args.learning_rates is None and not (args.config and "learning_rates" in _load_mapping(args.config)):
+        args.learning_rates = list(TUNE_LEARNING_RATES)  # tuned with the strength unless given
     sweep = _sweep_config(args)
     if len(sweep.datasets) != 1:
         raise ValueError(f"tune chooses on one dataset at a time, got {list(sweep.datasets)}")
-    # every asked regularizer is tuned (none and SN: their learning rate only)
-    kinds = list(dict.fromkeys(([] if args.no_baseline else ["none"]) + list(sweep.regularizers)))
+    # every asked regularizer is tuned (none and SN: their learning rate only), beside the baselines
+    kinds = list(dict.fromkeys(([] if args.no_baseline else list(TUNE_BASELINES)) + list(sweep.regularizers)))
     locks = contextlib.ExitStack()
     if args.save_model is not None:  # fail before training, not after it
         from dreg_jax.saved_model import check_model_directory, model_directory_lock
@@ -769,6 +779,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_tune = sub.add_parser("tune", help="choose each regularizer's strength on the validation split "
                                          "(a log grid x seeds, one compiled program; test data unused)")
     grid_options(p_tune, plural=True)
+    for action in p_tune._actions:  # tune's own default: the learning rate is tuned with the strength
+        if action.dest == "learning_rates":
+            action.help = (f"Adam learning rates, each tried with every strength (default "
+                           f"{' '.join(f'{lr:g}' for lr in TUNE_LEARNING_RATES)}; a pick at an end is flagged)")
     patience_option(p_tune)
     p_tune.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tune"),
                         help="folder for tune.md, tune.json, tune.png and held_out.png (default results/tune)")
@@ -776,8 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="choose by stratified K-fold cross-validation on the training rows (small "
                              "tables) instead of one validation split (default: one split)")
     p_tune.add_argument("--no-baseline", dest="no_baseline", action="store_true",
-                        help="do not tune the baseline (none) beside the asked regularizers, and skip the "
-                             "held-out comparison against it")
+                        help="do not tune the baselines (none and weight_decay) beside the asked regularizers, "
+                             "and skip the held-out comparison against none")
     p_tune.add_argument("--max-extensions", dest="max_extensions", type=int, default=2,
                         help="how often an edge pick may extend the grid (default 2)")
     p_tune.add_argument("--save-model", dest="save_model", type=pathlib.Path, metavar="DIR",

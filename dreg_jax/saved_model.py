@@ -93,7 +93,8 @@ class TrainedModel:
     Attributes:
       config: the run's config (model and regularizer).
       variables: ``{"params": ..., "batch_stats": ...}`` (numpy arrays).
-      num_classes, num_features: output classes and input width.
+      num_classes: output classes.
+      num_features: input width.
       preprocessing: raw rows -> inputs and class indices -> labels (None: a built-in dataset,
         whose inputs are standardized arrays already).
       run: what is known of the run (seed, strength, learning rate, validation accuracy).
@@ -321,7 +322,8 @@ def save_model(directory, variables, config: TrainConfig, num_classes: int, num_
       variables: ``{"params": ..., "batch_stats": ...}``, or a ``TrainState`` (its params and
         batch stats are taken).
       config: the run's own config (not a folded program's).
-      num_classes, num_features: output classes and input width.
+      num_classes: output classes.
+      num_features: input width.
       preprocessing: ``Dataset.preprocessing`` of the training data (user data), or None.
       run: JSON-able facts about the run (seed, strength, learning rate, validation accuracy).
 

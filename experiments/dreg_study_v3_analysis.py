@@ -42,6 +42,8 @@ CLAIMS = {
     "C6": "One fixed lambda = 10^-2.5 needs no tuning: tuned DREG and fixed-lambda DREG are equivalent",
 }
 README_BEGIN, README_END = "<!-- dreg-study-v3-summary:begin -->", "<!-- dreg-study-v3-summary:end -->"
+#: the README's first-screen box, computed from the analysis (experiments/readme_blocks.py copies it)
+ANSWER_BLOCK = "should-i-use-dreg"
 V2_NAMES = {"C1": "best on clean accuracy", "C2": "second to SN on noise robustness",
             "C3": "best regularizer under GELU (all learnable datasets)", "C4": "gains largest under data scarcity",
             "C5": "best regularizer under GELU (messy sets"}
@@ -171,25 +173,92 @@ def analyse(records, meta) -> dict:
 
 
 def forest_plot(claim, comps, path):
-    fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 0.32 * max(len(c["per_unit"]) for c in comps) + 1.8),
-                             squeeze=False)
-    for ax, c in zip(axes[0], comps):
+    """One row per comparison, every row on the claim's one shared x scale (so effects compare
+    by eye): per dataset the mean over seeds +- 1.96 standard errors, pooled the bootstrap interval."""
+    units_per_row = max(len(c["per_unit"]) for c in comps) + 1
+    height = len(comps) * (0.16 * units_per_row + 0.7) + 0.8
+    fig, axes = plt.subplots(len(comps), 1, sharex=True, squeeze=False, figsize=(7.5, height))
+    for ax, c in zip(axes[:, 0], comps):
         units = sorted(c["per_unit"])
-        y = np.arange(len(units) + 1)
         for j, u in enumerate(units):
             seeds = np.asarray(c["effects"][u])
             half = 1.96 * seeds.std(ddof=1) / np.sqrt(len(seeds)) if len(seeds) > 1 else 0.0
-            ax.errorbar(c["per_unit"][u], j, xerr=half, fmt="o", color="tab:blue", ms=4, capsize=2)
+            ax.errorbar(c["per_unit"][u], j, xerr=half, fmt="o", color="tab:blue", ms=3, capsize=2, lw=0.8)
         ax.errorbar(c["mean"], len(units), xerr=[[c["mean"] - c["low"]], [c["high"] - c["mean"]]], fmt="D",
-                    color="black", ms=6, capsize=3)
+                    color="black", ms=5, capsize=3)
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_yticks(y, [*units, "pooled (95% CI)"], fontsize=7)
-        ax.set_title(f"{c['label']}\n{c['verdict']}", fontsize=8)
-        ax.set_xlabel("difference (pp)", fontsize=8)
-    fig.suptitle(f"{claim}", fontsize=9)
-    fig.tight_layout()
+        ax.set_yticks(np.arange(len(units) + 1), [*units, "pooled (95% CI)"], fontsize=6)
+        ax.set_ylim(-0.7, len(units) + 0.7)
+        ax.set_title(f"{c['label']}: {_pct(c['mean'])} pp [{_pct(c['low'])}, {_pct(c['high'])}], {c['verdict']}",
+                     fontsize=8, loc="left")
+    axes[-1, 0].set_xlabel("difference (pp), one scale for the whole claim", fontsize=8)
+    fig.suptitle(claim, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / height))  # room for the claim's title above the first row
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def switched_off(records, meta) -> list[dict]:
+    """Per tuned arm, the cells where tuning switched the regularizer off: its strength pick is
+    the lowest strength tried (the grid's lower edge: extensions only ever add beyond an edge,
+    so a pick at or below the starting grid's lowest point is the lowest tried), or its test
+    accuracy equals ``none``'s on every final seed of the cell (the records keep accuracies, not
+    predictions, so equal accuracy on every seed stands in for equal predictions)."""
+    from dreg_study_v3 import ARMS, CENTRES  # lazy: dreg_study_v3 imports this module
+
+    decades = meta["design"]["decades"]
+    accuracy = collections.defaultdict(dict)  # (dataset, fraction, activation, arm) -> {seed: acc}
+    for r in records:
+        if r["status"] == "ok":
+            st = r["study"]
+            accuracy[(st["dataset"], st["fraction"], st["activation"], st["arm"])][st["seed"]] = r["metrics"]["test_accuracy"]
+    rows = {}
+    for pick in meta["picks"]:
+        arm = pick["arm"]
+        if pick["points"] <= 1 or pick["strength"] is None:
+            continue
+        cell = (pick["dataset"], pick["fraction"], pick["activation"])
+        lowest = CENTRES[ARMS[arm][0]] * 10 ** -decades
+        at_lowest = pick["strength"] <= lowest * (1 + 1e-9)
+        mine, base = accuracy.get((*cell, arm), {}), accuracy.get((*cell, "none"), {})
+        same = bool(mine) and mine.keys() == base.keys() and all(mine[k] == base[k] for k in mine)
+        row = rows.setdefault(arm, {"arm": arm, "cells": 0, "lowest": 0, "same_as_none": 0, "either": 0})
+        row["cells"] += 1
+        row["lowest"] += at_lowest
+        row["same_as_none"] += same
+        row["either"] += at_lowest or same
+    return list(rows.values())
+
+
+def should_i_use_dreg(a, off, meta) -> list[str]:
+    """The README's "Should I use DREG?" box, computed from the analysis (never typed by hand)."""
+    c1 = {c["reading"]: c for c in a["comparisons"] if c["claim"] == "C1" and c["label"].endswith("- none (clean)")}
+    c6 = {c["reading"]: c for c in a["comparisons"] if c["claim"] == "C6"}
+    wd = {c["reading"]: c for c in a["comparisons"] if c["claim"] == "C1" and c["label"].endswith("- WD (clean)")}
+    design = meta["design"]
+    supported = [r for r, c in c1.items() if c["verdict"] == "SUPPORTED"]
+    lines = [f"Measured in the DREG study v3 ({len(a['datasets'])} tabular, vision and text datasets, MLPs, "
+             f"{len(a['seeds'])} fresh seeds; every arm tuned alike on validation data; effects in percentage "
+             "points of test accuracy with 95% intervals):", ""]
+    for reading, c in c1.items():
+        lines.append(f"- **{reading}** (DREG on the {'activations' if reading.endswith('act') else 'layers'}), tuned, "
+                     f"vs no regularizer: **{_pct(c['mean'])} pp [{_pct(c['low'])}, {_pct(c['high'])}]** ({c['verdict']}); "
+                     f"vs weight decay: {_pct(wd[reading]['mean'])} pp [{_pct(wd[reading]['low'])}, "
+                     f"{_pct(wd[reading]['high'])}] ({wd[reading]['verdict']}).")
+    for reading, c in c6.items():
+        lines.append(f"- The papers' fixed lambda = 10^-2.5 vs tuning it ({reading}): tuning gains "
+                     f"{_pct(c['mean'])} pp [{_pct(c['low'])}, {_pct(c['high'])}].")
+    dreg_off = [o for o in off if o["arm"] in c1]
+    if dreg_off:
+        lines.append("- Tuning switched DREG off (lowest strength, or the same test accuracy as no regularizer on "
+                     "every seed) in " + "; ".join(f"{o['either']} of {o['cells']} cells ({o['arm']})" for o in dreg_off) + ".")
+    if supported:
+        answer = f"DREG ({', '.join(supported)}) beat no regularizer reliably: worth using, tuned."
+    else:
+        answer = ("No reliable gain over no regularizer: DREG is not a default that pays by itself. Try it as one tuned "
+                  "candidate beside none and weight decay on your own validation split (`dreg-jax tune` does exactly "
+                  "that), and never at the fixed lambda without tuning.")
+    return lines + ["", f"**Answer:** {answer}"]
 
 
 def v2_verdicts(v2_report: pathlib.Path) -> dict:
@@ -237,6 +306,9 @@ def write_report(records, out: pathlib.Path, meta) -> str:
            f"{a['family']} directional comparisons; with {len(a['datasets'])} datasets the smallest one-sided exact "
            f"p is {2.0 ** -len(a['datasets']):.2g} against Holm's first threshold {profile['alpha'] / max(1, a['family']):.2g}.",
            ""]
+    off = switched_off(records, meta)
+    md += ["## Should I use DREG?", "", f"<!-- {ANSWER_BLOCK}:begin -->", "", *should_i_use_dreg(a, off, meta), "",
+           f"<!-- {ANSWER_BLOCK}:end -->", ""]
     md += ["## Verdicts", "", README_BEGIN, "", "| claim | reading | verdict |", "|---|---|---|"]
     for (claim, reading), word in a["verdicts"].items():
         md.append(f"| {claim}: {CLAIMS[claim]} | {reading} | **{word}** |")
@@ -255,6 +327,13 @@ def write_report(records, out: pathlib.Path, meta) -> str:
         if comps:
             forest_plot(f"{claim}: {CLAIMS[claim]}", comps, out / f"forest_{claim}.png")
             md.append(f"![{claim}](forest_{claim}.png)")
+    md += ["", "## Regularizers switched off by tuning", "",
+           "A tuned arm counts as switched off in a cell (dataset x fraction x activation) when its strength pick is "
+           "the lowest strength tried, or when its test accuracy equals `none`'s on every final seed. Its comparisons "
+           "with `none` then measure little, whatever their verdict.", "",
+           "| arm | tuned cells | lowest strength picked | same test accuracy as none on every seed | either |",
+           "|---|---|---|---|---|"]
+    md += [f"| {o['arm']} | {o['cells']} | {o['lowest']} | {o['same_as_none']} | {o['either']} |" for o in off]
     md += ["", "## Datasets", "", "| dataset | learnable | tuned none (GELU, largest fraction) val. acc. | majority share | messy |",
            "|---|---|---|---|---|"]
     for d, (ok, acc, maj) in sorted(a["learnable"].items()):

@@ -1,9 +1,10 @@
-"""Copies each committed report's README summary block into README.md (between its markers).
+"""Copies each committed report's summary blocks into README.md and the docs pages (between
+their markers).
 
     python experiments/readme_blocks.py
 
-The blocks are the reports' own text (tests/test_docs.py checks they match), so the README
-never states a result the report does not.
+The blocks are the reports' own text (tests/test_docs.py checks they match), so neither the
+README nor a docs page states a result the report does not.
 """
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-#: marker name -> the report that holds the block
-BLOCKS = {"transformer-v2-scratch-summary": "docs/results/transformer_v2_scratch_cpu/report.md",
-          "transformer-v2-finetune-summary": "docs/results/transformer_v2_finetune_cpu/report.md"}
+#: marker name -> (the report that holds the block, the pages that show it)
+BLOCKS = {
+    "should-i-use-dreg": ("docs/results/dreg_study_v3_full/report.md", ("README.md", "docs/studies/dreg_v3.md")),
+    "dreg-study-v3-summary": ("docs/results/dreg_study_v3_full/report.md", ("docs/studies/dreg_v3.md",)),
+    "dreg-study-summary": ("docs/results/dreg_study_full/report.md", ("docs/history/dreg_v2.md",)),
+    "transformer-v2-scratch-summary": ("docs/results/transformer_v2_scratch_cpu/report.md", ("docs/studies/transformer_v2.md",)),
+    "transformer-v2-finetune-summary": ("docs/results/transformer_v2_finetune_cpu/report.md", ("docs/studies/transformer_v2.md",)),
+}
 
 
 def block(text: str, name: str) -> str:
@@ -25,14 +31,13 @@ def block(text: str, name: str) -> str:
 
 
 def main():
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    for name, report in BLOCKS.items():
+    for name, (report, pages) in BLOCKS.items():
         body = block((ROOT / report).read_text(), name)
         pattern = re.compile(re.escape(f"<!-- {name}:begin -->") + ".*?" + re.escape(f"<!-- {name}:end -->"), re.S)
-        text = pattern.sub(lambda _: f"<!-- {name}:begin -->\n\n{body}\n\n<!-- {name}:end -->", text)
-    readme.write_text(text)
-    print(f"copied {len(BLOCKS)} block(s) into {readme}")
+        for page in pages:
+            path = ROOT / page
+            path.write_text(pattern.sub(lambda _: f"<!-- {name}:begin -->\n\n{body}\n\n<!-- {name}:end -->", path.read_text()))
+            print(f"copied {name} into {page}")
 
 
 if __name__ == "__main__":

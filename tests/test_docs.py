@@ -1,5 +1,6 @@
-"""Docs that match the code and the results: links stay inside the repository, the README's
-DREG-study block is the report's, and the committed report is rebuilt from its raw results."""
+"""Docs that match the code and the results: links stay inside the repository, the README's and
+the study pages' blocks are the reports', and the committed reports are rebuilt from their raw
+results."""
 import pathlib
 import re
 import shutil
@@ -28,8 +29,8 @@ def test_links_stay_inside_the_repository_and_resolve(doc):
         assert path.exists(), f"{doc.name} links to a missing file: {target}"
 
 
-def test_readme_dreg_study_block_is_the_reports():
-    assert _block((ROOT / "README.md").read_text()) == _block((STUDY / "report.md").read_text())
+def test_dreg_study_v2_page_block_is_the_reports():
+    assert _block((ROOT / "docs" / "history" / "dreg_v2.md").read_text()) == _block((STUDY / "report.md").read_text())
 
 
 def test_committed_dreg_report_is_rebuilt_from_its_raw_results(tmp_path, load_experiment):
@@ -51,8 +52,25 @@ def _v3_block(text: str) -> str:
     return text[start + len(README_BEGIN):end].strip()
 
 
-def test_readme_dreg_study_v3_block_is_the_reports():
-    assert _v3_block((ROOT / "README.md").read_text()) == _v3_block((V3 / "report.md").read_text())
+def test_dreg_study_v3_page_block_is_the_reports():
+    assert _v3_block((ROOT / "docs" / "studies" / "dreg_v3.md").read_text()) == _v3_block((V3 / "report.md").read_text())
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/studies/dreg_v3.md"])
+def test_should_i_use_dreg_box_is_the_reports(page):
+    """The README's first-screen answer is the v3 report's own text (computed from its results)."""
+    from readme_blocks import block
+
+    box = block((ROOT / page).read_text(), "should-i-use-dreg")
+    assert box == block((V3 / "report.md").read_text(), "should-i-use-dreg") and "**Answer:**" in box
+
+
+def test_readme_is_a_front_page():
+    """At most ~300 lines, and its first screen (40 lines) already holds the measured answer."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300
+    assert any("Should I use DREG?" in line for line in lines[:40])
+    assert any("pp [" in line for line in lines[:40])  # an effect with its interval
 
 
 def test_committed_v3_report_is_rebuilt_from_its_raw_results(tmp_path, load_experiment):
@@ -92,11 +110,12 @@ TRANSFORMER_V2 = {regime: ROOT / "docs" / "results" / f"transformer_v2_{regime}_
 
 
 @pytest.mark.parametrize("regime", sorted(TRANSFORMER_V2))
-def test_readme_transformer_v2_blocks_are_the_reports(regime):
+def test_transformer_v2_page_blocks_are_the_reports(regime):
     from readme_blocks import block
 
     name = f"transformer-v2-{regime}-summary"
-    assert block((ROOT / "README.md").read_text(), name) == block((TRANSFORMER_V2[regime] / "report.md").read_text(), name)
+    page = ROOT / "docs" / "studies" / "transformer_v2.md"
+    assert block(page.read_text(), name) == block((TRANSFORMER_V2[regime] / "report.md").read_text(), name)
 
 
 @pytest.mark.parametrize("regime", sorted(TRANSFORMER_V2))

@@ -62,7 +62,7 @@ def test_the_exact_estimator_and_the_activation_scope_refuse_row_fraction():
 
 
 def test_readme_data_parallel_vit_step_runs_on_8_devices(tmp_path):
-    from test_readme import section_block
+    from docs_pages import section_block
 
     script = tmp_path / "step.py"
     script.write_text(section_block("DREG on many devices"))

@@ -139,9 +139,11 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
     """A :class:`Dataset` from arrays, checked, split and standardized (see the module docs).
 
     Args:
-      x_train, y_train: training features ``(n, d)`` and labels ``(n,)``: integers, integral
-        floats or strings, each distinct value a class (sorted; ``label_names`` keeps them).
-      x_test, y_test: a test split; None draws a stratified ``test_fraction`` of the training rows.
+      x_train: training features ``(n, d)``.
+      y_train: training labels ``(n,)``: integers, integral floats or strings, each distinct
+        value a class (sorted; ``label_names`` keeps them).
+      x_test: test features; None draws a stratified ``test_fraction`` of the training rows.
+      y_test: test labels (given with ``x_test``).
       validation_fraction: stratified share of the training rows held out for validation, in [0, 1).
       seed: seed of the test and validation splits.
       name: the dataset's name (what ``register_dataset`` registers).
