@@ -635,6 +635,31 @@ def _dataset_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+#: every subcommand and its one-line help (the full parser and the light top-level one share it)
+COMMANDS = {
+    "train": "train one run and print its metrics",
+    "sweep": "run a resumable factorial grid of runs",
+    "tune": ("choose each regularizer's strength on the validation split "
+             "(a log grid x seeds, one compiled program; test data unused)"),
+    "predict": "predict the rows of a CSV with a saved model",
+    "results": "a sweep's results: summary table, flat CSV",
+    "plot": "accuracy-by-regularizer and learning-curve PNGs of a sweep",
+    "data": "list or inspect the datasets",
+}
+
+
+def _top_level_parser(with_commands: bool):
+    """The ``dreg-jax`` parser's top level; with ``with_commands`` the subcommands' names and help
+    only (what ``dreg-jax --help`` prints), built without importing JAX."""
+    parser = _Parser(prog="dreg-jax", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"dreg-jax {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    if with_commands:
+        for name, text in COMMANDS.items():
+            sub.add_parser(name, help=text)
+    return parser, sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     from dreg_jax.data.registry import FEATURIZERS
     from dreg_jax.layers.activations import ACTIVATIONS
@@ -642,10 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dreg_jax.training.config import CLASS_WEIGHTS, REGULARIZERS
     from dreg_jax.training.regularizers import WEIGHT_DECAY_READINGS
 
-    parser = _Parser(prog="dreg-jax", description=DESCRIPTION,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"dreg-jax {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser, sub = _top_level_parser(with_commands=False)
     dataset_help = "a dataset name (`dreg-jax data list`: 15 offline sets, public TFDS names)"
 
     from dreg_jax.engine.sweep_config import SweepConfig
@@ -712,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="early stopping: keep the best validation epoch and stop a run after this many "
                             "epochs without improving it (--epochs is then the cap; needs a validation split)")
 
-    p_train = sub.add_parser("train", help="train one run and print its metrics")
+    p_train = sub.add_parser("train", help=COMMANDS["train"])
     p_train.add_argument("--dataset", type=_dataset_name, default=defaults.datasets[0], metavar="NAME",
                          help=f"{dataset_help} (default {defaults.datasets[0]})")
     p_train.add_argument("--activation", choices=ACTIVATIONS, default=defaults.activations[0],
@@ -739,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     patience_option(p_train)
     p_train.set_defaults(func=cmd_train)
 
-    p_sweep = sub.add_parser("sweep", help="run a resumable factorial grid of runs")
+    p_sweep = sub.add_parser("sweep", help=COMMANDS["sweep"])
     grid_options(p_sweep, plural=True)
     p_sweep.add_argument("--results", type=pathlib.Path, default=pathlib.Path("results/sweep.jsonl"),
                          help="results JSONL: one row per run, appended; an existing file is resumed "
@@ -776,8 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="this process's index, 0 .. N-1 (with --distributed)")
     p_sweep.set_defaults(func=cmd_sweep)
 
-    p_tune = sub.add_parser("tune", help="choose each regularizer's strength on the validation split "
-                                         "(a log grid x seeds, one compiled program; test data unused)")
+    p_tune = sub.add_parser("tune", help=COMMANDS["tune"])
     grid_options(p_tune, plural=True)
     for action in p_tune._actions:  # tune's own default: the learning rate is tuned with the strength
         if action.dest == "learning_rates":
@@ -798,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the model trained at each regularizer's pick (first seed) in DIR/<regularizer>")
     p_tune.set_defaults(func=cmd_tune)
 
-    p_predict = sub.add_parser("predict", help="predict the rows of a CSV with a saved model")
+    p_predict = sub.add_parser("predict", help=COMMANDS["predict"])
     p_predict.add_argument("--model", type=pathlib.Path, required=True, metavar="DIR",
                            help="a model directory (train/tune --save-model)")
     p_predict.add_argument("--csv", type=pathlib.Path, required=True,
@@ -808,20 +829,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_predict.add_argument("--encoding", default="utf-8-sig", help="text encoding of --csv (default UTF-8)")
     p_predict.set_defaults(func=cmd_predict)
 
-    p_results = sub.add_parser("results", help="a sweep's results: summary table, flat CSV")
+    p_results = sub.add_parser("results", help=COMMANDS["results"])
     p_results.add_argument("file", nargs="+", type=pathlib.Path,
                            help="results JSONL file(s) written by sweep/train, or glob patterns (a job "
                                 "array's shards: 'results/part-*.jsonl'); read as one table")
     p_results.add_argument("--csv", type=pathlib.Path, help="write one flat row per run to this CSV")
     p_results.set_defaults(func=cmd_results)
-    p_plot = sub.add_parser("plot", help="accuracy-by-regularizer and learning-curve PNGs of a sweep")
+    p_plot = sub.add_parser("plot", help=COMMANDS["plot"])
     p_plot.add_argument("file", nargs="+", type=pathlib.Path,
                         help="results JSONL file(s) or glob patterns, read as one table (as for results)")
     p_plot.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/plots"),
                         help="folder for the PNGs (default results/plots)")
     p_plot.set_defaults(func=cmd_plot)
 
-    p_data = sub.add_parser("data", help="list or inspect the datasets")
+    p_data = sub.add_parser("data", help=COMMANDS["data"])
     data_sub = p_data.add_subparsers(dest="data_command", required=True)
     p_list = data_sub.add_parser("list", help="every dataset with size, classes, kind and source")
     p_show = data_sub.add_parser("show", help="summary of one dataset (+ PNG of examples for images)")
@@ -906,6 +927,9 @@ def interrupts_delivered():
 
 def _main(argv) -> int:
     try:
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if not argv or argv[0] in ("-h", "--help", "--version"):  # no command: nothing imports JAX
+            _top_level_parser(with_commands=True)[0].parse_args(argv)
         try:
             parser = build_parser()
         except ImportError as err:  # the core install: say which extra to add

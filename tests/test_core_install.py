@@ -10,7 +10,7 @@ BLOCKER = textwrap.dedent('''
     class Absent:
         """Acts as if the study extra were not installed."""
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in STUDY_MODULES:
+            if name.split(".")[0] in STUDY_MODULES and name.split(".")[0] != "yaml":  # flax needs PyYAML
                 raise ModuleNotFoundError(f"No module named {name!r}")
             return None
 

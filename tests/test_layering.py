@@ -59,3 +59,25 @@ def test_no_import_climbs_a_floor(path):
             f"{path.relative_to(ROOT.parent)}:{line} imports {module} (floor {FLOORS[target]}) from floor {FLOORS[own]}")
         if FLOORS[target] == FLOORS[own]:  # same floor: only the listed direction
             assert target in LAYERS_OF.get(own, set()), f"{path.relative_to(ROOT.parent)}:{line}: {own} -> {target}"
+
+
+def test_import_and_top_level_help_do_not_start_jax():
+    """`import dreg_jax` is light (the flat API imports on first use) and `dreg-jax --help` /
+    `--version` never import JAX (their time is measured in benchmarks/cli_help.py); the flat
+    names and the subpackages still resolve."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\n"
+            "import dreg_jax, dreg_jax.cli\n"
+            "for argv in (['--help'], ['--version']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+            "        dreg_jax.cli.main(argv)\n"
+            "    assert 'tune' in out.getvalue() or 'dreg-jax' in out.getvalue()\n"
+            "assert 'jax' not in sys.modules, 'JAX was imported'\n"
+            "assert callable(dreg_jax.jacobian_terms) and dreg_jax.engine.SweepConfig\n"
+            "assert set(dreg_jax.__all__) <= set(dir(dreg_jax))\n"
+            "try:\n    dreg_jax.no_such_name\nexcept AttributeError as err:\n    assert 'no_such_name' in str(err)\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

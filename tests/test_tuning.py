@@ -200,16 +200,18 @@ def test_tune_cli_tunes_the_baseline_and_compares_on_held_out_rows_test_labels_n
                      "--strengths", "1e-3", "1e-1", "--max-extensions", "0", "--validation-fraction", "0.25",
                      "--out", str(out)]) == 0
         printed = capsys.readouterr().out
-        assert "[1/2] tuning none" in printed and "[2/2] tuning dreg" in printed
+        assert "[1/3] tuning none" in printed and "[2/3] tuning weight_decay" in printed and "[3/3] tuning dreg" in printed
         assert "held-out comparison (169 rows)" in printed and "vs none on your 169 held-out rows" in printed
         runs[name] = json.loads((out / "tune.json").read_text())
         assert (out / "held_out.png").stat().st_size > 0 and (out / "tune.png").stat().st_size > 0
     picks = lambda run: [(p["regularizer"], p["strength"], p["learning_rate"], p["rows"]) for p in run["picks"]]  # noqa: E731
     assert picks(runs["test"]) == picks(runs["poisoned"])  # test labels never reach the picks
-    assert [p[0] for p in picks(runs["test"])] == ["none", "dreg"]
+    assert [p[0] for p in picks(runs["test"])] == ["none", "weight_decay", "dreg"]  # the baselines beside dreg
     clean, poisoned = (run["held_out"]["rows"][0]["accuracy"] for run in (runs["test"], runs["poisoned"]))
     assert clean > 0.85 and poisoned < 0.7  # the held-out rows are the test CSV's
-    (comparison,) = runs["test"]["held_out"]["comparisons"]
+    comparisons = runs["test"]["held_out"]["comparisons"]
+    assert [c["regularizer"] for c in comparisons] == ["weight_decay", "dreg"]
+    comparison = comparisons[1]
     low, high = comparison["accuracy_interval"]
     assert low <= comparison["accuracy_diff"] <= high and comparison["verdict"] in ("better", "worse", "no reliable difference")
 
@@ -239,3 +241,24 @@ def test_tune_by_k_fold_scores_every_row_once_per_seed(iris):
     assert result.validation_rows == pooled
     assert all(r["folds"] == 3 and r["seeds"] == 2 for r in result.rows)
     assert "3-fold cross-validation accuracy" in result.table()
+
+
+def test_tune_cli_tunes_the_learning_rate_with_the_strength_by_default(tmp_path, capsys):
+    """Without --learning-rates every strength is tried with 3e-4, 1e-3 and 3e-3; --no-baseline
+    tunes the asked regularizer alone."""
+    import json
+
+    from sklearn.datasets import load_iris
+
+    from dreg_jax.cli import TUNE_LEARNING_RATES, main
+
+    x, y = load_iris(return_X_y=True)
+    _table(tmp_path / "iris.csv", x, y)
+    assert main(["tune", "--csv", str(tmp_path / "iris.csv"), "--target", "label", "--regularizers", "dreg",
+                 "--no-baseline", "--hidden", "4", "--epochs", "1", "--seeds", "1", "--strengths", "1e-3", "1e-2",
+                 "--max-extensions", "0", "--out", str(tmp_path / "out")]) == 0
+    (pick,) = json.loads((tmp_path / "out" / "tune.json").read_text())["picks"]
+    assert pick["regularizer"] == "dreg"
+    assert sorted({row["learning_rate"] for row in pick["rows"]}) == sorted(TUNE_LEARNING_RATES)
+    assert len(pick["rows"]) == 2 * len(TUNE_LEARNING_RATES)
+    assert "held-out comparison" not in capsys.readouterr().out  # no baseline, no comparison
