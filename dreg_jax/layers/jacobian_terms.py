@@ -104,7 +104,7 @@ draws its probes from ``fold_in(key, k)``: ``rademacher(fold_in(k_call, 0), (P, 
 traces its body twice (once for shapes, discarded); the calls of the discarded trace do not
 count, so the first call inside a scan body that starts the pass is call 0.
 
-On many devices (README "DREG on many devices"):
+On many devices (docs/guide/many_devices.md):
 
 * ``jax.jit`` with sharded inputs (a classic ``Mesh`` or explicit axes, ``jax.make_mesh``): the
   terms are the global batch's, the same numbers as on one device (the sampled rows of

@@ -81,8 +81,8 @@ def dreg_penalty(
       scaling: ``"none"`` (default, raw sum) or ``"width"`` (divide each term by its width).
       layer_weights: optional ``(L,)`` weights :math:`w_l`, default all ones.
       data_loss: optional data loss of the same step; the first time a penalty larger than it
-        is computed, a ``UserWarning`` says so, once per process (see the README's coefficient
-        guidance). Under ``jit`` the check runs as a host callback.
+        is computed, a ``UserWarning`` says so, once per process (see "Choosing lambda" in
+        docs/guide/your_model.md). Under ``jit`` the check runs as a host callback.
 
     Returns:
       A scalar penalty, float32 or wider (float64 under x64 for float64 terms).
@@ -173,11 +173,11 @@ def _user_call_site():
 def _advice(scaling, strength) -> str:
     shown = f"{float(strength):.3g}" if is_concrete(strength) and np.ndim(strength) == 0 else "the strength"
     if scaling == "width":
-        return (f"you already pass scaling='width': use a smaller strength than {shown} (README, "
-                "'Choosing lambda')")
+        return (f"you already pass scaling='width': use a smaller strength than {shown} "
+                "(docs/guide/your_model.md, 'Choosing lambda')")
     return ("the raw sum grows with the number of units per term (conv feature maps, sequence "
             f"positions, deep stacks): pass scaling='width' or use a smaller strength than {shown} "
-            "(README, 'Choosing lambda')")
+            "(docs/guide/your_model.md, 'Choosing lambda')")
 
 
 def _warn_once(penalty, data_loss, *, advice, site):
