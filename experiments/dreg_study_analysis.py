@@ -531,7 +531,7 @@ def _test_table(tests, family, columns):
 
 
 def write_report(records, out, meta: dict) -> str:
-    """Writes ``report.md`` and the PNG figures into ``out``; returns the README summary block."""
+    """Writes ``report.md`` and the PNG figures into ``out``; returns the summary block (copied into docs/history/dreg_v2.md)."""
     out = pathlib.Path(out)
     a = analyse(records, meta)
     arms = a["arms"]
@@ -564,7 +564,7 @@ def write_report(records, out, meta: dict) -> str:
         for arm, d in a["scaling_decisions"].items():
             md.append(f"- {LABELS[arm]}: " + ", ".join(f"{k} {_pct(v)}%" for k, v in d["validation_accuracy"].items())
                       + f" -> **{d['chosen']}**")
-    md += ["", "## Summary (copied into the README)", "", README_BEGIN, ""] + summary_lines(a) + ["", README_END, ""]
+    md += ["", "## Summary (copied into docs/history/dreg_v2.md)", "", README_BEGIN, ""] + summary_lines(a) + ["", README_END, ""]
     md += ["## Verdicts in full", "",
            f"alpha = {ALPHA}, Holm over all {a['num_tests']} tests of this report (one-sided p, H1: the DREG arm "
            f"is better). UNDERPOWERED: the direction holds, but a needed test cannot reach alpha even if every "

@@ -41,7 +41,7 @@ def count_tuning_runs(rows) -> int:
 
 
 def readme_markers(regime: str) -> tuple[str, str]:
-    """The markers of the report's summary block, copied verbatim into the README."""
+    """The markers of the report's summary block, copied verbatim into docs/studies/transformer_v2.md."""
     return f"<!-- transformer-v2-{regime}-summary:begin -->", f"<!-- transformer-v2-{regime}-summary:end -->"
 
 

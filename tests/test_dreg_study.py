@@ -28,7 +28,7 @@ def test_tiny_profile_end_to_end(tmp_path, load_experiment):
     assert len(records) == 88 and all(r["status"] == "ok" for r in records)
     assert all("validation_accuracy" in r["metrics"] for r in records)
     report = (tmp_path / "report.md").read_text()
-    for section in ("Summary (copied into the README)", "Verdicts in full", "paper protocol", "fair protocol",
+    for section in ("Summary (copied into docs/history/dreg_v2.md)", "Verdicts in full", "paper protocol", "fair protocol",
                     "Scarcity interaction", "Per dataset over seeds", "DREG's scaling, decided on validation data",
                     "docs/papers.md"):
         assert section in report
