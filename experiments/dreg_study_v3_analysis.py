@@ -250,8 +250,11 @@ def should_i_use_dreg(a, off, meta) -> list[str]:
                      f"{_pct(c['mean'])} pp [{_pct(c['low'])}, {_pct(c['high'])}].")
     dreg_off = [o for o in off if o["arm"] in c1]
     if dreg_off:
+        rivals = [o for o in off if o["arm"] not in c1]
         lines.append("- Tuning switched DREG off (lowest strength, or the same test accuracy as no regularizer on "
-                     "every seed) in " + "; ".join(f"{o['either']} of {o['cells']} cells ({o['arm']})" for o in dreg_off) + ".")
+                     "every seed) in " + "; ".join(f"{o['either']} of {o['cells']} cells ({o['arm']})" for o in dreg_off)
+                     + ("; the other tuned regularizers alike: " + ", ".join(f"{o['arm']} {o['either']} of {o['cells']}"
+                                                                             for o in rivals) if rivals else "") + ".")
     if supported:
         answer = f"DREG ({', '.join(supported)}) beat no regularizer reliably: worth using, tuned."
     else:
