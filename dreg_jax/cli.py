@@ -26,7 +26,8 @@ dreg-jax: train, tune and study DREG-regularized networks (JAX/Flax).
 commands:
   train     train one run and print its metrics (--out: a results row)
   sweep     a resumable factorial grid of runs, one results row per run
-  tune      choose each regularizer's strength on the validation split
+  tune      tune none, weight decay and your regularizers on validation rows,
+            then compare them on held-out rows
   predict   predict the rows of a CSV with a saved model
   results   summary table (and flat CSV) of results files
   plot      accuracy and learning-curve plots of results files
@@ -639,8 +640,8 @@ def _dataset_name(text: str) -> str:
 COMMANDS = {
     "train": "train one run and print its metrics",
     "sweep": "run a resumable factorial grid of runs",
-    "tune": ("choose each regularizer's strength on the validation split "
-             "(a log grid x seeds, one compiled program; test data unused)"),
+    "tune": ("tune none, weight decay and the asked regularizers (strength x learning rate x seeds, one "
+             "program each) on validation rows, then refit each at its pick and compare them on held-out rows"),
     "predict": "predict the rows of a CSV with a saved model",
     "results": "a sweep's results: summary table, flat CSV",
     "plot": "accuracy-by-regularizer and learning-curve PNGs of a sweep",
