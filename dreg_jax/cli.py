@@ -334,7 +334,7 @@ def _tune(args, sweep, kinds) -> int:
         # --strengths applies to the regularizers that have one (the baseline tunes its learning rate)
         grid = (sweep.strengths or {}).get(kind) if get_regularizer(kind).default_strength is not None else None
         result = tune(data, config, num_classes, strengths=grid, learning_rates=sweep.learning_rates,
-                      seeds=seeds, max_extensions=args.max_extensions, keep_model=args.save_model is not None,
+                      seeds=seeds, max_extensions=args.max_extensions, keep_model=True,  # scored on held-out rows
                       preprocessing=_preprocessing_of(template.dataset), folds=args.folds or 1,
                       options=_early_stopping(args, per_epoch_diagnostics=False))
         results.append(result)
@@ -347,8 +347,9 @@ def _tune(args, sweep, kinds) -> int:
     if "none" in kinds and len(kinds) > 1 and len(data.y_test):
         from dreg_jax.tuning import held_out_comparison
 
-        print(f"refitting every arm at its pick ({len(seeds) if not isinstance(seeds, int) else seeds} seeds) and "
-              f"scoring it on the {len(data.y_test)} held-out rows (never seen by the picks) ...", flush=True)
+        how = "trained again at its pick" if args.folds else "its runs at its pick"
+        print(f"scoring every arm ({how}, {len(seeds) if not isinstance(seeds, int) else seeds} seeds) on the "
+              f"{len(data.y_test)} held-out rows (never seen by the picks) ...", flush=True)
         held = held_out_comparison(data, template.config, num_classes, results, seeds=seeds,
                                    options=_early_stopping(args, per_epoch_diagnostics=False))
         print(f"\nheld-out comparison ({held.held_out_rows} rows):")
@@ -641,7 +642,7 @@ COMMANDS = {
     "train": "train one run and print its metrics",
     "sweep": "run a resumable factorial grid of runs",
     "tune": ("tune none, weight decay and the asked regularizers (strength x learning rate x seeds, one "
-             "program each) on validation rows, then refit each at its pick and compare them on held-out rows"),
+             "program each) on validation rows, then score each at its pick on held-out rows"),
     "predict": "predict the rows of a CSV with a saved model",
     "results": "a sweep's results: summary table, flat CSV",
     "plot": "accuracy-by-regularizer and learning-curve PNGs of a sweep",

@@ -51,6 +51,8 @@ class TuneResult:
       note: empty, or why the pick should be read with care.
       model: the pick's first-seed model (``keep_model``), a ``TrainedModel``.
       on_edge: the pick is still strictly best on an edge of the grid after every extension.
+      pick_variables: ``{seed: variables}`` of the runs at the pick (``keep_model`` with one
+        validation split): :func:`held_out_comparison` scores these instead of training again.
     """
 
     regularizer: str
@@ -62,10 +64,12 @@ class TuneResult:
     note: str = ""
     model: object = dataclasses.field(default=None, compare=False, repr=False)
     on_edge: bool = False  # the pick is strictly best on an edge even after the extensions
+    pick_variables: dict = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         """JSON-able fields (the model is saved with ``model.save(dir)``)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("model", "pick_variables")}
 
     def table(self) -> str:
         """A markdown table of validation accuracy (mean +- std over seeds) per grid point."""
@@ -209,8 +213,8 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         validation epoch and stops each run after 5 epochs without improvement. ``tune`` sets
         its ``vmap_width`` (seeds x learning rates: extensions reuse the program) and
         ``return_variables`` (``keep_model``).
-      keep_model: keep the variables of each grid point's first-seed run, and return the pick's
-        as :attr:`TuneResult.model`.
+      keep_model: keep the variables of each grid point's runs, and return the pick's first-seed
+        one as :attr:`TuneResult.model` and every seed's as :attr:`TuneResult.pick_variables`.
       preprocessing: ``Dataset.preprocessing`` of the data (user tables), stored with the model.
       folds: ``K > 1``: stratified K-fold cross-validation instead of one validation split: the
         training and validation rows are pooled and split by :func:`stratified_folds`; every grid
@@ -286,8 +290,8 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
             if fail[i] >= 0 or diverge[i] >= 0:
                 status = "failed" if fail[i] >= 0 else "diverged"
                 broken.setdefault((s, lr), []).append((seed, int(fail[i] if fail[i] >= 0 else diverge[i]), status))
-            if keep_model and seed == seeds[0] and fold == 0:
-                kept[(s, lr)] = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
+            if keep_model and fold == 0:  # every seed: the held-out comparison scores the pick's runs
+                kept[(s, lr, seed)] = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
 
     def scores():  # a grid point with a diverged or failed run is never the pick: it ranks last
         return {k: ([-np.inf] if k in broken else v) for k, v in accuracy.items()}
@@ -333,14 +337,17 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
                "validation_accuracy": accuracy[best][0], "validation_rows": n_val}
         model = TrainedModel(dataclasses.replace(config, regularizer=dataclasses.replace(
             config.regularizer, strength=best[0]), optimizer=dataclasses.replace(
-            config.optimizer, learning_rate=best[1])), kept[best], num_classes, int(fold_data[0].x_train.shape[1]),
-            preprocessing, run)
-    return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes), model, on_edge)
+            config.optimizer, learning_rate=best[1])), kept[(*best, seeds[0])], num_classes,
+            int(fold_data[0].x_train.shape[1]), preprocessing, run)
+    # K folds train each run on part of the training rows: those are not the pick's final models
+    pick_variables = {seed: kept[(*best, seed)] for seed in seeds} if keep_model and folds == 1 else None
+    return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes), model, on_edge,
+                      pick_variables)
 
 
 @dataclasses.dataclass(frozen=True)
 class HeldOut:
-    """Every tuned arm refit at its pick and scored on the held-out rows (:func:`held_out_comparison`).
+    """Every tuned arm at its pick, scored on the held-out rows (:func:`held_out_comparison`).
 
     Attributes:
       rows: one dict per arm: ``regularizer, strength, learning_rate`` and, as mean and std over
@@ -441,12 +448,16 @@ def _verdict(low, high) -> str:
 
 def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *, seeds=3, baseline="none",
                         options: EngineOptions | None = None, draws: int = 2000) -> HeldOut:
-    """Refits every tuned arm at its pick and compares it with the baseline on held-out rows.
+    """Scores every tuned arm at its pick on held-out rows and compares it with the baseline.
 
-    Each :class:`TuneResult` in ``results`` is trained again at its pick (strength and learning
-    rate) for every seed, on the same training rows :func:`tune` used (never the validation or
+    Each :class:`TuneResult` in ``results`` gives one model per seed at its pick (strength and
+    learning rate), trained on the training rows :func:`tune` used (never the validation or
     held-out rows), and scored on ``data``'s test split, which :func:`tune` never read: the
-    picks are fixed before any held-out row is seen.
+    picks are fixed before any held-out row is seen. Where :func:`tune` kept the pick's runs
+    (``keep_model`` with one validation split: :attr:`TuneResult.pick_variables`) those very
+    models are scored; otherwise (K folds, or seeds it did not run) the arm is trained again at
+    its pick, which gives the same runs (same seeds, rows and hyperparameters) at the cost of
+    compiling and training once more.
 
     Args:
       data: ``EngineData`` (or a ``Dataset``) whose test split holds the held-out rows.
@@ -484,13 +495,18 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
         arm_config = dataclasses.replace(
             config, regularizer=dataclasses.replace(config.regularizer, kind=kind, strength=None),
             optimizer=dataclasses.replace(config.optimizer, learning_rate=result.learning_rate))
-        runs = RunHParams.stack([RunHParams(seed=s, learning_rate=result.learning_rate, strength=result.strength)
-                                 for s in seeds])
-        final, _ = train_many(runs, fit, arm_config, num_classes, options)
+        kept = result.pick_variables
+        if kept is not None and all(s in kept for s in seeds):
+            per_seed = [kept[s] for s in seeds]
+        else:
+            runs = RunHParams.stack([RunHParams(seed=s, learning_rate=result.learning_rate, strength=result.strength)
+                                     for s in seeds])
+            final, _ = train_many(runs, fit, arm_config, num_classes, options)
+            per_seed = [jax.tree_util.tree_map(lambda a, i=i: np.asarray(a[i]), final["variables"])
+                        for i in range(len(seeds))]
         scores = {k: [] for k in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "auc")}
         preds = []
-        for i, _ in enumerate(seeds):
-            variables = jax.tree_util.tree_map(lambda a: np.asarray(a[i]), final["variables"])
+        for variables in per_seed:
             model = TrainedModel(arm_config, variables, num_classes, int(data.x_train.shape[1]))
             proba = model.predict_proba(np.asarray(data.x_test, np.float32))
             pred = proba.argmax(1)

@@ -258,7 +258,10 @@ def test_ctrl_c_during_tune_is_one_line_exit_130(tmp_path):
                              # one learning rate: Python handles the signal when the running compiled program returns,
                              # so each program stays as short as before on a loaded 2-core machine
                              "--learning-rates", "0.001", "--seeds", "3", "--out", str(tmp_path / "T")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # a terminal's SIGINT: a suite started in the background (`make test &`)
+                            # passes SIGINT ignored to its children, and the CLI keeps an ignored one
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline().decode()  # the table is read: tune is compiling or training now
     assert "train" in first, first
     time.sleep(2)
@@ -352,22 +355,27 @@ def test_an_interrupt_dropped_by_a_callback_is_delivered_again(capsys):
             signal.raise_signal(signal.SIGINT)  # Python runs the handler here, inside the callback
             sum(range(10))
 
-    with interrupts_delivered() as state:
-        gc.callbacks.append(callback)
-        try:
-            for _ in range(100):  # a collection already running in another thread skips the callbacks
-                gc.collect()  # the interrupt is dropped inside the callback ...
-                if fired:
-                    break
-        finally:
-            gc.callbacks.remove(callback)
-        assert fired
-        assert state["pending"]
-        with pytest.raises(KeyboardInterrupt):
-            time.sleep(10)  # ... and delivered again
-        state["pending"] = False
-    assert "Exception ignored" not in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a terminal's SIGINT: a suite started in the background (`make test &`) inherits it ignored,
+    # and interrupts_delivered leaves an ignored SIGINT alone
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupts_delivered() as state:
+            gc.callbacks.append(callback)
+            try:
+                for _ in range(100):  # a collection already running in another thread skips the callbacks
+                    gc.collect()  # the interrupt is dropped inside the callback ...
+                    if fired:
+                        break
+            finally:
+                gc.callbacks.remove(callback)
+            assert fired and state["pending"]
+            with pytest.raises(KeyboardInterrupt):
+                time.sleep(10)  # ... and delivered again
+            state["pending"] = False
+        assert "Exception ignored" not in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_cli_help_lists_every_command_and_every_option_says_its_default(capsys):

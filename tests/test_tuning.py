@@ -1,5 +1,7 @@
 """Choosing the strength on validation: the pick is the argmax of mean validation accuracy
 (ties to the smaller strength), test data never enters, an edge pick extends the grid."""
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_iris
@@ -262,3 +264,28 @@ def test_tune_cli_tunes_the_learning_rate_with_the_strength_by_default(tmp_path,
     assert sorted({row["learning_rate"] for row in pick["rows"]}) == sorted(TUNE_LEARNING_RATES)
     assert len(pick["rows"]) == 2 * len(TUNE_LEARNING_RATES)
     assert "held-out comparison" not in capsys.readouterr().out  # no baseline, no comparison
+
+
+def test_held_out_comparison_scores_the_picks_own_runs_as_a_refit_would(iris):
+    """tune keeps every seed's run at its pick; the held-out comparison scores those models, and
+    they are the runs a refit trains again (same seeds, rows and hyperparameters): the scores
+    agree up to float rounding between programs of different widths."""
+    from dreg_jax.tuning import held_out_comparison
+
+    config = dreg_jax.TrainConfig(model=dreg_jax.ModelConfig(hidden=(8,)), regularizer=dreg_jax.RegularizerConfig(kind="none"),
+                                  optimizer=dreg_jax.OptimizerConfig(learning_rate=1e-2), epochs=3, batch_size=16)
+    data = dataset_engine_data(iris)
+    results = []
+    for kind, strengths in (("none", None), ("dreg", (1e-3, 1e-1))):
+        arm = dataclasses.replace(config, regularizer=dataclasses.replace(config.regularizer, kind=kind))
+        results.append(dreg_jax.tune(data, arm, 3, strengths=strengths, seeds=2, max_extensions=0))
+    assert all(sorted(r.pick_variables) == [0, 1] for r in results)
+    kept = held_out_comparison(data, config, 3, results, seeds=2, draws=200)
+    refit = held_out_comparison(data, config, 3, [dataclasses.replace(r, pick_variables=None) for r in results],
+                                seeds=2, draws=200)
+    one_row = 1.0 / len(data.y_test)
+    for a, b in zip(kept.rows, refit.rows):
+        assert a["regularizer"] == b["regularizer"] and abs(a["accuracy"] - b["accuracy"]) <= one_row
+        assert abs(a["log_loss"] - b["log_loss"]) < 1e-3
+    folded = dreg_jax.tune(data, config, 3, seeds=1, folds=2, max_extensions=0)
+    assert folded.pick_variables is None  # K folds: no run trained on all the training rows
