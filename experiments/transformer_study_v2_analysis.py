@@ -250,6 +250,7 @@ def write_report(rows, out: pathlib.Path, meta) -> str:
         md.append(f"| {d} | " + " | ".join(cells) + " |")
     # --- strengths
     md += ["", "## Strengths: tuned on the tuning draw's validation split, and the fixed paper lambda", ""]
+    lowest = []  # (dataset, arm) whose pick is the lowest strength tried: tuning switched it off
     if regime == "scratch":
         md += ["| dataset | arm | grid (tried) | tuned strength | extensions | on the edge | fixed (paper) |",
                "|---|---|---|---|---|---|---|"]
@@ -261,6 +262,9 @@ def write_report(rows, out: pathlib.Path, meta) -> str:
             grid = "-" if not any(tried) else f"{min(tried):.3g} .. {max(tried):.3g} ({len(tried)})"
             f = fixed.get((r["dataset"], r["arm"]))
             tuned = f"{r['strength']:.3g}" if any(tried) else "- (learning rate fixed, nothing to tune)"
+            if any(tried):
+                lowest += [(r["dataset"], r["arm"])] if r["strength"] <= min(tried) else []
+                tuned += " (lowest tried)" if r["strength"] <= min(tried) else ""
             md.append(f"| {r['dataset']} | {r['arm']} | {grid} | {tuned} | {r['extensions']} | "
                       f"{'yes' if r['on_edge'] else 'no'} | {'' if f is None else f'{f:.3g}'} |")
     else:
@@ -268,6 +272,7 @@ def write_report(rows, out: pathlib.Path, meta) -> str:
                "|---|---|---|---|---|---|"]
         for d, p in sorted(picks.items()):
             tried = sorted((r["strength"], 100 * r["validation"]) for r in tuning if r["dataset"] == d)
+            lowest += [(d, "DREG")] if tried and p["strength"] <= tried[0][0] else []
             md.append(f"| {d} | " + ", ".join(f"{s:.3g}: {v:.1f}" for s, v in tried) + f" | {p['strength']:.3g} | "
                       f"{p['extensions']} | {'yes' if p['on_edge'] else 'no'} | "
                       f"{10 ** -2.5 / design['ft_length']:.3g} |")
@@ -278,6 +283,10 @@ def write_report(rows, out: pathlib.Path, meta) -> str:
     if same:
         md += ["", "Where tuning picked the fixed paper lambda itself, the tuned and the fixed arm are the same "
                "runs (an effect of exactly 0): " + ", ".join(f"{d} {arm}" for d, arm in same) + "."]
+    tuned_cells = (sum(1 for r in tuning if not r["arm"].endswith("fixed") and any(x["strength"] for x in r["rows"]))
+                   if regime == "scratch" else len(picks))
+    md += ["", f"Switched off by tuning (the pick is the lowest strength tried): {len(lowest)} of {tuned_cells} "
+           "tuned picks" + (": " + ", ".join(f"{d} {arm}" for d, arm in lowest) if lowest else "") + "."]
     if tuning_plot(tuning, out / "tuning.png"):
         md += ["", "![tuning](tuning.png)"]
     # --- claims
