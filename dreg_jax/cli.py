@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = SweepConfig()  # every command's defaults come from here, and --help says them
     said = lambda v: " ".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)  # noqa: E731
 
-    def grid_options(p, plural: bool):
+    def grid_options(p, plural: bool, learning_rates_help: str | None = None):
         if plural:
             p.add_argument("--datasets", nargs="+", type=_dataset_name, metavar="NAME",
                            help=f"{dataset_help} (default {said(defaults.datasets)})")
@@ -693,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--input-noise", dest="input_noise", nargs="+", type=float,
                            help="stds of Gaussian noise added to the training inputs (default 0)")
             p.add_argument("--learning-rates", dest="learning_rates", nargs="+", type=float,
-                           help=f"Adam learning rates (default {said(defaults.learning_rates)})")
+                           help=(learning_rates_help
+                                 or f"Adam learning rates (default {said(defaults.learning_rates)})"))
             p.add_argument("--strengths", dest="strength_grid", nargs="+", type=float, metavar="LAMBDA",
                            help="strengths for every regularizer that has one (default: each one's own)")
             p.add_argument("--strength-schedules", dest="strength_schedules", nargs="+", choices=SCHEDULES,
@@ -801,11 +802,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.set_defaults(func=cmd_sweep)
 
     p_tune = sub.add_parser("tune", help=COMMANDS["tune"])
-    grid_options(p_tune, plural=True)
-    for action in p_tune._actions:  # tune's own default: the learning rate is tuned with the strength
-        if action.dest == "learning_rates":
-            action.help = (f"Adam learning rates, each tried with every strength (default "
-                           f"{' '.join(f'{lr:g}' for lr in TUNE_LEARNING_RATES)}; a pick at an end is flagged)")
+    grid_options(p_tune, plural=True,  # tune's own default: the learning rate is tuned with the strength
+                 learning_rates_help=(f"Adam learning rates, each tried with every strength (default "
+                                      f"{' '.join(f'{lr:g}' for lr in TUNE_LEARNING_RATES)}; a pick at an end is "
+                                      "flagged)"))
     patience_option(p_tune)
     p_tune.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/tune"),
                         help="folder for tune.md, tune.json, tune.png and held_out.png (default results/tune)")
