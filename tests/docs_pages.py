@@ -17,6 +17,7 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: the pages whose code blocks must run (the study reports under docs/results are generated)
 PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").rglob("*.md") if "results" not in p.parts)]
+#: the block languages the tests run
 CODE = ("python", "bash")
 
 

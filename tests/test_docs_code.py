@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from docs_pages import PAGES, ROOT, blocks, section_block, shell_commands
+from docs_pages import CODE, PAGES, ROOT, blocks, section_block, shell_commands
 
 SLOW = "slow"
 _RUNS: dict = {}
@@ -60,7 +60,7 @@ def run_page(page, tmp_path_factory, slow: bool = False) -> PageRun:
     os.chdir(run.folder)
     try:
         for block in blocks(page):
-            if block.lang not in ("python", "bash"):
+            if block.lang not in CODE:
                 continue
             marker = block.marker
             if marker.startswith(("run by", "not run")) or (marker == SLOW and not slow):
@@ -91,22 +91,25 @@ def _page(name):
     return ROOT / name
 
 
-CODE_PAGES = [p for p in PAGES if any(b.lang in ("python", "bash") for b in blocks(p))]
+CODE_PAGES = [p for p in PAGES if any(b.lang in CODE for b in blocks(p))]
 #: pages of shell commands only, run by tests/test_docs_shell.py (the other test worker)
 SHELL_PAGES = [ROOT / "docs" / "guide" / "cli.md", ROOT / "docs" / "guide" / "your_data.md"]
 
 
 @pytest.mark.parametrize("page", [p for p in CODE_PAGES if p not in SHELL_PAGES], ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_block_on_the_page_runs(page, tmp_path_factory):
-    run = run_page(page, tmp_path_factory)
-    code = [b for b in blocks(page) if b.lang in ("python", "bash")]
-    assert all(b.heading in run.after or b.heading in run.skipped for b in code)
+    assert_every_block_ran_or_says_why(page, run_page(page, tmp_path_factory))
+
+
+def assert_every_block_ran_or_says_why(page, run):
+    code = [b for b in blocks(page) if b.lang in CODE]
+    assert code and all(b.heading in run.after or b.heading in run.skipped for b in code)
 
 
 def test_every_block_not_run_here_is_run_elsewhere_or_says_why():
     for page in PAGES:
         for b in blocks(page):
-            if b.lang not in ("python", "bash") or not b.marker:
+            if b.lang not in CODE or not b.marker:
                 continue
             if b.marker.startswith("run by "):
                 owner = ROOT / b.marker.split()[2]

@@ -2,19 +2,13 @@
 file of its own so that the two test workers share the docs pages (see tests/test_docs_code.py)."""
 import pytest
 
-from docs_pages import ROOT, blocks
-from test_docs_code import SHELL_PAGES, run_page
+from docs_pages import ROOT
+from test_docs_code import SHELL_PAGES, _page, assert_every_block_ran_or_says_why, run_page
 
 
 @pytest.mark.parametrize("page", SHELL_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_block_on_the_page_runs(page, tmp_path_factory):
-    run = run_page(page, tmp_path_factory)
-    code = [b for b in blocks(page) if b.lang in ("python", "bash")]
-    assert code and all(b.heading in run.after or b.heading in run.skipped for b in code)
-
-
-def _page(name):
-    return ROOT / name
+    assert_every_block_ran_or_says_why(page, run_page(page, tmp_path_factory))
 
 
 def test_own_data_section_runs(tmp_path_factory):
