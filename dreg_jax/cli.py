@@ -178,18 +178,21 @@ def _sweep_config(args):
             raise ValueError("--csv needs --target COLUMN (the label column)")
         # --validation-fraction is the CSV's own split here (default 0.1 of the training rows)
         fraction = getattr(args, "validation_fraction", None)
-        ds = from_csv(args.csv, args.target, test_csv=args.test_csv,
+        ds = from_csv(args.csv, args.target, test_csv=args.test_csv, task=getattr(args, "task", None) or "classification",
                       validation_fraction=0.1 if fraction is None else fraction,
                       seed=0 if args.split_seed is None else args.split_seed, drop=args.drop or (),
                       keep=args.keep or (), encoding=args.encoding or "utf-8-sig")
         args.validation_fraction = None  # taken by the split above, not by the sweep
         register_dataset(ds)
+        target = (f"target {args.target} (mean {ds.preprocessing.target_mean:.4g}, deviation "
+                  f"{ds.preprocessing.target_std:.4g}: learned standardized)" if ds.task == "regression"
+                  else f"classes {list(ds.label_names)}")
         print(f"{ds.name}: {len(ds.x_train)} train / {len(ds.x_val)} validation / {len(ds.x_test)} test rows, "
-              f"{ds.num_features} features, classes {list(ds.label_names)}")
+              f"{ds.num_features} features, {target}")
         args.datasets = [ds.name]
     for field in ("datasets", "activations", "regularizers", "seeds", "fractions", "label_noise",
                   "input_noise", "learning_rates", "hidden", "epochs", "batch_size", "dreg_scope",
-                  "strength_schedules", "featurizer", "validation_fraction", "class_weight"):
+                  "strength_schedules", "featurizer", "validation_fraction", "class_weight", "task"):
         value = getattr(args, field, None)
         if value is not None:
             mapping[field] = value
@@ -351,7 +354,8 @@ def _tune(args, sweep, kinds) -> int:
         print(f"scoring every arm ({how}, {len(seeds) if not isinstance(seeds, int) else seeds} seeds) on the "
               f"{len(data.y_test)} held-out rows (never seen by the picks) ...", flush=True)
         held = held_out_comparison(data, template.config, num_classes, results, seeds=seeds,
-                                   options=_early_stopping(args, per_epoch_diagnostics=False))
+                                   options=_early_stopping(args, per_epoch_diagnostics=False),
+                                   preprocessing=_preprocessing_of(template.dataset))
         print(f"\nheld-out comparison ({held.held_out_rows} rows):")
         print(held.table())
     report = "\n\n".join(f"## {r.regularizer}\n\n{r.table()}" + (f"\n\nNote: {r.note}" if r.note else "")
@@ -437,7 +441,7 @@ def _train(args) -> int:
 
     data, num_classes = engine_data(spec.dataset, spec.featurizer, spec.validation_fraction)
     if args.patience is not None and (data.x_val is None or len(data.x_val) == 0):
-        raise ValueError("--patience stops on validation accuracy, and this run has no validation split: "
+        raise ValueError("--patience stops on the validation score, and this run has no validation split: "
                          "add --validation-fraction 0.2 (built-in sets) or use --csv (which holds one out)")
     print(f"training {spec.dataset} {spec.config.model.activation} {spec.config.regularizer.kind} for "
           f"{spec.config.epochs} epochs as one compiled program (compiling takes ~5-30 s on a CPU) ...",
@@ -446,9 +450,13 @@ def _train(args) -> int:
     final, curves = train_many(RunHParams.stack([spec.hparams()]), data, spec.config, num_classes,
                                _early_stopping(args, return_variables=args.save_model is not None))
     variables = final.pop("variables", None)
+    import numpy as np
+
     from dreg_jax.engine.sweep import _status, _to_json
+    from dreg_jax.training.tasks import score_name
 
     metrics = {k: _to_json(v[0]) for k, v in final.items()}
+    score = score_name(spec.config.task)
     status = _status(metrics["fail_step"], metrics["diverge_step"])
     out = {"run_id": spec.run_id, "spec": spec.to_dict(), "status": status, "metrics": metrics,
            "curves": {k: _to_json(v[0]) for k, v in curves.items()},
@@ -457,11 +465,15 @@ def _train(args) -> int:
           f"{spec.config.regularizer.kind}, {spec.config.epochs} epochs, {out['seconds']:.1f}s")
     if "epochs_run" in metrics:
         print(f"  early stopping: ran {metrics['epochs_run']} of at most {spec.config.epochs} epochs, kept epoch "
-              f"{metrics['best_epoch']} (the best validation accuracy); the metrics below are that epoch's")
+              f"{metrics['best_epoch']} (the best validation {score}); the metrics below are that epoch's")
     shown = lambda v: "nan" if v is None else f"{v:.4f}"  # noqa: E731 - a diverged run's NaN is stored as null
-    for k in ("test_accuracy", "validation_accuracy", "test_loss", "robust_accuracy", "tau", "volatility_peak"):
+    for k in (f"test_{score}", f"validation_{score}", "test_loss", f"robust_{score}", "tau", "volatility_peak"):
         if k in metrics:
             print(f"  {k:<16} {shown(metrics[k])}")
+    record = _preprocessing_of(spec.dataset)
+    if spec.config.task == "regression" and record is not None and metrics["test_loss"] is not None:
+        # test_loss is the MSE of the standardized target: its root times the target's deviation
+        print(f"  test_rmse        {np.sqrt(metrics['test_loss']) * record.target_std:.4g} (target units)")
     print(f"  jacobian terms   [{', '.join(shown(v) for v in metrics['jacobian_sq_norms'])}]")
     if metrics["fail_step"] >= 0:
         print(f"  FAILED: non-finite loss at step {metrics['fail_step']}")
@@ -484,7 +496,7 @@ def _train(args) -> int:
             _save_model(args.save_model, jax.tree_util.tree_map(lambda a: a[0], variables), spec.config,
                         num_classes, data, spec.dataset,
                         {"seed": spec.seed, "learning_rate": spec.config.optimizer.learning_rate,
-                         **{k: metrics[k] for k in ("validation_accuracy", "test_accuracy") if k in metrics}})
+                         **{k: metrics[k] for k in (f"validation_{score}", f"test_{score}") if k in metrics}})
     print(_compile_line())
     return 0 if status == "ok" else 1
 
@@ -514,6 +526,8 @@ def cmd_predict(args) -> int:
     check_writable_file(args.out, "--out")
     check_outputs({"--out": args.out}, {"--model": args.model, "--csv": args.csv})
     model = load_model(args.model)
+    if model.task == "regression":
+        return _predict_values(args, model)
     names = model.labels(range(model.num_classes))
     counts = dict.fromkeys(names, 0)
     with atomic_output(args.out, what="--out", newline="") as f:  # whole or not at all
@@ -525,6 +539,27 @@ def cmd_predict(args) -> int:
                 counts[label] += 1
     print(f"predicted {sum(counts.values())} rows of {args.csv} -> {args.out} "
           f"({', '.join(f'{n}: {c}' for n, c in counts.items())})")
+    return 0
+
+
+def _predict_values(args, model) -> int:
+    """``predict`` of a regression model: one value per row, in the target's units."""
+    import csv
+
+    import numpy as np
+
+    count, low, high, total = 0, np.inf, -np.inf, 0.0
+    with atomic_output(args.out, what="--out", newline="") as f:  # whole or not at all
+        writer = csv.writer(f)
+        writer.writerow(["line", "predicted"])
+        for values, _, lines in model.predict_csv_chunks(args.csv, args.encoding):
+            for line, value in zip(lines, values):
+                writer.writerow([line, f"{value:.8g}"])
+            count += len(values)
+            if len(values):
+                low, high, total = min(low, values.min()), max(high, values.max()), total + values.sum()
+    summary = f"mean {total / count:.4g}, from {low:.4g} to {high:.4g}" if count else "no rows"
+    print(f"predicted {count} rows of {args.csv} -> {args.out} ({model.preprocessing.target} values: {summary})")
     return 0
 
 
@@ -666,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dreg_jax.data.registry import FEATURIZERS
     from dreg_jax.layers.activations import ACTIVATIONS
     from dreg_jax.penalties.schedules import SCHEDULES
+    from dreg_jax.preprocessing import TASKS
     from dreg_jax.training.config import CLASS_WEIGHTS, REGULARIZERS
     from dreg_jax.training.regularizers import WEIGHT_DECAY_READINGS
 
@@ -704,6 +740,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", dest="batch_size", type=_positive_int, help=f"(default {defaults.batch_size})")
         p.add_argument("--dreg-scope", dest="dreg_scope", choices=["activation", "layer"],
                        help=f"(default {defaults.dreg_scope})")
+        p.add_argument("--task", choices=TASKS,
+                       help="classification (every distinct target value a class; the default) or regression "
+                            "(a numeric --csv target, predicted as a number: squared-error loss on the "
+                            "standardized target, scored by R^2, RMSE and MAE)")
         p.add_argument("--class-weight", dest="class_weight", choices=CLASS_WEIGHTS,
                        help="balanced: weight each training example's loss by n / (C n_c) of its class "
                             "(imbalanced labels; metrics stay unweighted) (default none)")

@@ -7,7 +7,10 @@ A :class:`Preprocessing` holds what ``from_csv``/``from_arrays`` learned from th
 * the standardization of every encoded feature, :math:`z = (x / s - \mu) / \sigma` with the
   training split's scale :math:`s` (1 except for huge magnitudes), mean :math:`\mu` and
   deviation :math:`\sigma` (1 for a constant column);
-* the label names (class index -> original label), the target column and the dropped columns.
+* the label names (class index -> original label), the target column and the dropped columns;
+* for a regression target, its training mean :math:`\mu_y` and deviation :math:`\sigma_y`: the
+  model learns :math:`(y - \mu_y) / \sigma_y` and :meth:`Preprocessing.target_values` maps its
+  output back, :math:`y = \mu_y + \sigma_y \hat z`.
 
 :meth:`Preprocessing.transform_csv` applies it to new rows with the same rules as training
 (missing markers, non-finite numbers, unseen categories, missing or unknown columns are refused
@@ -25,11 +28,18 @@ import re
 
 import numpy as np
 
+#: What a table's target is: classes (``classification``) or a number (``regression``); the
+#: training side of each is :mod:`dreg_jax.training.tasks`.
+TASKS = ("classification", "regression")
+
 #: Cells read as missing (compared lowercased, after stripping spaces).
 MISSING = {"", "na", "n/a", "#n/a", "nan", "null", "none", "?", "-", "--"}
 
-#: Version of the record's dict layout (:meth:`Preprocessing.to_dict`).
-PREPROCESSING_VERSION = 1
+#: Version of the record's dict layout (:meth:`Preprocessing.to_dict`); 2 added the task and the
+#: target's standardization, and is written for regressions only (a classification's record keeps
+#: the version 1 layout, so older releases read it).
+PREPROCESSING_VERSION = 2
+READABLE_PREPROCESSING_VERSIONS = (1, 2)
 
 
 #: The one rule for a number in a cell: plain decimal notation with an optional sign, fraction
@@ -209,6 +219,9 @@ class Preprocessing:
       drop: columns left out at training; a new CSV may hold them (ignored).
       dtype: the training features' dtype before standardizing (new rows take it too, so the
         arithmetic is the same).
+      task: ``"classification"`` or ``"regression"``.
+      target_mean, target_std: a regression target's training mean and deviation (None for
+        classification).
     """
 
     columns: tuple
@@ -219,18 +232,40 @@ class Preprocessing:
     target: str | None = None
     drop: tuple = ()
     dtype: str = "float64"
+    task: str = "classification"
+    target_mean: float | None = None
+    target_std: float | None = None
 
     @classmethod
-    def fit(cls, x_train, columns, label_names, *, target=None, drop=()) -> "Preprocessing":
-        """The record for encoded training features ``x_train`` ``(n, d)``."""
+    def fit(cls, x_train, columns, label_names, *, target=None, drop=(), y_train=None) -> "Preprocessing":
+        """The record for encoded training features ``x_train`` ``(n, d)``; ``y_train`` (a
+        regression's raw target, float) adds its standardization (:meth:`standardize_target`)."""
         x_train = np.asarray(x_train)
         scale, mean, std = standardization(x_train)
         width = sum(len(c.feature_names) for c in columns)
         if width != x_train.shape[1]:
             raise ValueError(f"the columns encode {width} features, x_train has {x_train.shape[1]}")
         as_tuple = lambda a: tuple(float(v) for v in np.broadcast_to(a, (width,)))  # noqa: E731
-        return cls(tuple(columns), as_tuple(scale), as_tuple(mean), as_tuple(std),
-                   tuple(str(n) for n in label_names), target, tuple(drop), str(x_train.dtype))
+        record = cls(tuple(columns), as_tuple(scale), as_tuple(mean), as_tuple(std),
+                     tuple(str(n) for n in label_names), target, tuple(drop), str(x_train.dtype))
+        if y_train is None:
+            return record
+        y_train = np.asarray(y_train, np.float64)
+        deviation = float(y_train.std())
+        if not deviation > 0:
+            raise ValueError(f"the regression target is constant in the training rows ({y_train[0]:g}): nothing "
+                             "to learn")
+        return dataclasses.replace(record, label_names=(), task="regression", target_mean=float(y_train.mean()),
+                                   target_std=deviation)
+
+    def standardize_target(self, y) -> np.ndarray:
+        """A regression's raw target -> what the model learns, :math:`(y - \\mu_y) / \\sigma_y` (float32)."""
+        return ((np.asarray(y, np.float64) - self.target_mean) / self.target_std).astype(np.float32)
+
+    def target_values(self, outputs) -> np.ndarray:
+        """The model's standardized outputs -> the target's own units,
+        :math:`\\mu_y + \\sigma_y \\hat z` (float64)."""
+        return self.target_mean + self.target_std * np.asarray(outputs, np.float64)
 
     @property
     def feature_names(self) -> tuple:
@@ -313,20 +348,24 @@ class Preprocessing:
         d = dataclasses.asdict(self)
         d["columns"] = [{"name": c.name, "categories": None if c.categories is None else list(c.categories)}
                         for c in self.columns]
+        if self.task == "classification":  # the version 1 layout: read by every dreg_jax
+            for name in ("task", "target_mean", "target_std"):
+                del d[name]
+            return {"version": 1, **d}
         return {"version": PREPROCESSING_VERSION, **d}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocessing":
         d = dict(d)
         version = d.pop("version", None)
-        if version != PREPROCESSING_VERSION:
-            raise ValueError(f"preprocessing record version {version!r}; this dreg_jax reads version "
-                             f"{PREPROCESSING_VERSION} (upgrade dreg_jax, or retrain)")
+        if version not in READABLE_PREPROCESSING_VERSIONS:
+            raise ValueError(f"preprocessing record version {version!r}; this dreg_jax reads version(s) "
+                             f"{', '.join(map(str, READABLE_PREPROCESSING_VERSIONS))} (upgrade dreg_jax, or retrain)")
         columns = tuple(Column(c["name"], None if c["categories"] is None else tuple(c["categories"]))
                         for c in d.pop("columns"))
         return cls(columns=columns, **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-__all__ = ["MISSING", "NUMBER", "Column", "Preprocessing", "apply_standardization", "formatted_number_error",
+__all__ = ["MISSING", "NUMBER", "TASKS", "Column", "Preprocessing", "apply_standardization", "formatted_number_error",
            "is_formatted_number", "is_number", "iter_csv", "numeric_cells", "read_csv", "read_csv_header",
            "standardization"]

@@ -93,10 +93,11 @@ class TrainedModel:
     Attributes:
       config: the run's config (model and regularizer).
       variables: ``{"params": ..., "batch_stats": ...}`` (numpy arrays).
-      num_classes: output classes.
+      num_classes: output classes (1 for a regression: its one output).
       num_features: input width.
-      preprocessing: raw rows -> inputs and class indices -> labels (None: a built-in dataset,
-        whose inputs are standardized arrays already).
+      preprocessing: raw rows -> inputs and class indices -> labels, or a regression's
+        standardized outputs -> the target's units (None: a built-in dataset, whose inputs are
+        standardized arrays already).
       run: what is known of the run (seed, strength, learning rate, validation accuracy).
     """
 
@@ -118,13 +119,28 @@ class TrainedModel:
                              "through predict_csv)")
         return np.asarray(_apply(self.config, self.num_classes)(self.variables, jnp.asarray(x, jnp.float32)))
 
+    @property
+    def task(self) -> str:
+        """``"classification"`` or ``"regression"`` (``config.task``)."""
+        return self.config.task
+
     def predict_proba(self, x) -> np.ndarray:
         """Class probabilities ``(rows, num_classes)`` of standardized inputs."""
+        if self.task == "regression":
+            raise ValueError("a regression model predicts values, not class probabilities: use .predict(x)")
         return np.asarray(_softmax(self.logits(x)))
 
     def predict(self, x) -> np.ndarray:
-        """Class indices ``(rows,)`` of standardized inputs (``labels`` maps them to names)."""
+        """Class indices ``(rows,)`` of standardized inputs (``labels`` maps them to names); a
+        regression's values ``(rows,)`` in the target's units (standardized units without a
+        preprocessing record)."""
+        if self.task == "regression":
+            return self._values(self.logits(x)[:, 0])
         return np.argmax(self.logits(x), axis=-1)
+
+    def _values(self, outputs) -> np.ndarray:
+        outputs = np.asarray(outputs, np.float64)
+        return outputs if self.preprocessing is None else self.preprocessing.target_values(outputs)
 
     def labels(self, indices) -> list:
         """Class indices -> the original labels (class indices as strings without a record)."""
@@ -134,18 +150,22 @@ class TrainedModel:
 
     def predict_csv(self, path, encoding: str = "utf-8-sig"):
         """``(labels, probabilities, lines)`` for every row of a CSV with the training columns
-        (any order; the target and dropped columns may be present and are ignored)."""
+        (any order; the target and dropped columns may be present and are ignored); a
+        regression's ``(values, None, lines)``, the values in the target's units."""
         if self.preprocessing is None:
             raise ValueError("this model was trained on a built-in dataset (standardized arrays, no table "
                              "preprocessing): predict on arrays with .predict(x), or train on your CSV "
                              "(--csv) to predict table rows")
         x, lines = self.preprocessing.transform_csv(path, encoding)
+        if self.task == "regression":
+            return self.predict(x), None, lines
         probabilities = self.predict_proba(x)
         return self.labels(np.argmax(probabilities, axis=-1)), probabilities, lines
 
     def predict_csv_chunks(self, path, encoding: str | None = "utf-8-sig", chunk_rows: int = 65536):
         """:meth:`predict_csv` in chunks of at most ``chunk_rows`` rows (memory flat in the file's
-        length): yields ``(labels, probabilities, lines)`` per chunk. Each chunk is padded to a
+        length): yields ``(labels, probabilities, lines)`` per chunk (a regression's
+        ``(values, None, lines)``). Each chunk is padded to a
         power of two rows, so a long file compiles a handful of shapes, not one per chunk."""
         if self.preprocessing is None:
             raise ValueError("this model was trained on a built-in dataset (standardized arrays, no table "
@@ -155,6 +175,9 @@ class TrainedModel:
             rows = len(x)
             padded = np.zeros((1 << max(rows - 1, 0).bit_length(), x.shape[1]), np.float32)
             padded[:rows] = x
+            if self.task == "regression":
+                yield self.predict(padded)[:rows], None, lines
+                continue
             probabilities = self.predict_proba(padded)[:rows]
             yield self.labels(np.argmax(probabilities, axis=-1)), probabilities, lines
 
@@ -338,8 +361,12 @@ def save_model(directory, variables, config: TrainConfig, num_classes: int, num_
     if bad is not None:
         raise ValueError(f"the model's variables hold NaN or inf at {bad}: the run diverged; nothing was "
                          f"saved to {directory} (lower the learning rate or the strength)")
-    if preprocessing is not None and len(preprocessing.label_names) != int(num_classes):
+    if preprocessing is not None and preprocessing.task != config.task:
+        raise ValueError(f"the preprocessing record is a {preprocessing.task}'s and the config's task is {config.task!r}")
+    if preprocessing is not None and config.task == "classification" and len(preprocessing.label_names) != int(num_classes):
         raise ValueError(f"preprocessing names {len(preprocessing.label_names)} labels for {num_classes} classes")
+    if config.task == "regression" and int(num_classes) != 1:
+        raise ValueError(f"a regression model has one output: num_classes must be 1, got {num_classes}")
     payload = serialization.msgpack_serialize(variables)
     record = {
         "format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION, "dreg_jax_version": _version(),
@@ -434,9 +461,14 @@ def _read_record(directory: pathlib.Path) -> dict:
     if version not in READABLE_VERSIONS:
         raise ValueError(f"{where} has model format version {version!r}; this dreg_jax ({_version()}) reads "
                          f"version(s) {', '.join(map(str, READABLE_VERSIONS))}")
-    num_classes = _field(record, "num_classes", int, where, minimum=2, maximum=MAX_CLASSES)
-    num_features = _field(record, "num_features", int, where, minimum=1, maximum=MAX_FEATURES)
     config = _field(record, "config", dict, where)
+    task = config.get("task", "classification")
+    if task not in ("classification", "regression"):
+        raise ValueError(f"{where}: config.task is {task!r}, expected 'classification' or 'regression'")
+    regression = task == "regression"
+    num_classes = _field(record, "num_classes", int, where, minimum=1 if regression else 2,
+                         maximum=1 if regression else MAX_CLASSES)
+    num_features = _field(record, "num_features", int, where, minimum=1, maximum=MAX_FEATURES)
     for part in ("model", "regularizer", "optimizer"):
         _field(config, part, dict, f"{where} config")
     hidden = config["model"].get("hidden")
@@ -447,7 +479,17 @@ def _read_record(directory: pathlib.Path) -> dict:
     if preprocessing is not None:
         _field(record, "preprocessing", dict, where)
         names = preprocessing.get("label_names")
-        if not isinstance(names, list) or len(names) != num_classes:
+        if (preprocessing.get("task", "classification") != task or preprocessing.get("version") == 1 and regression):
+            raise ValueError(f"{where}: preprocessing.task is {preprocessing.get('task', 'classification')!r} and "
+                             f"config.task {task!r}; the model directory is damaged")
+        if regression:
+            for field in ("target_mean", "target_std"):
+                v = preprocessing.get(field)
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)):
+                    raise ValueError(f"{where}: preprocessing.{field} is {v!r}, expected a finite number")
+            if not preprocessing["target_std"] > 0:
+                raise ValueError(f"{where}: preprocessing.target_std must be positive")
+        if not isinstance(names, list) or len(names) != (0 if regression else num_classes):
             raise ValueError(f"{where}: preprocessing.label_names has {len(names) if isinstance(names, list) else names!r} "
                              f"names for num_classes {num_classes}")
         for field in ("scale", "mean", "std"):

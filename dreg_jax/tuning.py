@@ -5,8 +5,8 @@ The grid is log-spaced around the regularizer's default,
 (``points=K``, ``decades=d``), optionally times learning rates, times seeds. Every run of the grid
 trains in one compiled program (the strength and the learning rate are traced per run).
 
-The pick is the strength (and learning rate) with the best **mean validation accuracy over
-seeds**; ties go to the smaller strength, then the smaller learning rate. When the pick lies on
+The pick is the strength (and learning rate) with the best **mean validation score over
+seeds** (accuracy, or :math:`R^2` for a regression: :mod:`dreg_jax.training.tasks`); ties go to the smaller strength, then the smaller learning rate. When the pick lies on
 an edge of the grid and is strictly better than its neighbour, the grid is extended one step
 past that edge and the new points are trained (at most ``max_extensions`` times), so a pick on
 the edge means the curve is flat there, not that the grid stopped.
@@ -34,6 +34,7 @@ from dreg_jax.engine import EngineData, EngineOptions, RunHParams, train_many
 from dreg_jax.saved_model import TrainedModel
 from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.regularizers import get_regularizer
+from dreg_jax.training.tasks import SCORE_DISPLAY, score_name, show_score
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class TuneResult:
     Attributes:
       regularizer: the regularizer kind tuned.
       rows: one dict per (strength, learning rate): ``strength, learning_rate, mean, std,
-        seeds`` (validation accuracy over seeds), ``diverged`` (its runs that diverged or failed:
+        seeds`` (the validation score over seeds), ``diverged`` (its runs that diverged or failed:
         such a point is never the pick), in strength order.
       strength, learning_rate: the pick.
       extensions: how many times the grid was extended past an edge.
@@ -53,6 +54,7 @@ class TuneResult:
       on_edge: the pick is still strictly best on an edge of the grid after every extension.
       pick_variables: ``{seed: variables}`` of the runs at the pick (``keep_model`` with one
         validation split): :func:`held_out_comparison` scores these instead of training again.
+      score: what ``rows`` hold: ``"accuracy"`` or ``"r2"`` (a regression).
     """
 
     regularizer: str
@@ -65,6 +67,7 @@ class TuneResult:
     model: object = dataclasses.field(default=None, compare=False, repr=False)
     on_edge: bool = False  # the pick is strictly best on an edge even after the extensions
     pick_variables: dict = dataclasses.field(default=None, compare=False, repr=False)
+    score: str = "accuracy"
 
     def to_dict(self) -> dict:
         """JSON-able fields (the model is saved with ``model.save(dir)``)."""
@@ -72,15 +75,16 @@ class TuneResult:
                 if f.name not in ("model", "pick_variables")}
 
     def table(self) -> str:
-        """A markdown table of validation accuracy (mean +- std over seeds) per grid point."""
+        """A markdown table of the validation score (mean +- std over seeds) per grid point."""
         folds = self.rows[0].get("folds", 1) if self.rows else 1
-        scored = f"{folds}-fold cross-validation accuracy (%)" if folds > 1 else "validation accuracy (%)"
+        label = SCORE_DISPLAY[self.score][0]
+        scored = f"{folds}-fold cross-validation {label}" if folds > 1 else f"validation {label}"
         lines = [f"| strength | learning rate | {scored} | seeds |", "|---|---|---|---|"]
         for r in self.rows:
             mark = " **(pick)**" if (r["strength"], r["learning_rate"]) == (self.strength, self.learning_rate) else ""
             broken = f" ({r['diverged']} diverged: not eligible)" if r.get("diverged") else ""
-            lines.append(f"| {r['strength']:.3g} | {r['learning_rate']:.3g} | {100 * r['mean']:.2f} +- "
-                         f"{100 * r['std']:.2f}{mark}{broken} | {r['seeds']} |")
+            lines.append(f"| {r['strength']:.3g} | {r['learning_rate']:.3g} | {show_score(r['mean'], self.score)} +- "
+                         f"{show_score(r['std'], self.score)}{mark}{broken} | {r['seeds']} |")
         return "\n".join(lines)
 
     def plot(self, path):
@@ -89,34 +93,36 @@ class TuneResult:
 
 
 def plot_tuning(results, path):
-    """Validation accuracy against strength (mean and spread over seeds), one line per
-    regularizer and learning rate; each pick circled. Needs matplotlib (the study extra)."""
+    """The validation score (accuracy, or :math:`R^2`) against strength (mean and spread over
+    seeds), one line per regularizer and learning rate; each pick circled. Needs matplotlib
+    (the study extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    label, scale = SCORE_DISPLAY[results[0].score] if results else SCORE_DISPLAY["accuracy"]
     for result in results:
         for lr in sorted({r["learning_rate"] for r in result.rows}):
             rows = [r for r in result.rows if r["learning_rate"] == lr]
             if all(r["strength"] == 0 for r in rows):  # no strength (none, SN): a level to compare with
                 (row,) = rows
-                line = ax.axhline(100 * row["mean"], ls="--", label=f"{result.regularizer}, lr {lr:g} (no strength)")
-                ax.axhspan(100 * (row["mean"] - row["std"]), 100 * (row["mean"] + row["std"]), alpha=0.1,
+                line = ax.axhline(scale * row["mean"], ls="--", label=f"{result.regularizer}, lr {lr:g} (no strength)")
+                ax.axhspan(scale * (row["mean"] - row["std"]), scale * (row["mean"] + row["std"]), alpha=0.1,
                            color=line.get_color())
                 continue
             s = np.array([r["strength"] for r in rows])
-            m = np.array([100 * r["mean"] for r in rows])
-            sd = np.array([100 * r["std"] for r in rows])
+            m = np.array([scale * r["mean"] for r in rows])
+            sd = np.array([scale * r["std"] for r in rows])
             (line,) = ax.plot(s, m, marker="o", label=f"{result.regularizer}, lr {lr:g}")
             ax.fill_between(s, m - sd, m + sd, alpha=0.2, color=line.get_color())
             if lr == result.learning_rate:
                 pick = next(r for r in rows if r["strength"] == result.strength)
-                ax.plot([pick["strength"]], [100 * pick["mean"]], "o", ms=12, mfc="none", color=line.get_color())
+                ax.plot([pick["strength"]], [scale * pick["mean"]], "o", ms=12, mfc="none", color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("strength")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"validation {label}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return save_figure(fig, path, dpi=120)
@@ -217,7 +223,8 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         one as :attr:`TuneResult.model` and every seed's as :attr:`TuneResult.pick_variables`.
       preprocessing: ``Dataset.preprocessing`` of the data (user tables), stored with the model.
       folds: ``K > 1``: stratified K-fold cross-validation instead of one validation split: the
-        training and validation rows are pooled and split by :func:`stratified_folds`; every grid
+        training and validation rows are pooled and split by :func:`stratified_folds` (a
+        regression's rows at random: one stratum); every grid
         point trains on ``K - 1`` folds and is scored on the held fold, ``K`` times, and its
         score is the mean over folds and seeds (every pooled row scored once per seed: for
         small tables, where one validation split is a handful of rows). The kept model is the
@@ -232,6 +239,10 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         from dreg_jax.engine import dataset_engine_data  # the sweep layer (a Dataset needs the study extra)
 
         preprocessing = preprocessing if preprocessing is not None else getattr(data, "preprocessing", None)
+        task = getattr(data, "task", "classification")
+        if task != config.task:
+            raise ValueError(f"the data is a {task} dataset and config.task is {config.task!r}: set "
+                             f"TrainConfig(task={task!r})")
         num_classes = num_classes or data.num_classes
         data = dataset_engine_data(data)
     if num_classes is None:
@@ -253,7 +264,8 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         has_val = data.x_val is not None and len(data.x_val) > 0
         pool_x = np.concatenate([np.asarray(data.x_train)] + ([np.asarray(data.x_val)] if has_val else []))
         pool_y = np.concatenate([np.asarray(data.y_train)] + ([np.asarray(data.y_val)] if has_val else []))
-        parts = stratified_folds(pool_y, folds)
+        regression = config.task == "regression"
+        parts = stratified_folds(np.zeros(len(pool_y), np.int64) if regression else pool_y, folds)
         fold_data = []
         for part in parts:
             rest = np.setdiff1d(np.arange(len(pool_y)), part)  # the other folds: trained on
@@ -272,7 +284,8 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     options = options or EngineOptions(per_epoch_diagnostics=False)
     options = dataclasses.replace(options, vmap_width=len(seeds) * len(lrs),  # extensions reuse the program
                                   return_variables=keep_model)
-    accuracy: dict = {}
+    score = score_name(config.task)
+    accuracy: dict = {}  # (strength, lr) -> validation scores (accuracy or R^2), one per seed and fold
     broken: dict = {}  # (strength, lr) -> [(seed, step, "failed" | "diverged"), ...]
     kept: dict = {}
 
@@ -285,7 +298,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         runs = RunHParams.stack([RunHParams(seed=seed, learning_rate=lr, strength=s) for s, lr, seed in keys])
         final, _ = train_many(runs, scored, config, num_classes, options)
         fail, diverge = np.asarray(final["fail_step"]), np.asarray(final["diverge_step"])
-        for i, ((s, lr, seed), acc) in enumerate(zip(keys, np.asarray(final["test_accuracy"], np.float64))):
+        for i, ((s, lr, seed), acc) in enumerate(zip(keys, np.asarray(final[f"test_{score}"], np.float64))):
             accuracy.setdefault((s, lr), []).append(float(acc))
             if fail[i] >= 0 or diverge[i] >= 0:
                 status = "failed" if fail[i] >= 0 else "diverged"
@@ -313,7 +326,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
                   "seeds": len(a) // len(fold_data), "folds": len(fold_data), "diverged": len(broken.get((s, lr), []))} for (s, lr), a in sorted(accuracy.items()))
     means = sorted((float(np.mean(a)) for k, a in accuracy.items() if k not in broken), reverse=True)
     notes = []
-    if len(means) > 1 and means[0] - means[1] < 1.0 / n_val:
+    if score == "accuracy" and len(means) > 1 and means[0] - means[1] < 1.0 / n_val:
         notes.append(f"the best and the runner-up differ by less than one validation example "
                      f"({n_val} rows: accuracy moves in steps of {100 / n_val:.2f} pp); the split cannot "
                      "separate them, so the pick is weak evidence")
@@ -334,7 +347,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     model = None
     if keep_model:
         run = {"seed": int(seeds[0]), "strength": best[0], "learning_rate": best[1], "tuned": True,
-               "validation_accuracy": accuracy[best][0], "validation_rows": n_val}
+               f"validation_{score}": accuracy[best][0], "validation_rows": n_val}
         model = TrainedModel(dataclasses.replace(config, regularizer=dataclasses.replace(
             config.regularizer, strength=best[0]), optimizer=dataclasses.replace(
             config.optimizer, learning_rate=best[1])), kept[(*best, seeds[0])], num_classes,
@@ -342,7 +355,7 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     # K folds train each run on part of the training rows: those are not the pick's final models
     pick_variables = {seed: kept[(*best, seed)] for seed in seeds} if keep_model and folds == 1 else None
     return TuneResult(kind, rows, best[0], best[1], extensions, n_val, "; ".join(notes), model, on_edge,
-                      pick_variables)
+                      pick_variables, score)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,19 +365,25 @@ class HeldOut:
     Attributes:
       rows: one dict per arm: ``regularizer, strength, learning_rate`` and, as mean and std over
         seeds, ``accuracy, balanced_accuracy, macro_f1, log_loss, auc`` (binary AUC, or the macro
-        one-vs-rest AUC; None where a class is missing from the held-out rows).
+        one-vs-rest AUC; None where a class is missing from the held-out rows); a regression's
+        ``r2, rmse, mae`` (RMSE and MAE in the target's units when the preprocessing record is
+        known, else in standardized units: ``units``).
       comparisons: one dict per arm other than the baseline: ``regularizer, baseline,
         accuracy_diff`` and ``balanced_accuracy_diff`` (points, mean over seeds) each with a 95%
         ``[low, high]`` interval (paired bootstrap over held-out rows and seeds), ``verdict`` and
         ``sentence``; ``switched_off``: its held-out predictions equal the baseline's on every
-        row and seed (tuning turned it off: the comparison then measures nothing).
+        row and seed (tuning turned it off: the comparison then measures nothing). A
+        regression's compare ``r2_diff`` with its ``r2_interval`` instead.
       held_out_rows, seeds: the held-out split's size and the seeds.
+      task: ``"classification"`` or ``"regression"``; units: a regression's RMSE/MAE units.
     """
 
     rows: tuple
     comparisons: tuple
     held_out_rows: int
     seeds: tuple
+    task: str = "classification"
+    units: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -377,24 +396,34 @@ class HeldOut:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(9, 0.6 * len(self.comparisons) + 1.8), squeeze=False)
+        panels = ((("r2", "R^2", ""),) if self.task == "regression" else
+                  (("accuracy", "accuracy", " (pp)"), ("balanced_accuracy", "balanced accuracy", " (pp)")))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 0.6 * len(self.comparisons) + 1.8),
+                                 squeeze=False)
         names = [c["regularizer"] for c in self.comparisons]
-        for ax, key, title in zip(axes[0], ("accuracy", "balanced_accuracy"), ("accuracy", "balanced accuracy")):
+        for ax, (key, title, unit) in zip(axes[0], panels):
             diffs = np.array([c[f"{key}_diff"] for c in self.comparisons])
             low = np.array([c[f"{key}_interval"][0] for c in self.comparisons])
             high = np.array([c[f"{key}_interval"][1] for c in self.comparisons])
             ax.errorbar(diffs, np.arange(len(names)), xerr=[diffs - low, high - diffs], fmt="o", capsize=4)
             ax.axvline(0.0, ls="--", color="gray")
             ax.set_yticks(np.arange(len(names)), names)
-            ax.set_xlabel(f"{title}: arm - {self.comparisons[0]['baseline'] if self.comparisons else 'baseline'} (pp)")
+            ax.set_xlabel(f"{title}: arm - {self.comparisons[0]['baseline'] if self.comparisons else 'baseline'}{unit}")
         axes[0][0].set_title(f"held-out rows: {self.held_out_rows}, seeds: {len(self.seeds)} (95% intervals)",
                              fontsize=9, loc="left")
         fig.tight_layout()
         return save_figure(fig, path, dpi=120)
 
     def table(self) -> str:
-        metric = lambda r, k, scale=100: ("n/a" if r[k] is None else  # noqa: E731
-                                          f"{scale * r[k]:.2f} +- {scale * r[k + '_std']:.2f}")
+        metric = lambda r, k, scale=100, digits=2: ("n/a" if r[k] is None else  # noqa: E731
+                                                    f"{scale * r[k]:.{digits}f} +- {scale * r[k + '_std']:.{digits}f}")
+        if self.task == "regression":
+            lines = [f"| regularizer | strength | learning rate | R^2 | RMSE ({self.units}) | MAE ({self.units}) |",
+                     "|---|---|---|---|---|---|"]
+            for r in self.rows:
+                lines.append(f"| {r['regularizer']} | {r['strength']:.3g} | {r['learning_rate']:.3g} | "
+                             f"{metric(r, 'r2', 1, 4)} | {metric(r, 'rmse', 1, 4)} | {metric(r, 'mae', 1, 4)} |")
+            return "\n".join(lines + [""] + [c["sentence"] for c in self.comparisons])
         lines = ["| regularizer | strength | learning rate | accuracy % | balanced accuracy % | macro F1 % | "
                  "log loss | AUC % |", "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
@@ -442,12 +471,43 @@ def paired_interval(correct_arm, correct_base, y, num_classes, *, draws=2000, se
     return out
 
 
+def paired_r2_interval(error_arm, error_base, y, *, draws=2000, seed=0):
+    r"""Paired bootstrap (over held-out rows and over seeds) of :math:`R^2_{arm} - R^2_{base}`.
+
+    ``error_*``: ``(seeds, rows)`` prediction errors :math:`\hat y - y`, seed ``s`` of both arms on
+    the same rows ``y``. Each draw resamples the rows (multinomial weights :math:`w`) and the
+    seeds (the same for both arms) and takes the seed mean of
+    :math:`R^2_w = 1 - \sum_i w_i e_i^2 / \sum_i w_i (y_i - \bar y_w)^2`.
+
+    Returns:
+      ``(diff, low, high)``: on the data as observed, and the 2.5% and 97.5% quantiles.
+    """
+    error_arm, error_base = np.asarray(error_arm, float), np.asarray(error_base, float)
+    y = np.asarray(y, float)
+    seeds, rows = error_arm.shape
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(rows), rng.multinomial(rows, np.full(rows, 1.0 / rows), size=draws)])
+    seed_counts = np.vstack([np.ones(seeds), rng.multinomial(seeds, np.full(seeds, 1.0 / seeds), size=draws)])
+    total = weights.sum(1)
+    mean = weights @ y / total
+    spread = weights @ np.square(y) - total * np.square(mean)  # sum_i w_i (y_i - mean_w)^2, per draw
+    spread = np.where(spread > 1e-12 * total, spread, np.nan)  # a draw of one repeated row: undefined
+    r2 = lambda e: 1.0 - (np.square(e) @ weights.T) / spread  # noqa: E731 - (seeds, draws + 1)
+    diff = ((r2(error_arm) - r2(error_base)).T * seed_counts).sum(1) / seeds
+    low, high = np.nanquantile(diff[1:], [0.025, 0.975])
+    return float(diff[0]), float(low), float(high)
+
+
 def _verdict(low, high) -> str:
     return "better" if low > 0 else "worse" if high < 0 else "no reliable difference"
 
 
+_SAID = {"better": "reliably better than {baseline}", "worse": "reliably worse than {baseline}",
+         "no reliable difference": "no reliable difference"}
+
+
 def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *, seeds=3, baseline="none",
-                        options: EngineOptions | None = None, draws: int = 2000) -> HeldOut:
+                        options: EngineOptions | None = None, draws: int = 2000, preprocessing=None) -> HeldOut:
     """Scores every tuned arm at its pick on held-out rows and compares it with the baseline.
 
     Each :class:`TuneResult` in ``results`` gives one model per seed at its pick (strength and
@@ -466,7 +526,10 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
       results: :class:`TuneResult` per arm; the ``baseline`` arm must be among them.
       seeds: number of seeds or a sequence (seed ``s`` of every arm pairs with seed ``s`` of the
         baseline).
-      draws: bootstrap draws of the 95% intervals (:func:`paired_interval`).
+      draws: bootstrap draws of the 95% intervals (:func:`paired_interval`; a regression's
+        :func:`paired_r2_interval`).
+      preprocessing: a regression's record (``Dataset.preprocessing``; default the one a
+        ``Dataset`` or the tuned models carry): RMSE and MAE in the target's units.
 
     Returns:
       A :class:`HeldOut`.
@@ -477,7 +540,10 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
         from dreg_jax.engine import dataset_engine_data  # noqa: PLC0415
 
         num_classes = num_classes or data.num_classes
+        preprocessing = preprocessing if preprocessing is not None else getattr(data, "preprocessing", None)
         data = dataset_engine_data(data)
+    if preprocessing is None:
+        preprocessing = next((r.model.preprocessing for r in results if r.model is not None), None)
     if data.x_test is None or len(data.x_test) == 0:
         raise ValueError("the held-out comparison needs held-out rows (a test split); this data has none")
     arms = {r.regularizer: r for r in results}
@@ -490,6 +556,9 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
     fit = data._replace(x_robust=None)  # trained on the training rows, as tune trained them
     y = np.asarray(data.y_test)
     labels = list(range(num_classes))
+    regression = config.task == "regression"
+    in_units = regression and preprocessing is not None and preprocessing.target_std is not None
+    unit = preprocessing.target_std if in_units else 1.0  # standardized errors -> the target's units
     rows, predicted = [], {}
     for kind, result in arms.items():
         arm_config = dataclasses.replace(
@@ -504,10 +573,18 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
             final, _ = train_many(runs, fit, arm_config, num_classes, options)
             per_seed = [jax.tree_util.tree_map(lambda a, i=i: np.asarray(a[i]), final["variables"])
                         for i in range(len(seeds))]
-        scores = {k: [] for k in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "auc")}
+        names = ("r2", "rmse", "mae") if regression else ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "auc")
+        scores = {k: [] for k in names}
         preds = []
         for variables in per_seed:
             model = TrainedModel(arm_config, variables, num_classes, int(data.x_train.shape[1]))
+            if regression:  # standardized outputs against the standardized target
+                error = model.logits(np.asarray(data.x_test, np.float32))[:, 0].astype(np.float64) - y
+                preds.append(error)
+                scores["r2"].append(float(1.0 - np.sum(error ** 2) / np.sum((y - y.mean()) ** 2)))
+                scores["rmse"].append(float(unit * np.sqrt(np.mean(error ** 2))))
+                scores["mae"].append(float(unit * np.mean(np.abs(error))))
+                continue
             proba = model.predict_proba(np.asarray(data.x_test, np.float32))
             pred = proba.argmax(1)
             preds.append(pred)
@@ -521,7 +598,7 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
                 scores["auc"].append(float(auc))
             except ValueError:  # a class absent from the held-out rows: AUC is undefined
                 scores["auc"].append(None)
-        predicted[kind] = np.stack(preds)  # (seeds, rows)
+        predicted[kind] = np.stack(preds)  # (seeds, rows): classes, or a regression's errors
         row = {"regularizer": kind, "strength": result.strength, "learning_rate": result.learning_rate}
         for k, values in scores.items():
             known = [v for v in values if v is not None]
@@ -532,24 +609,35 @@ def held_out_comparison(data, config: TrainConfig, num_classes: int, results, *,
     for kind in arms:
         if kind == baseline:
             continue
+        switched_off = bool(np.array_equal(predicted[kind], predicted[baseline]))
+        off = (f" (switched off by tuning: its held-out predictions equal {baseline}'s on every row and seed)"
+               if switched_off else "")
+        if regression:
+            diff, lo, hi = paired_r2_interval(predicted[kind], predicted[baseline], y, draws=draws)
+            verdict = _verdict(lo, hi)
+            comparisons.append({
+                "regularizer": kind, "baseline": baseline, "r2_diff": diff, "r2_interval": [lo, hi],
+                "verdict": verdict, "switched_off": switched_off,
+                "sentence": (f"{kind}: R^2 {diff:+.4f} [{lo:+.4f}, {hi:+.4f}] vs {baseline} on your {len(y)} held-out "
+                             f"rows ({len(seeds)} seeds, 95% paired bootstrap): "
+                             f"{_SAID[verdict].format(baseline=baseline)}{off}")})
+            continue
         interval = paired_interval(predicted[kind] == y, predicted[baseline] == y, y, num_classes, draws=draws)
         (acc, lo, hi), (bacc, blo, bhi) = interval["accuracy"], interval["balanced_accuracy"]
         verdict = _verdict(lo, hi)
-        switched_off = bool(np.array_equal(predicted[kind], predicted[baseline]))
-        said = {"better": f"reliably better than {baseline}", "worse": f"reliably worse than {baseline}",
-                "no reliable difference": "no reliable difference"}[verdict]
+        said = _SAID[verdict].format(baseline=baseline)
         comparisons.append({
             "regularizer": kind, "baseline": baseline, "accuracy_diff": acc, "accuracy_interval": [lo, hi],
             "balanced_accuracy_diff": bacc, "balanced_accuracy_interval": [blo, bhi], "verdict": verdict,
             "sentence": (f"{kind}: {acc:+.1f} pp accuracy [{lo:+.1f}, {hi:+.1f}] and {bacc:+.1f} pp balanced "
                          f"accuracy [{blo:+.1f}, {bhi:+.1f}] vs {baseline} on your {len(y)} held-out rows "
-                         f"({len(seeds)} seeds, 95% paired bootstrap): {said}"
-                         + (f" (switched off by tuning: its held-out predictions equal {baseline}'s on every row "
-                            "and seed)" if switched_off else "")),
+                         f"({len(seeds)} seeds, 95% paired bootstrap): {said}{off}"),
             "switched_off": switched_off,
         })
-    return HeldOut(tuple(rows), tuple(comparisons), len(y), seeds)
+    units = ("target units" if in_units else "standardized target units") if regression else ""
+    return HeldOut(tuple(rows), tuple(comparisons), len(y), seeds, config.task, units)
 
 
 __all__ = ["stratified_folds", "HeldOut", "TuneResult", "choose", "edge_extension", "held_out_comparison", "paired_interval",
+           "paired_r2_interval",
            "plot_tuning", "strength_grid", "tune"]

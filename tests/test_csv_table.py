@@ -243,7 +243,7 @@ def test_a_continuous_target_is_refused_with_a_hint_and_class_codes_are_not(tmp_
     ages = rng.integers(18, 90, 1500)
     with pytest.raises(ValueError, match=r"target 'target' looks continuous \(\d+ distinct numeric values in 1500 rows"):
         from_csv(table("ages.csv", ages), "target")
-    with pytest.raises(ValueError, match="a continuous target is regression"):  # decimals: refused per cell
+    with pytest.raises(ValueError, match="to predict a number, pass --task regression"):  # decimals: refused per cell
         from_csv(table("prices.csv", np.round(rng.gamma(2.0, 10.0, 300), 2)), "target")
     codes = from_csv(table("codes.csv", rng.integers(0, 26, 3000)), "target")  # 26 class codes, 3000 rows
     assert codes.num_classes == 26

@@ -60,7 +60,8 @@ def value_label(value) -> str:
 
 
 def plot_results(path, out_dir) -> list[pathlib.Path]:
-    """Accuracy by regularizer (per dataset) and mean learning curves, as PNGs in ``out_dir``.
+    """Accuracy (a regression's :math:`R^2`) by regularizer (per dataset) and mean learning
+    curves, as PNGs in ``out_dir``.
 
     Accuracy is drawn as dots with mean +- std over seeds on an axis zoomed to the data (bars
     from 0 hide differences of a point). The learning curves show the data loss (the train loss
@@ -82,7 +83,8 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     groups = [c for c in varying_columns(ok) if c not in ("dataset", "regularizer")]
     datasets = sorted(ok.dataset.unique())
     # validation accuracy (when the runs have a validation split) in a second row, beside test
-    metrics = [m for m in ("test_accuracy", "validation_accuracy") if m in ok and ok[m].notna().any()]
+    metrics = [m for m in ("test_accuracy", "validation_accuracy", "test_r2", "validation_r2")
+               if m in ok and ok[m].notna().any()]
     fig, axes = plt.subplots(len(metrics), len(datasets), figsize=(4.5 * len(datasets), 3.6 * len(metrics)),
                              squeeze=False)
     for row, metric in zip(axes, metrics):
@@ -94,19 +96,22 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
             width = 0.8 / len(keys)
             for j, key in enumerate(keys):
                 part = sub if not groups else sub[labels == key]
-                means = [100 * part[part.regularizer == r][metric].mean() for r in regs]
-                errs = [100 * part[part.regularizer == r][metric].std(ddof=0) for r in regs]
+                scale = 100 if "accuracy" in metric else 1  # accuracy in percent, R^2 as it is
+                means = [scale * part[part.regularizer == r][metric].mean() for r in regs]
+                errs = [scale * part[part.regularizer == r][metric].std(ddof=0) for r in regs]
                 ax.errorbar(np.arange(len(regs)) + j * width, means, yerr=errs, fmt="o", capsize=3, label=key or None)
             ax.set_xticks(np.arange(len(regs)) + 0.4 - width / 2, regs, rotation=30)
             ax.grid(axis="y", alpha=0.3)  # the axis is zoomed to the dots: read values off the grid
             ax.set_title(dataset)
-            ax.set_ylabel(f"{metric.replace('_', ' ')} % (mean +- std over seeds)")
+            unit = " %" if "accuracy" in metric else ""
+            ax.set_ylabel(f"{metric.replace('_', ' ').replace('r2', 'R^2')}{unit} (mean +- std over seeds)")
             if groups:
                 ax.legend(fontsize=7, title=" ".join(groups), title_fontsize=7)
     fig.tight_layout()
     written.append(save_figure(fig, out_dir / "accuracy_by_regularizer.png", dpi=120))
 
     records = [r for r in records if r["status"] == "ok"]
+    score = "test_accuracy" if "test_accuracy" in metrics or "test_r2" not in metrics else "test_r2"
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     curves = {}
     for r in records:  # one curve per dataset, regularizer and strength (a tuning grid is not averaged)
@@ -117,7 +122,7 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
     several = {(d, g) for d, g, _ in curves if sum(k[:2] == (d, g) for k in curves) > 1}
     for (dataset, reg, strength), runs in sorted(curves.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] or 0)):
         label = f"{dataset} {reg}" + (f" lambda {value_label(float(strength))}" if (dataset, reg) in several else "")
-        for ax, metric in zip(axes, ("data_loss", "penalty", "test_accuracy")):
+        for ax, metric in zip(axes, ("data_loss", "penalty", score)):
             values = [_curve(c, metric) for c in runs]
             values = [v for v in values if v is not None]
             if metric == "penalty" and not any(np.nanmax(np.abs(v), initial=0) > 0 for v in values):
@@ -127,7 +132,7 @@ def plot_results(path, out_dir) -> list[pathlib.Path]:
                 values = np.stack([np.pad(v, (0, length - len(v)), constant_values=np.nan) for v in values])
                 ax.plot(np.arange(1, values.shape[1] + 1), np.nanmean(values, axis=0), label=label)
     for ax, metric in zip(axes, ("data loss (train loss without the penalty)", "penalty (lambda x terms)",
-                                 "test accuracy")):
+                                 "test accuracy" if score == "test_accuracy" else "test R^2")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
     if axes[2].get_legend_handles_labels()[0]:  # rows written without curves draw none

@@ -130,10 +130,19 @@ class Dataset:
     feature_names: tuple | None = None  # column names, one-hot columns as "column=value"
     # how raw rows became x (user data): dreg_jax.data.preprocessing.Preprocessing
     preprocessing: object = None
+    # "classification" (y: class indices, num_classes classes) or "regression" (y: the target,
+    # standardized with the training rows' mean and deviation; num_classes 1, the one output)
+    task: str = "classification"
 
     @property
     def num_features(self) -> int:
         return int(self.x_train.shape[1])
+
+
+def dataset_task(name: str) -> str:
+    """``"classification"`` or ``"regression"``: what the dataset's target is (built-in sets
+    classify; your own table says, :func:`dreg_jax.data.from_csv` ``task=``)."""
+    return USER_DATASETS[name].task if name in USER_DATASETS else "classification"
 
 
 def check_dataset(name: str) -> str:

@@ -27,7 +27,9 @@ import warnings
 
 import numpy as np
 
+from dreg_jax._checks import check_choice
 from dreg_jax.preprocessing import (
+    TASKS,
     MISSING,
     Column,
     Preprocessing,
@@ -77,7 +79,7 @@ def _labels(y, name):
         frac = np.flatnonzero(y != np.round(y))
         if frac.size:
             raise ValueError(f"{name} row {int(frac[0])} is {y[frac[0]]}, not a class: labels must be "
-                             "integers or strings (a continuous target is regression, which this is not)")
+                             "integers or strings; to predict a number, pass task='regression'")
         return y.astype(np.int64).tolist()
     if y.dtype.kind in "iu":
         return y.tolist()  # Python ints: exact, uint64 ids included
@@ -133,9 +135,26 @@ def _check_features(x, split, feature_names):
     return x
 
 
+def _targets(y, name):
+    """A regression target as float64: numbers only, finite (a missing or non-finite value is
+    refused with its row)."""
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one target per row), got shape {y.shape}")
+    if y.dtype.kind not in "fiu":
+        raise TypeError(f"{name} holds {y.dtype} values; a regression target is a number per row (for "
+                        "categories use task='classification')")
+    y = y.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(y))
+    if bad.size:
+        raise ValueError(f"{name} row {int(bad[0])} is {y[bad[0]]}: a regression target must be finite "
+                         f"({bad.size} such value(s)); drop those rows or fill them in")
+    return y
+
+
 def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fraction: float = 0.1,
                 test_fraction: float = 0.2, seed: int = 0, name: str = "arrays",
-                feature_names=None, label_names=None, row_lines=None) -> Dataset:
+                feature_names=None, label_names=None, row_lines=None, task: str = "classification") -> Dataset:
     """A :class:`Dataset` from arrays, checked, split and standardized (see the module docs).
 
     Args:
@@ -151,10 +170,15 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
       label_names: names for the classes, in sorted label order (default: the labels themselves).
       row_lines: ``(train_lines, test_lines or None)``: the source line of every row, named by
         messages (``from_csv`` passes its CSV lines); default the row indices.
+      task: ``"classification"`` (every distinct label a class) or ``"regression"`` (a numeric
+        target: the test and validation rows are drawn at random, not stratified, and the target
+        is standardized with the training rows' mean and deviation, recorded in
+        ``Dataset.preprocessing``; ``num_classes`` is 1, the one output).
 
     Returns:
       A ``Dataset`` with ``x_val``/``y_val``, ``label_names`` and ``feature_names`` set.
     """
+    check_choice("task", task, TASKS)
     if (x_test is None) != (y_test is None):
         raise ValueError("pass both x_test and y_test, or neither (a stratified test split is drawn)")
     if not 0.0 <= validation_fraction < 1.0:
@@ -175,16 +199,30 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
             raise ValueError(f"x_train has {x_train.shape[1]} features but x_test has {x_test.shape[1]}")
         if len(np.asarray(y_test)) != len(x_test):
             raise ValueError(f"x_test has {len(x_test)} rows but y_test has {len(np.asarray(y_test))}")
-    y_train, y_test, names = _encode_labels(y_train, y_test)
-    if label_names is not None:
-        if len(label_names) != len(names):
-            raise ValueError(f"label_names has {len(label_names)} names for {len(names)} classes {list(names)}")
-        names = tuple(str(n) for n in label_names)
-    num_classes = len(names)
-    if num_classes < 2:
-        raise ValueError(f"{name}: need at least 2 classes, got {num_classes} {list(names)}")
-    check_split_sizes(y_train, names, test_split=x_test is None, validation_fraction=validation_fraction,
-                      where=name)
+    regression = task == "regression"
+    if regression:
+        if label_names is not None:
+            raise ValueError("label_names names classes; a regression target has none: leave it out")
+        y_train = _targets(y_train, "y_train")
+        y_test = None if y_test is None else _targets(y_test, "y_test")
+        names, num_classes = (), 1
+        if len(y_train) < 10:
+            raise ValueError(f"{name}: {len(y_train)} rows; a regression needs at least 10 to train, validate and test")
+    else:
+        y_train, y_test, names = _encode_labels(y_train, y_test)
+        if label_names is not None:
+            if len(label_names) != len(names):
+                raise ValueError(f"label_names has {len(label_names)} names for {len(names)} classes {list(names)}")
+            names = tuple(str(n) for n in label_names)
+        num_classes = len(names)
+        if num_classes < 2:
+            raise ValueError(f"{name}: need at least 2 classes, got {num_classes} {list(names)}")
+        check_split_sizes(y_train, names, test_split=x_test is None, validation_fraction=validation_fraction,
+                          where=name)
+
+    def strata(y):  # a regression's splits are drawn from all rows at random (one stratum)
+        return np.zeros(len(y), np.int64) if regression else y
+
     rng = np.random.default_rng(seed)
     # where each row came from, for messages: CSV lines (from_csv) or row indices
     rows_train = np.asarray(row_lines[0]) if row_lines else np.arange(len(x_train))
@@ -192,27 +230,32 @@ def from_arrays(x_train, y_train, x_test=None, y_test=None, *, validation_fracti
                  else None if x_test is None else np.arange(len(x_test)))
     where_train = where_test = name
     if x_test is None:
-        test = stratified_holdout(y_train, test_fraction, rng)
+        test = stratified_holdout(strata(y_train), test_fraction, rng)
         x_train, x_test, y_train, y_test = x_train[~test], x_train[test], y_train[~test], y_train[test]
         rows_train, rows_test = rows_train[~test], rows_train[test]
     elif row_lines:
         where_test = f"{name} (test file)"
-    val = stratified_holdout(y_train, validation_fraction, rng)
+    val = stratified_holdout(strata(y_train), validation_fraction, rng)
     x_val, y_val, rows_val = x_train[val], y_train[val], rows_train[val]
     x_train, y_train, rows_train = x_train[~val], y_train[~val], rows_train[~val]
     constant = [feature_names[c] for c in np.flatnonzero(x_train.std(axis=0) == 0)]
     if constant:
         warnings.warn(f"{name}: constant training column(s) {constant[:10]} carry no information "
                       "(kept; standardized to 0)", UserWarning, stacklevel=2)
-    preprocessing = Preprocessing.fit(x_train, [Column(n) for n in feature_names], names)
+    preprocessing = Preprocessing.fit(x_train, [Column(n) for n in feature_names], names,
+                                      y_train=y_train if regression else None)
     word = "line" if row_lines else "row"
     x_train, x_test, x_val = (preprocessing.standardize(x, where=where, rows=rows, row_word=word)
                               for x, where, rows in ((x_train, where_train, rows_train),
                                                      (x_test, where_test, rows_test), (x_val, where_train, rows_val)))
     info = DatasetInfo(name, "tabular", num_classes, "user", x_train.shape[1])
-    return Dataset(name, x_train, y_train, x_test, y_test.astype(np.int32), num_classes, "tabular",
-                   _vector_robust_sets(x_test), info, None, x_val=x_val, y_val=y_val.astype(np.int32),
-                   label_names=names, feature_names=feature_names, preprocessing=preprocessing)
+    if regression:
+        y_train, y_test, y_val = (preprocessing.standardize_target(y) for y in (y_train, y_test, y_val))
+    else:
+        y_test, y_val = y_test.astype(np.int32), y_val.astype(np.int32)
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes, "tabular",
+                   _vector_robust_sets(x_test), info, None, x_val=x_val, y_val=y_val,
+                   label_names=names, feature_names=feature_names, preprocessing=preprocessing, task=task)
 
 
 #: A text column with a distinct value in at least this share of its rows (and >= 20 rows) is an
@@ -236,7 +279,7 @@ def _csv_labels(values, lines, path, target):
             number = decimal.Decimal(v)
             if not np.isfinite(float(v)) or number != number.to_integral_value():
                 raise ValueError(f"{path}: target column {target!r} line {line} is {v!r}, not a class label "
-                                 "(labels are integers or names; a continuous target is regression)")
+                                 "(labels are integers or names); to predict a number, pass --task regression (task='regression')")
             out.append(int(number))
         else:
             out.append(v)
@@ -244,7 +287,7 @@ def _csv_labels(values, lines, path, target):
     return [str(v) for v in out] if len(kinds) > 1 else out
 
 
-def _columns(header, rows, lines, target, path, drop):
+def _columns(header, rows, lines, target, path, drop, task="classification"):
     if target not in header:
         raise ValueError(f"target column {target!r} is not in {path}; its columns: {', '.join(header)}")
     unknown = sorted(set(drop) - set(header))
@@ -254,8 +297,12 @@ def _columns(header, rows, lines, target, path, drop):
     if target in drop:
         raise ValueError(f"{path}: {target!r} is the target column; it cannot be dropped")
     t = header.index(target)
-    labels = _csv_labels([row[t].strip() for row in rows], lines, path, target)
-    _refuse_continuous_target(labels, path, target)
+    cells = [row[t].strip() for row in rows]
+    if task == "regression":  # a number per row, refused with its line otherwise
+        labels = numeric_cells(cells, lines, str(path), target)
+    else:
+        labels = _csv_labels(cells, lines, path, target)
+        _refuse_continuous_target(labels, path, target)
     features = [(name, [row[i].strip() for row in rows]) for i, name in enumerate(header)
                 if i != t and name not in drop]
     if not features:
@@ -280,9 +327,8 @@ def _refuse_continuous_target(labels, path, target):
     fractional = any(not v.is_integer() for v in values)
     if distinct > CONTINUOUS_DISTINCT and (fractional or distinct > CONTINUOUS_SHARE * len(values)):
         raise ValueError(f"{path}: target {target!r} looks continuous ({distinct} distinct numeric values in "
-                         f"{len(values)} rows, from {min(values):g} to {max(values):g}); dreg-jax classifies, each "
-                         "distinct value a class: bin it into a few classes first (e.g. pandas.cut) or choose "
-                         "a categorical target (regression is not supported yet)")
+                         f"{len(values)} rows, from {min(values):g} to {max(values):g}): predict it as a number with "
+                         "--task regression (task='regression'), or bin it into a few classes first (pandas.cut)")
 
 
 def _numeric_column(name, values, lines, path, keep=()):
@@ -326,7 +372,7 @@ def _numeric_column(name, values, lines, path, keep=()):
 
 def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0.1,
              test_fraction: float = 0.2, seed: int = 0, name: str | None = None, drop=(), keep=(),
-             encoding: str = "utf-8-sig") -> Dataset:
+             encoding: str = "utf-8-sig", task: str = "classification") -> Dataset:
     """A :class:`Dataset` from a CSV with a header row; ``target`` names the label column.
 
     Rules (each refusal names the file, the column and the CSV line):
@@ -354,21 +400,25 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
       drop: columns to leave out (ids, names, leakage).
       keep: columns the identifier rule would refuse (a distinct integer or text in every row)
         that are real features: kept.
+      task: ``"regression"`` reads the target as a number per row (missing or non-numeric cells
+        refused with their line) and predicts it (:func:`from_arrays`); ``"classification"``
+        (the default) reads it as classes.
     """
+    check_choice("task", task, TASKS)
     path = pathlib.Path(path)
     drop, keep = tuple(drop), tuple(keep)
     unknown = sorted(set(keep) - set(read_csv_header(path, encoding))) if keep else []
     if unknown:
         raise ValueError(f"--keep names column(s) {unknown} that {path} does not have")
     header, rows, lines = read_csv(path, encoding)
-    labels, features = _columns(header, rows, lines, target, path, drop)
+    labels, features = _columns(header, rows, lines, target, path, drop, task)
     test = None
     if test_csv is not None:
         test_csv = pathlib.Path(test_csv)
         test_header, test_rows, test_lines = read_csv(test_csv, encoding)
         if sorted(test_header) != sorted(header):
             raise ValueError(f"{test_csv} has columns {test_header}, {path} has {header}")
-        test_labels, test_features = _columns(test_header, test_rows, test_lines, target, test_csv, drop)
+        test_labels, test_features = _columns(test_header, test_rows, test_lines, target, test_csv, drop, task)
         test = (test_labels, dict(test_features), test_lines)
     columns, names, test_columns, raw_columns = [], [], [], []
     for name_, values in features:
@@ -397,12 +447,15 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
     x = np.stack(columns, axis=1)
     x_test = np.stack(test_columns, axis=1) if test else None
     y_test = None
-    if test:
+    if test and task == "regression":
+        y_test = test[0]
+    elif test:
         y_test = test[0]
         if {type(v) for v in labels} != {type(v) for v in y_test}:  # "1" in one file, 1 in the other
             labels, y_test = [str(v) for v in labels], [str(v) for v in y_test]
         y_test = np.array(y_test, dtype=object if _all_ints(y_test) else None)
-    ds = from_arrays(x, np.array(labels, dtype=object if _all_ints(labels) else None), x_test, y_test, validation_fraction=validation_fraction,
+    y = labels if task == "regression" else np.array(labels, dtype=object if _all_ints(labels) else None)
+    ds = from_arrays(x, y, x_test, y_test, task=task, validation_fraction=validation_fraction,
                      test_fraction=test_fraction, seed=seed, name=name or f"csv:{path.name}",
                      feature_names=names, row_lines=(lines, test[2] if test else None))
     # the raw columns (numeric or their categories) replace from_arrays' all-numeric view, so

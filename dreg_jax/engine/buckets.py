@@ -88,8 +88,10 @@ def ladder(value: int, minimum: int = 1) -> int:
 def padding_rules(config: TrainConfig, return_variables: bool = False) -> tuple[bool, bool, bool]:
     """``(rows, features, classes)``: which axes a program of ``config`` may pad (module docs)."""
     reg = config.regularizer
-    if config.model.is_custom or return_variables:
-        return False, False, False  # a user's module reads its own shapes; kept models are unpadded
+    if config.model.is_custom or return_variables or config.task == "regression":
+        # a user's module reads its own shapes; kept models are unpadded; a regression's float
+        # target is never padded (it is your own table: one dataset per program)
+        return False, False, False
     exact_classes = reg.kind == "jacobian" or "jacobian" in config.regularizers
     exact_features = any(k == "dreg" for k in config.regularizers) and (
         reg.dreg_scope == "layer" and reg.layer_estimator == "probe")

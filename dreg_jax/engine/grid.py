@@ -232,7 +232,9 @@ def train_many(hparams: RunHParams, data: EngineData, config: TrainConfig, num_c
     """
     config.validate()
     hparams.validate().check_fold(config)
-    data.check(num_classes)
+    data.check(num_classes, config.task)
+    if config.task == "regression" and np.any(np.asarray(hparams.label_noise) > 0):
+        raise ValueError("label_noise flips class labels; a regression target has none: leave it at 0")
     _check_one_strength(config, hparams)
     num_runs = int(np.shape(hparams.seed)[0])
     width = block_width(options, mesh)

@@ -26,8 +26,9 @@ A run **diverges** (``diverge_step``, -1 when none) at the first step whose trai
 
 .. math:: \text{DIVERGENCE_FACTOR} \cdot \max(\log C,\; \ell_0),
 
-ten times the worse of chance level (:math:`\log C` for ``C`` classes) and the run's own
-first-step data loss: a run that learned nothing stays near :math:`\log C`, one whose updates
+ten times the worse of chance level (:math:`\log C` for ``C`` classes; 1 for a regression,
+whose standardized target's mean predicts it with loss 1:
+:func:`dreg_jax.training.tasks.reference_loss`) and the run's own first-step data loss: a run that learned nothing stays near :math:`\log C`, one whose updates
 blow up (e.g. learning rate 1e6) passes :math:`10 \log C` within a few steps while its loss
 stays finite. Sweeps record such runs with status ``diverged``.
 """
@@ -45,7 +46,8 @@ from dreg_jax.engine.buckets import DataSizes, prefix_draw, unpadded_init
 from dreg_jax.engine.scarcity import stratified_fraction_mask, symmetric_label_noise
 from dreg_jax.engine.diagnostics import gradient_tail_ratio, tail_ratio, volatility
 from dreg_jax.training.config import TrainConfig
-from dreg_jax.training.fit import check_labels
+from dreg_jax.training.fit import check_labels, check_targets
+from dreg_jax.training.tasks import finish_metrics, reference_loss, score_name
 from dreg_jax.training.train import balanced_class_weights, create_train_state, eval_step, train_step
 
 
@@ -135,14 +137,20 @@ class EngineData(NamedTuple):
     # the arrays are the data's own shapes
     sizes: DataSizes | None = None
 
-    def check(self, num_classes: int) -> "EngineData":
-        """Eager checks before compiling: shapes, finite features, labels in [0, num_classes).
+    def check(self, num_classes: int, task: str = "classification") -> "EngineData":
+        """Eager checks before compiling: shapes, finite features, labels in [0, num_classes)
+        (classification) or finite float targets and ``num_classes`` 1, the one output
+        (regression).
 
         Padded data (``sizes``) are checked by :func:`dreg_jax.engine.buckets.pad_engine_data`,
         which pads checked data."""
         if self.sizes is not None:
             return self
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+        regression = task == "regression"
+        if regression and num_classes != 1:
+            raise ValueError(f"a regression run has one output: pass num_classes=1, got {num_classes!r}")
+        if not regression and (isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer))
+                               or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         splits = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
         if self.x_val is not None:
@@ -161,7 +169,10 @@ class EngineData(NamedTuple):
             if bad.size:
                 raise ValueError(f"x_{split} has {len(bad)} NaN/inf value(s), the first at row {bad[0][0]}, "
                                  f"column {bad[0][1]}; clean or impute the data first")
-            check_labels(y, num_classes, f"y_{split}")
+            if regression:
+                check_targets(y, f"y_{split}")
+            else:
+                check_labels(y, num_classes, f"y_{split}")
         if len(np.asarray(self.x_train)) == 0:
             raise ValueError("x_train has no rows")
         return self
@@ -190,12 +201,12 @@ class EngineOptions:
     # sweep records metrics only, and the parameters of a wide grid can be large.
     return_variables: bool = False
     # Early stopping on validation: every epoch scores the validation split, the parameters of
-    # the best epoch (highest validation accuracy; ties keep the earlier) are kept, and the
+    # the best epoch (highest validation score: accuracy, or R^2 for a regression; ties keep the earlier) are kept, and the
     # final metrics (test, robust, tau, variables) are those of the best epoch; curves gain
-    # validation_accuracy/validation_loss and final gains best_epoch (1-based). Needs x_val.
+    # validation_<score>/validation_loss and final gains best_epoch (1-based). Needs x_val.
     restore_best_epoch: bool = False
     # Early stopping with patience (needs restore_best_epoch): a run stops once ``patience``
-    # epochs in a row have not improved its best validation accuracy (config.epochs is then the
+    # epochs in a row have not improved its best validation score (config.epochs is then the
     # cap). Curves keep config.epochs entries; those after the stop are NaN, and final gains
     # epochs_run. A vmapped block runs until its last run stops (a stopped run's state is frozen),
     # so the saving is largest with narrow blocks (one run per call on a CPU).
@@ -227,12 +238,13 @@ EVAL_CHUNK = 256
 
 def evaluate_rows(state, x, y, rows, config):
     """:func:`eval_step` over the first ``rows`` (traced) of ``x``, in chunks of
-    :data:`EVAL_CHUNK`: the metrics are the unpadded batch's means (the chunks' sums over
-    their real rows, divided by ``rows`` at the end; the last chunk is clamped into the array
-    and counts only its new rows)."""
+    :data:`EVAL_CHUNK`: the metrics are the unpadded batch's (the chunks' sums over their real
+    rows, divided by ``rows`` at the end, then :func:`dreg_jax.training.tasks.finish_metrics`;
+    the last chunk is clamped into the array and counts only its new rows)."""
     total = x.shape[0]
     chunk = min(EVAL_CHUNK, total)
-    shapes = jax.eval_shape(lambda: eval_step(state, {"x": x[:chunk], "y": y[:chunk]}, config))
+    shapes = jax.eval_shape(lambda: eval_step(state, {"x": x[:chunk], "y": y[:chunk],
+                                                      "weights": jnp.ones(chunk, jnp.float32)}, config))
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(loop):
@@ -247,7 +259,9 @@ def evaluate_rows(state, x, y, rows, config):
 
     chunks = (rows + chunk - 1) // chunk
     sums, _ = jax.lax.while_loop(lambda loop: loop[1] < chunks, body, (zeros, jnp.array(0, jnp.int32)))
-    return jax.tree_util.tree_map(lambda v: v / jnp.asarray(rows, jnp.float32), sums)
+    means = jax.tree_util.tree_map(lambda v: v / jnp.asarray(rows, jnp.float32), sums)
+    sq_norms = means.pop("jacobian_sq_norms")
+    return {**finish_metrics(means, config.task), "jacobian_sq_norms": sq_norms}
 
 
 def _score(state, x, y, rows, config):
@@ -260,9 +274,9 @@ def _score(state, x, y, rows, config):
 
 def _evaluate(state, data: EngineData, config, options, with_tau: bool, test_rows):
     ev = _score(state, data.x_test, data.y_test, test_rows, config)
-    out = {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"],
-           "jacobian_sq_norms": ev["jacobian_sq_norms"]}
-    if with_tau:
+    score = score_name(config.task)
+    out = {f"test_{score}": ev[score], "test_loss": ev["loss"], "jacobian_sq_norms": ev["jacobian_sq_norms"]}
+    if with_tau and config.task == "classification":  # tau's pseudo-labels are classes (tasks module docs)
         out.update(_tau(state, data, options, test_rows))
     return out
 
@@ -277,8 +291,8 @@ def _tau(state, data: EngineData, options, test_rows):
 def _epoch_loop(one_epoch, carry, epoch_keys, epochs, patience):
     """Epochs ``0 .. epochs - 1`` of ``one_epoch`` (a ``while_loop`` with the static cap
     ``len(epoch_keys)``; ``epochs`` may be traced). With ``patience`` it also stops once that
-    many epochs in a row have not improved the best validation accuracy (``carry[1]``: params,
-    batch_stats, best accuracy, best epoch index, epochs done). Returns ``(carry, curves,
+    many epochs in a row have not improved the best validation score (``carry[1]``: params,
+    batch_stats, best score, best epoch index, epochs done). Returns ``(carry, curves,
     epochs_run)``; the curves have one entry per key, NaN (or -1) past the run's end."""
     cap = epoch_keys.shape[0]
     if patience is None and isinstance(epochs, int) and epochs == cap:
@@ -352,9 +366,14 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         params, batch_stats = unpadded_init(state.params, state.batch_stats, sizes)
         state = state.replace(params=params, batch_stats=batch_stats, num_classes=classes,
                               opt_state=state.tx.init(params))
-    mask = stratified_fraction_mask(k_mask, data.y_train, hp.data_fraction, num_classes, rows=n if padded else None)
+    regression = config.task == "regression"
+    # a regression target has no classes: its fraction is drawn from all rows as from one class
+    strata = jnp.zeros(n_pad, jnp.int32) if regression else data.y_train
+    mask = stratified_fraction_mask(k_mask, strata, hp.data_fraction, 1 if regression else num_classes,
+                                    rows=n if padded else None)
     num_included = jnp.sum(mask)
-    y_train = symmetric_label_noise(k_label, data.y_train, hp.label_noise, classes)
+    # label noise flips classes (a regression spec refuses label_noise > 0: RunSpec.validate)
+    y_train = data.y_train if regression else symmetric_label_noise(k_label, data.y_train, hp.label_noise, classes)
     if padded:  # the unpadded run's draws (threefry counts flat indices), zero on the padding
         noise = prefix_draw(jax.random.normal, k_noise, data.x_train.shape, sizes.features)
         noise = jnp.where(jnp.arange(n_pad)[:, None] < n, noise, 0.0)
@@ -363,9 +382,10 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     x_train = data.x_train + hp.input_noise * noise
     class_weights = (balanced_class_weights(y_train, mask, num_classes) if config.class_weight == "balanced"
                      else None)
+    score = score_name(config.task)
     positions = jnp.arange(steps_cap * batch).reshape(steps_cap, batch)
 
-    chance = jnp.log(jnp.asarray(classes, jnp.float32)) if padded else math.log(num_classes)
+    chance = reference_loss(config.task, classes if padded else num_classes)
 
     def one_step(carry, inputs):
         state, prev_norm, fail_step, step, peak, first_loss, diverge_step = carry
@@ -382,7 +402,8 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         vol = volatility(m["grad_norm"], prev_norm, step)
         carry = (state, m["grad_norm"], fail_step, step + 1, jnp.maximum(peak, vol), first_loss, diverge_step)
         schedule = {k: m[k] for k in ("strength_multiplier", "representation_noise") if k in m}
-        return carry, (m["loss"], m["accuracy"], m["penalty"], vol, m["grad_norm"], schedule)
+        scored = {f"train_{score}": m[score]} if score in m else {}  # no per-batch R^2
+        return carry, (m["loss"], scored, m["penalty"], vol, m["grad_norm"], schedule)
 
     restore = options.restore_best_epoch
     has_val = data.x_val is not None and data.x_val.shape[0] > 0
@@ -391,7 +412,7 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                          "EngineData.x_val/y_val (validation_fraction > 0)")
     patience = options.patience
     if patience is not None and (not restore or patience < 1):
-        raise ValueError(f"EngineOptions.patience={patience} stops on validation accuracy: it needs "
+        raise ValueError(f"EngineOptions.patience={patience} stops on the validation {score}: it needs "
                          "restore_best_epoch=True and a patience of at least 1 epoch")
     def score_validation(state):
         return _score(state, data.x_val, data.y_val, val_rows, config)
@@ -402,28 +423,28 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
         u = jax.random.uniform(k_perm, (n_pad,))
         order = jnp.argsort(jnp.where(mask, u, 2.0 + u))  # included examples first, shuffled
         idx = order[positions % num_included]
-        carry, (loss, acc, pen, vol, grad_norm, schedule) = _step_loop(
+        carry, (loss, scored, pen, vol, grad_norm, schedule) = _step_loop(
             one_step, carry, idx, jax.random.split(k_steps, steps_cap), steps)
-        curves = {"train_loss": _masked_mean(loss, steps), "train_accuracy": _masked_mean(acc, steps),
+        curves = {"train_loss": _masked_mean(loss, steps), **{k: _masked_mean(v, steps) for k, v in scored.items()},
                   "penalty": _masked_mean(pen, steps), "volatility": _masked_mean(vol, steps),
                   "tau_steps": tail_ratio(grad_norm, count=steps),
                   **{k: _masked_mean(v, steps) for k, v in schedule.items()}}
         curves.update(_evaluate(carry[0], data, config, options, options.per_epoch_diagnostics, test_rows))
         if restore:
             val = score_validation(carry[0])
-            curves.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
+            curves.update({f"validation_{score}": val[score], "validation_loss": val["loss"]})
             params, batch_stats, best_val, best_epoch, epoch = best
-            better = val["accuracy"] > best_val
+            better = val[score] > best_val
             keep = lambda new, old: jnp.where(better, new, old)  # noqa: E731
             best = (jax.tree_util.tree_map(keep, carry[0].params, params),
                     jax.tree_util.tree_map(keep, carry[0].batch_stats, batch_stats),
-                    jnp.where(better, val["accuracy"], best_val), jnp.where(better, epoch, best_epoch), epoch + 1)
+                    jnp.where(better, val[score], best_val), jnp.where(better, epoch, best_epoch), epoch + 1)
         return (carry, best), curves
 
     carry0 = (state, jnp.zeros([], jnp.float32), jnp.array(-1, jnp.int32),
               jnp.array(0, jnp.int32), jnp.zeros([], jnp.float32), jnp.zeros([], jnp.float32),
               jnp.array(-1, jnp.int32))
-    best0 = ((state.params, state.batch_stats, jnp.array(-1.0, jnp.float32), jnp.array(0, jnp.int32),
+    best0 = ((state.params, state.batch_stats, jnp.array(-jnp.inf, jnp.float32), jnp.array(0, jnp.int32),
               jnp.array(0, jnp.int32)) if restore else ())
     epoch_keys = jax.random.split(k_loop, config.epochs)  # a prefix of a longer cap's keys
     ((state, _, fail_step, _, peak, _, diverge_step), best), curves, epochs_run = _epoch_loop(
@@ -431,16 +452,16 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
     last = epochs_run - 1
     # the last epoch's evaluation is the final one (no second copy of the eval program)
     final = {k: v[last] for k, v in curves.items()
-             if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input", "tau_steps")}
+             if k in (f"test_{score}", "test_loss", "jacobian_sq_norms", "tau", "tau_input", "tau_steps")}
     if patience is not None:
         final["epochs_run"] = epochs_run
     if restore:  # the best epoch's parameters are the run's result; that epoch scored them
         state = state.replace(params=best[0], batch_stats=best[1])
         final.update({k: v[best[3]] for k, v in curves.items()
-                      if k in ("test_accuracy", "test_loss", "jacobian_sq_norms", "tau", "tau_input",
-                               "validation_accuracy", "validation_loss")})
+                      if k in (f"test_{score}", "test_loss", "jacobian_sq_norms", "tau", "tau_input",
+                               f"validation_{score}", "validation_loss")})
         final["best_epoch"] = best[3] + 1
-    if not options.per_epoch_diagnostics:
+    if not options.per_epoch_diagnostics and not regression:
         final.update(_tau(state, data, options, test_rows))
     n_val = val_rows if padded else 0 if data.x_val is None else data.x_val.shape[0]
     final.update(validation_share=jnp.asarray(n_val / (n + n_val), jnp.float32))
@@ -450,18 +471,18 @@ def train_run(hp: RunHParams, data: EngineData, config: TrainConfig, num_classes
                  validation_rows=jnp.asarray(n_val, jnp.int32))
     if has_val and not restore:
         val = score_validation(state)
-        final.update(validation_accuracy=val["accuracy"], validation_loss=val["loss"])
+        final.update({f"validation_{score}": val[score], "validation_loss": val["loss"]})
     if options.return_variables:
         if padded:
             raise ValueError("return_variables keeps the model at the data's own shapes: do not pad its data")
         final["variables"] = {"params": state.params, "batch_stats": state.batch_stats}
     if data.x_robust is not None and data.x_robust.shape[0] > 0:
-        robust = jax.vmap(lambda xr: _score(state, xr, data.y_test, test_rows, config)["accuracy"])(
+        robust = jax.vmap(lambda xr: _score(state, xr, data.y_test, test_rows, config)[score])(
             data.x_robust)
         if padded:  # padding sets score NaN and stay out of the mean
             valid = jnp.arange(robust.shape[0]) < sizes.robust_sets
-            final.update(robust_accuracy=jnp.sum(jnp.where(valid, robust, 0.0)) / sizes.robust_sets,
-                         robust_accuracy_per_set=jnp.where(valid, robust, jnp.nan))
+            final.update({f"robust_{score}": jnp.sum(jnp.where(valid, robust, 0.0)) / sizes.robust_sets,
+                          f"robust_{score}_per_set": jnp.where(valid, robust, jnp.nan)})
         else:
-            final.update(robust_accuracy=robust.mean(), robust_accuracy_per_set=robust)
+            final.update({f"robust_{score}": robust.mean(), f"robust_{score}_per_set": robust})
     return final, curves

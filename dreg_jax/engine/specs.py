@@ -12,7 +12,7 @@ import json
 
 
 from dreg_jax._checks import check_choice
-from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset
+from dreg_jax.data.registry import FEATURIZERS, USER_DATASETS, check_dataset, dataset_task
 from dreg_jax.engine.identity import model_identity
 from dreg_jax.engine.run import RunHParams
 from dreg_jax.training.config import (
@@ -36,6 +36,7 @@ _LATER_DEFAULTS = (  # (path to the mapping, field, default)
     (("config", "regularizer"), "spectral_norm_head", True),
     (("config", "regularizer"), "dreg_output_layer", False),
     (("config",), "class_weight", "none"),
+    (("config",), "task", "classification"),
 )
 
 
@@ -65,6 +66,13 @@ class RunSpec:
         if self.validation_fraction and self.dataset in USER_DATASETS:
             raise ValueError(f"{self.dataset!r} is your own dataset: its validation split comes from "
                              "from_arrays/from_csv; leave validation_fraction at 0")
+        task = dataset_task(self.dataset)
+        if task != self.config.task:
+            raise ValueError(f"{self.dataset!r} is a {task} dataset and the run's task is {self.config.task!r}: set "
+                             f"task={task!r} (--task {task})" + (" or build the data with task='regression'"
+                                                                 if self.config.task == "regression" else ""))
+        if task == "regression" and self.label_noise:
+            raise ValueError("label_noise flips class labels; a regression target has none: leave it at 0")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         return self

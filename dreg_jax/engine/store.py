@@ -37,8 +37,8 @@ def record_problem(record) -> str | None:
             return f"row field {field!r} is a {type(record[field]).__name__}, expected {kind.__name__}"
     if record["status"] not in STATUSES:
         return f"row status {record['status']!r} is not one of {', '.join(STATUSES)}"
-    if record["status"] == "ok" and "test_accuracy" not in record["metrics"]:
-        return "ok row has no metrics.test_accuracy"
+    if record["status"] == "ok" and not {"test_accuracy", "test_r2"} & set(record["metrics"]):
+        return "ok row has no metrics.test_accuracy (or a regression's test_r2)"
     problem = _metric_problem(record["metrics"])
     if problem:
         return problem

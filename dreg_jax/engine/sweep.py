@@ -56,6 +56,7 @@ from dreg_jax.engine.store import (  # noqa: F401 (re-exported)
 from dreg_jax.engine.sweep_config import SweepConfig  # noqa: F401 (re-exported)
 from dreg_jax.training.regularizers import KIND_CURVES, get_regularizer
 from dreg_jax.training.config import Fold, TrainConfig
+from dreg_jax.training.tasks import SCORE_DISPLAY, score_name
 
 def engine_data(name: str, featurizer: str = "hashed", validation_fraction: float = 0.0) -> tuple[EngineData, int]:
     ds = load_dataset(name, featurizer=featurizer, validation_fraction=validation_fraction)
@@ -95,8 +96,9 @@ def _records(chunk, final, curves, seconds, robust_names, layout):
     out = []
     for i, spec in enumerate(chunk):
         metrics = {k: _to_json(v[i]) for k, v in final.items()}
-        if "robust_accuracy_per_set" in metrics:  # a padded program's padding sets are left out
-            metrics["robust_accuracy_per_set"] = dict(zip(robust_names, metrics["robust_accuracy_per_set"]))
+        per_set = f"robust_{score_name(spec.config.task)}_per_set"
+        if per_set in metrics:  # a padded program's padding sets are left out
+            metrics[per_set] = dict(zip(robust_names, metrics[per_set]))
         fail_step, diverge_step = int(metrics.pop("fail_step")), int(metrics.pop("diverge_step"))
         out.append({
             "run_id": spec.run_id,
@@ -374,7 +376,7 @@ _SHORT = {"data_fraction": "frac", "label_noise": "lnoise", "input_noise": "inoi
 
 def summary_table(records: Sequence[dict]) -> str:
     """Mean +- std of validation (where the runs have a validation split), test and robust
-    accuracy of the ok runs, grouped by dataset, activation, regularizer and every other config
+    score (accuracy in percent, or a regression's :math:`R^2`) of the ok runs, grouped by dataset, activation, regularizer and every other config
     field that differs between the runs (learning rate, strength, fraction, noise, ...); failed
     and diverged runs are counted apart. Choose on the validation column, report the test one."""
     rows = [(flat_row(r), r) for r in records]
@@ -384,22 +386,33 @@ def summary_table(records: Sequence[dict]) -> str:
     for flat, r in rows:
         cells[tuple(str(flat.get(k)) for k in keys)].append(r)
     widths = [max(len(_SHORT.get(k, k)), *(len(c[i]) for c in cells)) + 2 for i, k in enumerate(keys)]
-    with_val = any(r["metrics"].get("validation_accuracy") is not None for _, r in rows)
+    def score_of(r):
+        return score_name(r["spec"]["config"].get("task", "classification"))
+
+    scores = {score_of(r) for _, r in rows}
+    short = {"accuracy": "acc %", "r2": "R^2"}
+    label = short[scores.pop()] if len(scores) == 1 else "acc % / R^2"
+    scale = lambda score: SCORE_DISPLAY[score][1]  # noqa: E731
+    with_val = any(r["metrics"].get(f"validation_{score_of(r)}") is not None for _, r in rows)
+    digits = 2 if label == "acc %" else 4
+    col = 16 if digits == 2 else 20
     header = ("".join(f"{_SHORT.get(k, k):<{w}}" for k, w in zip(keys, widths))
-              + f"{'runs':>6}{'failed':>8}{'diverged':>9}" + (f"{'val acc %':>16}" if with_val else "")
-              + f"{'test acc %':>16}{'robust acc %':>16}")
+              + f"{'runs':>6}{'failed':>8}{'diverged':>9}" + (f"{'val ' + label:>{col}}" if with_val else "")
+              + f"{'test ' + label:>{col}}{'robust ' + label:>{col}}")
     lines = [header, "-" * len(header)]
     for cell in sorted(cells):
         rs = cells[cell]
         ok = [r for r in rs if r["status"] == "ok"]
         failed = sum(r["status"] == "failed" for r in rs)
         diverged = sum(r["status"] == "diverged" for r in rs)
-        acc = [100 * r["metrics"]["test_accuracy"] for r in ok]
-        val = [100 * r["metrics"]["validation_accuracy"] for r in ok
-               if r["metrics"].get("validation_accuracy") is not None]
-        rob = [100 * r["metrics"]["robust_accuracy"] for r in ok if r["metrics"].get("robust_accuracy") is not None]
-        fmt = lambda v: f"{np.mean(v):6.2f} +- {np.std(v):5.2f}" if v else f"{'n/a':>15}"  # noqa: E731
+        def values(split):
+            return [scale(score_of(r)) * r["metrics"][f"{split}_{score_of(r)}"] for r in ok
+                    if r["metrics"].get(f"{split}_{score_of(r)}") is not None]
+
+        acc, val, rob = values("test"), values("validation"), values("robust")
+        fmt = lambda v: (f"{np.mean(v):{digits + 4}.{digits}f} +- {np.std(v):{digits + 3}.{digits}f}"  # noqa: E731
+                         if v else f"{'n/a':>15}")
         lines.append("".join(f"{c:<{w}}" for c, w in zip(cell, widths))
-                     + f"{len(rs):>6}{failed:>8}{diverged:>9}" + (f"{fmt(val):>16}" if with_val else "")
-                     + f"{fmt(acc):>16}{fmt(rob):>16}")
+                     + f"{len(rs):>6}{failed:>8}{diverged:>9}" + (f"{fmt(val):>{col}}" if with_val else "")
+                     + f"{fmt(acc):>{col}}{fmt(rob):>{col}}")
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from dreg_jax.training.config import (
 _NAME_LISTS = ("datasets", "activations", "regularizers", "strength_schedules", "dreg_scope")
 _NUMBER_LISTS = ("fractions", "label_noise", "input_noise", "learning_rates")
 _POSITIVE_INTS = ("epochs", "batch_size")
-_NAMES = ("featurizer",)
+_NAMES = ("featurizer", "task")
 _FRACTIONS = ("validation_fraction",)
 
 
@@ -132,6 +132,7 @@ class SweepConfig:
     module: Any = None  # your own linen module (Python only; see ModelConfig.module)
     jacobian_layers: tuple[str, ...] = ()  # its submodules for dreg_scope="layer"
     class_weight: str = "none"  # "balanced": the data loss weighted n / (C n_c) per class (TrainConfig)
+    task: str = "classification"  # or "regression" (your own table's numeric target; TrainConfig.task)
 
     @classmethod
     def from_mapping(cls, mapping: dict) -> "SweepConfig":
@@ -181,7 +182,7 @@ class SweepConfig:
                     regularizer=RegularizerConfig(kind=reg, strength=strength, dreg_scope=scope,
                                                   strength_schedule=schedule, **options),
                     optimizer=OptimizerConfig(learning_rate=lr),
-                    epochs=self.epochs, batch_size=self.batch_size, class_weight=self.class_weight,
+                    epochs=self.epochs, batch_size=self.batch_size, class_weight=self.class_weight, task=self.task,
                 )
                 specs.append(RunSpec(ds, config, int(seed), float(frac), float(ln), float(inoise), self.featurizer,
                                      float(self.validation_fraction)))

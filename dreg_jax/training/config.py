@@ -20,6 +20,7 @@ from dreg_jax.penalties.dreg import (
 )
 from dreg_jax.penalties.schedules import DEFAULT_WARMUP_FRACTION, NOISE_REPRESENTATIONS, SCHEDULES
 from dreg_jax.training.regularizers import DEFAULT_STRENGTHS, REGULARIZERS, WEIGHT_DECAY_READINGS, get_regularizer
+from dreg_jax.training.tasks import TASKS
 
 CUSTOM_ACTIVATION = "custom"  # ModelConfig.activation of a user module
 
@@ -197,6 +198,9 @@ class TrainConfig:
     # present, n_c training rows of class c; sklearn's "balanced"), normalized per batch:
     # sum_b w_b CE_b / sum_b w_b. "none": the plain mean. Metrics are never weighted.
     class_weight: str = "none"
+    # "classification" (logits, cross-entropy, accuracy) or "regression" (one output, squared
+    # error on the standardized target, R^2): dreg_jax.training.tasks
+    task: str = "classification"
 
     @property
     def activations(self) -> tuple[str, ...]:
@@ -221,10 +225,19 @@ class TrainConfig:
             regularizer=RegularizerConfig(**{**LEGACY_REGULARIZER_DEFAULTS, **c["regularizer"]}),
             optimizer=OptimizerConfig(**c["optimizer"]),
             epochs=c["epochs"], batch_size=c["batch_size"], class_weight=c.get("class_weight", "none"),
+            task=c.get("task", "classification"),
         )
 
     def validate(self):
         check_choice("class_weight", self.class_weight, CLASS_WEIGHTS)
+        check_choice("task", self.task, TASKS)
+        if self.task == "regression":
+            if self.class_weight != "none":
+                raise ValueError(f"class_weight={self.class_weight!r} weighs classes, and a regression target has "
+                                 "none: leave it at 'none'")
+            if self.regularizer.strength_schedule == "noise_inverse":
+                raise ValueError("strength_schedule='noise_inverse' reads the class structure of the representation; "
+                                 "a regression run takes another schedule (constant, linear_warmup, cosine_decay)")
         self.model.validate()
         self.regularizer.validate()
         self.optimizer.validate()

@@ -31,6 +31,7 @@ from dreg_jax.penalties.dreg import DEFAULT_LAMBDA, dreg_penalty
 from dreg_jax.penalties.input_gradient import DEFAULT_IGPEN_LAMBDA, input_gradient_penalty
 from dreg_jax.penalties.network_jacobian import DEFAULT_JACOBIAN_LAMBDA, network_jacobian_penalty
 from dreg_jax.penalties.schedules import representation_noise_ratio, strength_multiplier
+from dreg_jax.training.tasks import per_example_loss
 from dreg_jax.training.user_model import UserModel, dropout_key
 
 
@@ -48,10 +49,12 @@ def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def mean_cross_entropy(logits, ctx):
-    """The data loss: the batch mean of the cross entropy, or with per-example ``ctx.weights``
-    (``TrainConfig.class_weight``) the weighted mean :math:`\\sum_b w_b CE_b / \\sum_b w_b`."""
-    losses = cross_entropy(logits, ctx.y)
+def mean_data_loss(outputs, ctx):
+    """The data loss (:func:`dreg_jax.training.tasks.per_example_loss` of the config's task:
+    cross-entropy, or the squared error of a regression): its batch mean, or with per-example
+    ``ctx.weights`` (``TrainConfig.class_weight``) the weighted mean
+    :math:`\\sum_b w_b \\ell_b / \\sum_b w_b`."""
+    losses = per_example_loss(outputs, ctx.y, ctx.config.task)
     if ctx.weights is None:
         return jnp.mean(losses)
     return jnp.sum(ctx.weights * losses) / jnp.maximum(jnp.sum(ctx.weights), 1e-12)
@@ -83,7 +86,7 @@ def _plain_loss(ctx) -> LossTerms:
 
         (logits, _), updates = ctx.apply(ctx.x, update_stats=True, method=MLP.forward_with_jacobian_terms,
                                          **_model_pass_options(ctx.config.regularizer))
-    return LossTerms(logits, mean_cross_entropy(logits, ctx), jnp.zeros([], jnp.float32), updates, {})
+    return LossTerms(logits, mean_data_loss(logits, ctx), jnp.zeros([], jnp.float32), updates, {})
 
 
 def custom_model_terms(ctx, scope, estimator, num_probes):
@@ -128,13 +131,13 @@ def _dreg_loss(ctx) -> LossTerms:
     metrics["jacobian_sq_norms"] = sq_norms
     penalty = dreg_penalty(sq_norms, widths, strength=state.strength * multiplier,
                            scaling=reg.dreg_scaling)
-    return LossTerms(logits, mean_cross_entropy(logits, ctx), penalty, updates, metrics)
+    return LossTerms(logits, mean_data_loss(logits, ctx), penalty, updates, metrics)
 
 
 def _igpen_loss(ctx) -> LossTerms:
     def per_example(inp):  # weighted so that their mean is the weighted mean (class_weight)
         logits = ctx.state.apply_fn(ctx.variables, inp)
-        losses = cross_entropy(logits, ctx.y)
+        losses = per_example_loss(logits, ctx.y, ctx.config.task)
         if ctx.weights is not None:
             losses = losses * ctx.weights / jnp.maximum(jnp.mean(ctx.weights), 1e-12)
         return losses, logits
@@ -149,7 +152,7 @@ def _jacobian_loss(ctx) -> LossTerms:
     logits, penalty = network_jacobian_penalty(
         lambda inp: ctx.state.apply_fn(ctx.variables, inp), ctx.x, ctx.key, strength=ctx.state.strength
     )
-    return LossTerms(logits, mean_cross_entropy(logits, ctx), penalty, {}, {})
+    return LossTerms(logits, mean_data_loss(logits, ctx), penalty, {}, {})
 
 
 #: How the weight-decay strength enters the update (``RegularizerConfig.weight_decay_reading``).

@@ -19,7 +19,8 @@ from dreg_jax.layers.mlp import MLP
 from dreg_jax.layers.jacobian_terms import jacobian_terms
 from dreg_jax.penalties.schedules import LENGTH_SCHEDULES
 from dreg_jax.training.config import TrainConfig
-from dreg_jax.training.regularizers import cross_entropy, get_regularizer, shares_model_pass
+from dreg_jax.training.regularizers import get_regularizer, shares_model_pass
+from dreg_jax.training.tasks import batch_metrics, finish_metrics
 from dreg_jax.training.user_model import UserModel, check_logits_shape, dropout_key
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
@@ -192,10 +193,10 @@ def loss_fn(params, state: TrainState, batch, key, config: TrainConfig, kinds=No
         terms = terms._replace(penalty=jnp.where(counted, terms.penalty, 0.0))
     else:  # one kind, or kinds with the same loss (no regularizer, weight decay)
         terms = get_regularizer(kinds[0]).loss(ctx)
-    accuracy = jnp.mean(jnp.argmax(terms.logits, -1) == batch["y"])
     loss = terms.data_loss + terms.penalty
-    metrics = {"loss": loss, "data_loss": terms.data_loss, "penalty": terms.penalty,
-               "accuracy": accuracy, **terms.metrics}
+    metrics = {"loss": loss, "data_loss": terms.data_loss, "penalty": terms.penalty, **terms.metrics}
+    if config.task == "classification":  # a regression batch has no per-batch score (R^2 needs the split)
+        metrics["accuracy"] = jnp.mean(jnp.argmax(terms.logits, -1) == batch["y"])
     return loss, (metrics, terms.batch_stats_updates.get("batch_stats", state.batch_stats))
 
 
@@ -274,14 +275,15 @@ def _custom_eval_terms(config, variables, x):
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def eval_step(state: TrainState, batch, config: TrainConfig):
-    """Loss, accuracy and the activation-scope per-layer Jacobian terms (a diagnostic).
+    """The task's metrics (:func:`dreg_jax.training.tasks.batch_metrics`: loss and accuracy, or
+    loss and :math:`R^2`) and the activation-scope per-layer Jacobian terms (a diagnostic).
 
     ``batch["rows"]`` (optional, may be traced): only the first ``rows`` examples count, the
     rest are padding (a shape bucket, :mod:`dreg_jax.engine.buckets`). ``batch["weights"]``
     (optional, 0/1 per example): the metrics are **sums** over the examples of weight 1 (a
-    chunk of a larger batch gives its part; divide the totals by the count). Sums of 0/1
-    counts are exact, so an accuracy never leaves [0, 1] by rounding. Built-in MLP only, for
-    either.
+    chunk of a larger batch gives its part; divide the totals by the count, then
+    :func:`dreg_jax.training.tasks.finish_metrics`). Sums of 0/1 counts are exact, so an
+    accuracy never leaves [0, 1] by rounding. Built-in MLP only, for either.
     """
     variables = model_variables(state, state.params)
     weights, rows = batch.get("weights"), batch.get("rows")
@@ -295,12 +297,9 @@ def eval_step(state: TrainState, batch, config: TrainConfig):
     else:
         logits, sq_norms = state.apply_fn(variables, batch["x"], jacobian_scope="activation",
                                           method=MLP.forward_with_jacobian_terms, row_weights=weights)
-    loss = cross_entropy(logits, batch["y"])
-    correct = jnp.argmax(logits, -1) == batch["y"]
-    if weights is None:
-        return {"loss": jnp.mean(loss), "accuracy": jnp.mean(correct), "jacobian_sq_norms": sq_norms}
-    sums = {"loss": jnp.sum(jnp.where(weights > 0, loss, 0.0) * weights),
-            "accuracy": jnp.sum(correct * weights), "jacobian_sq_norms": sq_norms}
-    if rows is None:
-        return sums
-    return jax.tree_util.tree_map(lambda v: v / jnp.asarray(rows, jnp.float32), sums)
+    metrics = batch_metrics(logits, batch["y"], config.task, weights)
+    if weights is not None and rows is None:
+        return {**metrics, "jacobian_sq_norms": sq_norms}  # sums of a chunk
+    if rows is not None:  # the sums over the real rows (the terms too: row_weights), as means
+        metrics, sq_norms = jax.tree_util.tree_map(lambda v: v / jnp.asarray(rows, jnp.float32), (metrics, sq_norms))
+    return {**finish_metrics(metrics, config.task), "jacobian_sq_norms": sq_norms}
