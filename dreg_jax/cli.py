@@ -178,7 +178,8 @@ def _sweep_config(args):
             raise ValueError("--csv needs --target COLUMN (the label column)")
         # --validation-fraction is the CSV's own split here (default 0.1 of the training rows)
         fraction = getattr(args, "validation_fraction", None)
-        ds = from_csv(args.csv, args.target, test_csv=args.test_csv, task=getattr(args, "task", None) or "classification",
+        task = getattr(args, "task", None) or mapping.get("task") or "classification"  # the flag, else --config's
+        ds = from_csv(args.csv, args.target, test_csv=args.test_csv, task=task,
                       validation_fraction=0.1 if fraction is None else fraction,
                       seed=0 if args.split_seed is None else args.split_seed, drop=args.drop or (),
                       keep=args.keep or (), encoding=args.encoding or "utf-8-sig")

@@ -38,7 +38,7 @@ def test_elementwise_layers_exact_with_one_probe(name, jit):
     x = 1.5 * jax.random.normal(jax.random.key(0), (BATCH, DIM))
     run = jax.jit(dreg_jax.layer_jacobian_sq_norms, static_argnums=(0, 3)) if jit else dreg_jax.layer_jacobian_sq_norms
     y, sq = run((fn,), x, jax.random.key(1), 1)
-    chex.assert_trees_all_close(y, fn(x), rtol=1e-6)
+    chex.assert_trees_all_close(y, fn(x), rtol=1e-6, atol=1e-6)  # jit vs eager: float32 rounding apart
     chex.assert_trees_all_close(sq[0], brute_force_sq_norm(fn, x), rtol=1e-5)
 
 

@@ -183,7 +183,7 @@ def test_remat_checkpoint_and_vmap_ensembles():
     for i in range(2):
         np.testing.assert_allclose(terms[f"ens/Dense_0#{i}"], jnp.sum(p["ens"]["Dense_0"]["kernel"][i] ** 2), rtol=1e-5)
     assert widths == {"ck/Dense_0": HID, "ens/Dense_0#0": HID, "ens/Dense_0#1": HID}
-    chex.assert_trees_all_close(out, model.apply(v, x), rtol=1e-6)
+    chex.assert_trees_all_close(out, model.apply(v, x), rtol=1e-6, atol=1e-6)  # jit vs eager: float32 rounding apart
 
 
 def test_transform_that_carries_no_terms_is_refused_by_name():

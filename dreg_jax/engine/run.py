@@ -127,7 +127,7 @@ class EngineData(NamedTuple):
     """Arrays shared by every run of a group (never vmapped)."""
 
     x_train: jax.Array  # (n, d) float32
-    y_train: jax.Array  # (n,) int32
+    y_train: jax.Array  # (n,) int32 class labels, or float32 targets (TrainConfig.task "regression")
     x_test: jax.Array  # (m, d)
     y_test: jax.Array  # (m,)
     x_robust: jax.Array | None = None  # (sets, m, d) perturbed copies of x_test (labels y_test)
