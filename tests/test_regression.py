@@ -250,3 +250,24 @@ def test_paired_r2_interval_is_zero_for_equal_arms_and_positive_for_a_better_one
     diff, low, high = paired_r2_interval(0.5 * base, base, y)
     r2 = lambda e: np.mean([r2_score(y, y + row) for row in e])  # noqa: E731
     assert diff == pytest.approx(r2(0.5 * base) - r2(base)) and 0 < low < diff < high
+
+
+def test_a_sweep_of_a_regression_table_records_r2_and_resumes(tmp_path, dataset):
+    from dreg_jax.data import register_dataset
+    from dreg_jax.engine import SweepConfig, run_sweep, summary_table
+    from dreg_jax.data.registry import USER_DATASETS
+
+    named = dataset.__class__(**{**dataset.__dict__, "name": "reg_sweep"})
+    register_dataset(named)
+    try:
+        specs = SweepConfig(datasets=("reg_sweep",), regularizers=("none", "dreg"), seeds=2, epochs=3, hidden=(8,),
+                            task="regression").expand()
+        records = run_sweep(specs, tmp_path / "r.jsonl", progress=False, report=False)
+        assert {r["status"] for r in records} == {"ok"} and all("test_r2" in r["metrics"] for r in records)
+        assert "test R^2" in summary_table(records)
+        again = run_sweep(specs, tmp_path / "r.jsonl", progress=False, report=False)  # resumed: nothing retrained
+        assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
+        with pytest.raises(ValueError, match="is a regression dataset and the run's task is 'classification'"):
+            SweepConfig(datasets=("reg_sweep",), epochs=1).expand()
+    finally:
+        USER_DATASETS.pop("reg_sweep", None)
