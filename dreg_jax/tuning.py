@@ -219,8 +219,9 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
         validation epoch and stops each run after 5 epochs without improvement. ``tune`` sets
         its ``vmap_width`` (seeds x learning rates: extensions reuse the program) and
         ``return_variables`` (``keep_model``).
-      keep_model: keep the variables of each grid point's runs, and return the pick's first-seed
-        one as :attr:`TuneResult.model` and every seed's as :attr:`TuneResult.pick_variables`.
+      keep_model: keep the variables of the best grid point's runs so far (the others' are
+        dropped after each round), and return the pick's first-seed one as
+        :attr:`TuneResult.model` and every seed's as :attr:`TuneResult.pick_variables`.
       preprocessing: ``Dataset.preprocessing`` of the data (user tables), stored with the model.
       folds: ``K > 1``: stratified K-fold cross-validation instead of one validation split: the
         training and validation rows are pooled and split by :func:`stratified_folds` (a
@@ -292,6 +293,12 @@ def tune(data, config: TrainConfig, num_classes: int | None = None, *, strengths
     def train(new_strengths):
         for fold, scored in enumerate(fold_data):
             train_fold(new_strengths, scored, fold)
+        # only the best point so far can be the pick: choose() is an argmax under a total order
+        # (ties broken by strength, then learning rate), so a point beaten now stays beaten as
+        # the grid grows. The others' variables are dropped: memory is one point's seeds.
+        best = choose(scores())
+        for key in [k for k in kept if k[:2] != best]:
+            del kept[key]
 
     def train_fold(new_strengths, scored, fold):
         keys = [(s, lr, seed) for s in new_strengths for lr in lrs for seed in seeds]
