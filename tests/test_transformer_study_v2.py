@@ -3,9 +3,12 @@ its analysis on synthetic results of known answer, and (slow) both regimes' quic
 end with a byte-for-byte rebuild of their reports."""
 import importlib.util
 import json
+import pathlib
 
 import numpy as np
 import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -84,16 +87,19 @@ def test_analysis_gives_the_known_answers(analysis):
                "DREG-act": 2.0, "DREG-act fixed": 2.05, "DREG-ffn": 0.05, "DREG-ffn fixed": -4.0}
     out = analysis.analyse(synthetic_rows(effects), META)
     got = {(c["claim"], c["label"]): c["verdict"] for c in out["comparisons"]}
-    assert got[("S1", "DREG-act - none")] == "SUPPORTED"
+    # the test's unit is the dataset: 4 datasets cannot reach alpha (p >= 1/16), whatever the effect
+    assert got[("S1", "DREG-act - none")] == "INCONCLUSIVE"
     assert got[("S2", "DREG-act - WD")] == "CONTRADICTED"
-    assert got[("S3", "DREG-act - IGPen")] == "SUPPORTED"  # the ViT datasets only
+    assert got[("S3", "DREG-act - IGPen")] == "INCONCLUSIVE"  # the ViT datasets only: 2 units
     assert got[("S1", "DREG-ffn - none")] == "EQUIVALENT"
     assert got[("S4", "DREG-act - DREG-act fixed")] == "SUPPORTED"  # equivalent within the margin
     assert got[("S4", "DREG-ffn - DREG-ffn fixed")] == "CONTRADICTED"  # the fixed strength is 4 pp off
     s3 = next(c for c in out["comparisons"] if c["label"] == "DREG-act - IGPen")
-    assert set(s3["effects"]) == {"digits", "digits_corrupted"} and s3["n"] == 16
+    assert set(s3["effects"]) == {"digits", "digits_corrupted"} and s3["n"] == 2 and s3["seed_pairs"] == 16
     s1 = next(c for c in out["comparisons"] if c["label"] == "DREG-act - none")
-    assert s1["mean"] == pytest.approx(2.0, abs=0.3) and s1["low"] < s1["mean"] < s1["high"]
+    assert s1["mean"] == pytest.approx(2.0, abs=0.3) and 0 < s1["low"] < s1["mean"] < s1["high"]
+    assert s1["p"] == 1 / 16 and not s1["reachable"]  # 4 datasets all up: the smallest p there is
+    assert s1["seed_p"] < 1e-6 and s1["seed_pairs"] == 32  # the pre-registered seed-level test, description only
     assert out["family"] == 6
 
 
@@ -148,3 +154,13 @@ def test_finetune_quick_profile_end_to_end_and_rebuild(study, load_experiment, t
     assert {r["arm"] for r in rows if r["stage"] == "final"} == {"frozen+linear", "MiniLM+linear", "MiniLM+DREG",
                                                                  "MiniLM+DREG fixed"}
     assert any(r["stage"] == "pick" for r in rows)
+
+
+@pytest.mark.parametrize("regime", ["scratch", "finetune"])
+def test_committed_meta_counts_are_the_rows_counts(analysis, study, regime):
+    read_rows = study.read_rows
+    folder = ROOT / "docs" / "results" / f"transformer_v2_{regime}_cpu"
+    meta = json.loads((folder / "meta.json").read_text())
+    rows = read_rows(folder / "results.jsonl.gz")
+    assert meta["tuning_runs"] == analysis.count_tuning_runs(rows)
+    assert meta["final_runs"] == sum(r["stage"] == "final" for r in rows)
