@@ -20,18 +20,31 @@ from dreg_jax._files import (
 )
 
 
-DESCRIPTION = """\
+#: every subcommand and its one-line help: the top-level description's list and the
+#: subcommands' help (the full parser and the light top-level one) are built from it
+COMMANDS = {
+    "train": "train one run and print its metrics (--out: a results row)",
+    "sweep": "a resumable factorial grid of runs, one results row per run",
+    "tune": "tune none, weight decay and your regularizers on validation rows, then compare them on held-out rows",
+    "predict": "predict the rows of a CSV with a saved model (labels, or a regression's values)",
+    "results": "summary table (and flat CSV) of results files",
+    "plot": "accuracy (or R^2) and learning-curve plots of results files",
+    "data": "list or inspect the datasets",
+}
+
+
+def _commands_block() -> str:
+    import textwrap
+
+    return "\n".join(textwrap.fill(text, width=88, initial_indent=f"  {name:<10}", subsequent_indent=" " * 12)
+                     for name, text in COMMANDS.items())
+
+
+DESCRIPTION = f"""\
 dreg-jax: train, tune and study DREG-regularized networks (JAX/Flax).
 
 commands:
-  train     train one run and print its metrics (--out: a results row)
-  sweep     a resumable factorial grid of runs, one results row per run
-  tune      tune none, weight decay and your regularizers on validation rows,
-            then compare them on held-out rows
-  predict   predict the rows of a CSV with a saved model
-  results   summary table (and flat CSV) of results files
-  plot      accuracy and learning-curve plots of results files
-  data      list or inspect the datasets
+{_commands_block()}
 
 examples:
   dreg-jax train --dataset digits --activation chainzrule --regularizer dreg --epochs 20
@@ -673,17 +686,6 @@ def _dataset_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-#: every subcommand and its one-line help (the full parser and the light top-level one share it)
-COMMANDS = {
-    "train": "train one run and print its metrics",
-    "sweep": "run a resumable factorial grid of runs",
-    "tune": ("tune none, weight decay and the asked regularizers (strength x learning rate x seeds, one "
-             "program each) on validation rows, then score each at its pick on held-out rows"),
-    "predict": "predict the rows of a CSV with a saved model",
-    "results": "a sweep's results: summary table, flat CSV",
-    "plot": "accuracy-by-regularizer and learning-curve PNGs of a sweep",
-    "data": "list or inspect the datasets",
-}
 
 
 def _top_level_parser(with_commands: bool):
