@@ -60,7 +60,7 @@ from dreg_jax._files import (
     write_all,
 )
 from dreg_jax.engine.identity import model_identity
-from dreg_jax.preprocessing import Preprocessing
+from dreg_jax.preprocessing import TASKS, Preprocessing
 from dreg_jax.training.config import TrainConfig
 from dreg_jax.training.train import build_model
 
@@ -463,8 +463,8 @@ def _read_record(directory: pathlib.Path) -> dict:
                          f"version(s) {', '.join(map(str, READABLE_VERSIONS))}")
     config = _field(record, "config", dict, where)
     task = config.get("task", "classification")
-    if task not in ("classification", "regression"):
-        raise ValueError(f"{where}: config.task is {task!r}, expected 'classification' or 'regression'")
+    if task not in TASKS:
+        raise ValueError(f"{where}: config.task is {task!r}, expected one of {', '.join(map(repr, TASKS))}")
     regression = task == "regression"
     num_classes = _field(record, "num_classes", int, where, minimum=1 if regression else 2,
                          maximum=1 if regression else MAX_CLASSES)

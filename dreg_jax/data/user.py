@@ -447,10 +447,9 @@ def from_csv(path, target: str, *, test_csv=None, validation_fraction: float = 0
     x = np.stack(columns, axis=1)
     x_test = np.stack(test_columns, axis=1) if test else None
     y_test = None
-    if test and task == "regression":
+    if test:
         y_test = test[0]
-    elif test:
-        y_test = test[0]
+    if test and task == "classification":
         if {type(v) for v in labels} != {type(v) for v in y_test}:  # "1" in one file, 1 in the other
             labels, y_test = [str(v) for v in labels], [str(v) for v in y_test]
         y_test = np.array(y_test, dtype=object if _all_ints(y_test) else None)
