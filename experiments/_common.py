@@ -230,6 +230,24 @@ def write_jsonl_gz(path: pathlib.Path, rows):
         f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 
+def compact_records(records, metrics, curves) -> list[dict]:
+    """The committed raw results of a study: per run its id, status, spec, hyperparameters,
+    ``study`` label, the named final ``metrics`` and ``curves``, floats to 7 significant digits
+    (the full records stay in the run folder)."""
+    def rounded(v):
+        if isinstance(v, float):
+            return float(f"{v:.7g}")
+        if isinstance(v, list):
+            return [rounded(x) for x in v]
+        return v
+
+    return [{"run_id": r["run_id"], "status": r["status"], "spec": r["spec"], "hparams": r.get("hparams"),
+             **({"study": r["study"]} if "study" in r else {}),
+             "metrics": {k: rounded(r["metrics"].get(k)) for k in metrics if k in r["metrics"]},
+             "curves": {k: rounded(r["curves"][k]) for k in curves if k in r.get("curves", {})}}
+            for r in records]
+
+
 def read_jsonl_gz(path: pathlib.Path) -> list[dict]:
     import gzip
     import json

@@ -24,8 +24,8 @@ Usage: python experiments/dreg_study_v3.py --profile quick|full|gpu [--out DIR]
 """
 from __future__ import annotations
 
-from _common import (compile_summary, experiment_args, fast_compile_flags, last_commit_of, read_jsonl_gz,
-                     write_jsonl_gz, write_meta)
+from _common import (compact_records, compile_summary, experiment_args, fast_compile_flags, last_commit_of,
+                     read_jsonl_gz, write_jsonl_gz, write_meta)
 
 fast_compile_flags()
 
@@ -265,23 +265,14 @@ def final_stage(profile: Profile, picks: dict, out: pathlib.Path, progress: bool
     return [{**r, "study": label} for r, label in zip(records, labels)]
 
 
-def compact(records, curves=("validation_accuracy", "test_accuracy")) -> list[dict]:
-    """What the report reads, per run: the spec, status, final metrics and the named curves
-    (the committed raw results; the full files stay in the run folder)."""
-    def rounded(v):
-        if isinstance(v, float):
-            return float(f"{v:.7g}")
-        if isinstance(v, list):
-            return [rounded(x) for x in v]
-        return v
+#: the final metrics the committed compact results keep per run
+COMPACT_METRICS = ("test_accuracy", "validation_accuracy", "robust_accuracy", "best_epoch", "train_examples",
+                   "validation_rows", "fail_step", "diverge_step")
 
-    keep = ("test_accuracy", "validation_accuracy", "robust_accuracy", "best_epoch", "train_examples",
-            "validation_rows", "fail_step", "diverge_step")
-    return [{"run_id": r["run_id"], "status": r["status"], "spec": r["spec"], "hparams": r.get("hparams"),
-             **({"study": r["study"]} if "study" in r else {}),
-             "metrics": {k: rounded(r["metrics"].get(k)) for k in keep if k in r["metrics"]},
-             "curves": {k: rounded(r["curves"][k]) for k in curves if k in r.get("curves", {})}}
-            for r in records]
+
+def compact(records, curves=("validation_accuracy", "test_accuracy")) -> list[dict]:
+    """What the report reads, per run (the committed raw results; the full files stay in the run folder)."""
+    return compact_records(records, COMPACT_METRICS, curves)
 
 
 write_compact, read_compact = write_jsonl_gz, read_jsonl_gz  # the committed compact results

@@ -16,7 +16,7 @@ import pathlib
 import sys
 
 #: Studies whose report is a function of the raw results (and meta.json) alone.
-REBUILDABLE = ("dreg_study", "dreg_study_v3", "chainzrule_robustness", "chainzrule_tau", "chainzrule_schedules", "chainzrule_fractions",
+REBUILDABLE = ("dreg_study", "dreg_study_v3", "dreg_study_v4", "chainzrule_robustness", "chainzrule_tau", "chainzrule_schedules", "chainzrule_fractions",
                "chainzrule_text",
                "chainzrule_volatility", "coherent_strong", "transformer_study", "transformer_study_v2")
 
