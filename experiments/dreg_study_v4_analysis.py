@@ -359,8 +359,11 @@ def write_report(records, out: pathlib.Path, meta) -> str:
            f"range); each axis extended past an end pick up to {design['max_extensions']} time(s); the pick has the "
            "most correct validation examples over the tuning seeds.",
            f"- Runs: {meta.get('tuning_runs', '?')} tuning, {meta.get('final_runs', len(records))} final; wall "
-           f"{meta.get('wall_seconds', 0):.0f} s; {meta.get('compiled_programs', '?')} compiled programs, "
-           f"{meta.get('compile_seconds', 0):.0f} s compiling, {meta.get('run_seconds', 0):.0f} s running.",
+           f"{meta.get('wall_seconds', 0):.0f} s over {meta.get('processes', 1)} process(es); "
+           f"{meta.get('compiled_programs', '?')} program builds, {meta.get('compile_seconds', 0):.0f} s compiling, "
+           f"{meta.get('run_seconds', 0):.0f} s running"
+           + ("" if all(e.get("compile_seconds") is not None for e in meta.get("process_log", []))
+              else " (in the processes that recorded them: see the deviations)") + ".",
            f"- Margin {design['margin']:g} pp, alpha {design['alpha']:g}; Holm over the {a['families']['primary']} "
            f"primary and, separately, the {a['families']['secondary']} secondary directional comparisons. Coverage of "
            f"the 95% t-interval at {n} tables (simulated, 4,000 draws): {100 * cov['normal']:.1f}% for normal, "

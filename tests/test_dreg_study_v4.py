@@ -189,3 +189,13 @@ def test_tiny_profile_end_to_end_and_rebuild(tmp_path, study, load_experiment):
     (tmp_path / "report.md").unlink()
     load_experiment("rebuild_report").rebuild(tmp_path)
     assert (tmp_path / "report.md").read_text() == report
+    # resumable: a rerun on the same folder trains nothing new and writes the same results
+    lines = (tmp_path / "tuning.jsonl").read_text()
+    study.main(["--profile", "tiny", "--out", str(tmp_path), "--no-progress"])
+    assert (tmp_path / "tuning.jsonl").read_text() == lines
+    assert load_experiment("_common").read_jsonl_gz(tmp_path / "results.jsonl.gz") == records
+    # one table per fresh process (the full profile's way): the same results, collected from summaries
+    chunked = tmp_path / "chunked"
+    study.main(["--profile", "tiny", "--out", str(chunked), "--no-progress", "--tables-per-process", "1"])
+    assert load_experiment("_common").read_jsonl_gz(chunked / "results.jsonl.gz") == records
+    assert sorted(p.name for p in (chunked / "tables").iterdir()) == ["hawk_species.json", "titanic.json"]
