@@ -19,11 +19,13 @@ def analysis(load_experiment):
     return load_experiment("dreg_study_v4_analysis")
 
 
-def test_pilot_tables_are_not_study_tables(study):
+def test_pilot_tables_are_not_study_tables_and_only_they_train_outside_the_full_profile(study):
     sources = {(p, t) for p, t, *_ in study.TABLES.values()}
     assert not sources & {(p, t) for p, t, *_ in study.PILOT_TABLES.values()}
     assert len(sources) == len(study.TABLES)  # one target per table
     assert len(study.TABLES) >= 36
+    for name in ("quick", "tiny", "pilot"):
+        assert set(study.PROFILES[name].datasets) <= set(study.PILOT_TABLES)
 
 
 def test_every_arm_gets_the_same_number_of_starting_points(study):
@@ -63,22 +65,24 @@ def test_tables_read_offline_with_a_fixed_test_split_and_tuning_sees_no_test_row
     from dreg_jax.data.registry import USER_DATASETS
 
     profile = study.PROFILES["tiny"]
-    base = study.base_dataset("titanic", profile.max_rows)
+    base = study.base_dataset("pilot_tobacco", profile.max_rows)
     assert len(base.y_test) >= study.MIN_TEST
-    tuning = USER_DATASETS[study.draw_dataset("titanic", study.TUNING_DRAW, profile, tuning=True)]
-    final = USER_DATASETS[study.draw_dataset("titanic", 0, profile, tuning=False)]
+    tuning = USER_DATASETS[study.draw_dataset("pilot_tobacco", study.TUNING_DRAW, profile, tuning=True)]
+    final = USER_DATASETS[study.draw_dataset("pilot_tobacco", 0, profile, tuning=False)]
     assert not tuning.x_test.any() and not tuning.y_test.any()
     np.testing.assert_array_equal(final.x_test, base.x_test)
     assert len(final.y_val) >= study.MIN_VALIDATION
     assert len(final.y_train) + len(final.y_val) == len(base.y_train)
     # draws differ in their validation split, not in the test split
-    other = USER_DATASETS[study.draw_dataset("titanic", 1, profile, tuning=False)]
+    other = USER_DATASETS[study.draw_dataset("pilot_tobacco", 1, profile, tuning=False)]
     assert not np.array_equal(other.y_val, final.y_val) or not np.array_equal(other.x_val, final.x_val)
 
 
 def test_a_category_named_like_a_missing_marker_stays_a_category(study):
-    frame = study.table_frame("migraine", 800)  # medication has a level "none"
-    assert frame["medication"].str.endswith("none").any()
+    frame = study.table_frame("migraine", 800)  # medication has a level "none" (the table is read, not trained)
+    assert (frame["medication"] == "level none").any()
+    frame = study.table_frame("pilot_doctor", 800)
+    assert frame["insurance"].str.startswith("level ").all()  # text levels kept as one category column
     assert not frame.isna().any().any()
 
 
@@ -198,4 +202,4 @@ def test_tiny_profile_end_to_end_and_rebuild(tmp_path, study, load_experiment):
     chunked = tmp_path / "chunked"
     study.main(["--profile", "tiny", "--out", str(chunked), "--no-progress", "--tables-per-process", "1"])
     assert load_experiment("_common").read_jsonl_gz(chunked / "results.jsonl.gz") == records
-    assert sorted(p.name for p in (chunked / "tables").iterdir()) == ["hawk_species.json", "titanic.json"]
+    assert sorted(p.name for p in (chunked / "tables").iterdir()) == ["pilot_doctor.json", "pilot_tobacco.json"]
