@@ -25,8 +25,8 @@ What changes from v3, and why (each point from v3's own data):
   lambda*: the same tuning runs, so fixed and tuned differ in lambda alone.
 
 Stage 1 (``tuning.jsonl``) then stage 2 (``results.jsonl``, ``final_seeds`` fresh seeds, seed
-``s`` draws its own validation split) run one table at a time; both files resume (a run already
-recorded is not rerun). The analysis is ``dreg_study_v4_analysis.py``.
+``s`` draws its own validation split) run one table at a time, in the table's folder
+``runs/<table>/``; both files resume (a run already recorded is not rerun). The analysis is ``dreg_study_v4_analysis.py``.
 
 Usage: python experiments/dreg_study_v4.py --profile quick|full|gpu|pilot [--out DIR] [--tables-per-process K]
 """
@@ -80,7 +80,9 @@ DEVIATIONS: list[str] = [
     "vm.max_map_count was raised to 262,144 on the machine. Runs already recorded were read back, not retrained "
     "(a run resumed or split over processes gives the same results: tests/test_dreg_study_v4.py). The first "
     "attempt's 1,461 s of wall time and its tables' seconds are in the process log; its compile statistics were "
-    "not recorded.",
+    "not recorded. From the 33rd table (computers_cd's group finished under the old layout) each table's runs are "
+    "in their own files (runs/<table>/), the earlier tables' in the folder's two files: those had grown to 135 MB "
+    "and every tuning round parsed all of it again (7.8 s per read).",
     "Before the pre-registration commit, besides the pilot, the quick profile and the tiny test profile each ran "
     "once as a pipeline check on study tables (titanic, spam, hawk_species; at most 1,200 rows, 1 tuning seed, "
     "at most 10 epochs). Only their printed verdict lines were seen (all INCONCLUSIVE at 2-3 tables); nothing was "
@@ -461,15 +463,26 @@ def _process_arguments(parser):
 PROCESS_LOG = "process_stats.jsonl"  # one line per process that trained: its tables, seconds, programs
 
 
+def run_files(out: pathlib.Path, stage_file: str) -> list:
+    """Every results file of one stage (``tuning.jsonl`` or ``results.jsonl``): each table's own
+    (``out/runs/<table>/``) and the folder's, where tables trained before per-table files are.
+    A resume reads its table's file only: one file for the whole study grew to hundreds of MB,
+    and every round parsed all of it again."""
+    return [p for p in (out / stage_file, *sorted((out / "runs").glob(f"*/{stage_file}"))) if p.exists()]
+
+
 def train_tables(names, profile: Profile, out: pathlib.Path, progress: bool) -> dict:
     """Tuning then final stage, one table at a time (the programs of a table's shape bucket
-    serve all its rounds and seeds). Returns ``{table: (picks, records, row)}``."""
+    serve all its rounds and seeds), each table's runs in ``out/runs/<table>/``. Returns
+    ``{table: (picks, records, row, seconds)}``."""
     done, start = {}, time.perf_counter()
     for name in names:
+        where = out / "runs" / name
+        where.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        tuned = tuning_stage(name, profile, out, progress)
+        tuned = tuning_stage(name, profile, where, progress)
         t1 = time.perf_counter()
-        records = final_stage(name, tuned["picks"], profile, out, progress)
+        records = final_stage(name, tuned["picks"], profile, where, progress)
         base = base_dataset(name, profile.max_rows)
         package, table, target, drop, why = table_spec(name)
         row = {"source": f"{package}/{table}", "target": target, "dropped": list(drop), "question": why,
@@ -507,7 +520,7 @@ def replay(names, profile: Profile, out: pathlib.Path) -> list:
     global run_sweep
     from dreg_jax.analysis.results import load_records
 
-    recorded = {f: {r["run_id"]: r for r in load_records(out / f)} if (out / f).exists() else {}
+    recorded = {f: {r["run_id"]: r for r in load_records(run_files(out, f))} if run_files(out, f) else {}
                 for f in ("tuning.jsonl", "results.jsonl")}
 
     def lookup(specs, path, **_):
@@ -539,7 +552,7 @@ def collect(names, profile: Profile, out: pathlib.Path) -> dict:
 
     from dreg_jax.analysis.results import load_records
 
-    by_id = {r["run_id"]: r for r in load_records(out / "results.jsonl")}
+    by_id = {r["run_id"]: r for r in load_records(run_files(out, "results.jsonl"))}
     done = {}
     for name in names:
         path = out / "tables" / f"{name}.json"
@@ -577,7 +590,8 @@ def process_totals(out: pathlib.Path) -> dict:
     compile and run seconds, and each table's tuning and final seconds."""
     import json
 
-    entries = [json.loads(line) for line in (out / PROCESS_LOG).read_text().splitlines() if line.strip()]
+    log = out / PROCESS_LOG
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
     per_table = {}
     for e in entries:
         for name, (tune_s, final_s) in e["tables"].items():
@@ -619,12 +633,13 @@ def main(argv=None):
     tables = {name: d[2] for name, d in done.items()}
     from dreg_jax.analysis.results import load_records
 
-    write_jsonl_gz(out / "tuning.jsonl.gz", compact_records(load_records(out / "tuning.jsonl"), COMPACT_METRICS, curves=()))
+    tuning_records = load_records(run_files(out, "tuning.jsonl"))
+    write_jsonl_gz(out / "tuning.jsonl.gz", compact_records(tuning_records, COMPACT_METRICS, curves=()))
     write_jsonl_gz(out / "results.jsonl.gz", compact_records(records, COMPACT_METRICS, ("validation_accuracy",)))
     meta = write_meta(
         out, "dreg_study_v4", args.profile, design=dataclasses.asdict(profile), tables=tables, picks=picks,
         preregistration_commit=preregistration_commit(), deviations=DEVIATIONS, **process_totals(out),
-        tuning_runs=sum(1 for _ in open(out / "tuning.jsonl")), final_runs=len(records))
+        tuning_runs=len(tuning_records), final_runs=len(records))
     from dreg_study_v4_analysis import write_report
 
     print(write_report(read_jsonl_gz(out / "results.jsonl.gz"), out, meta))
