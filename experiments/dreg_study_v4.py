@@ -520,6 +520,8 @@ def replay(names, profile: Profile, out: pathlib.Path) -> list:
     global run_sweep
     from dreg_jax.analysis.results import load_records
 
+    if all((out / "tables" / f"{name}.json").exists() for name in names):
+        return []  # nothing to replay: the files are not read
     recorded = {f: {r["run_id"]: r for r in load_records(run_files(out, f))} if run_files(out, f) else {}
                 for f in ("tuning.jsonl", "results.jsonl")}
 
