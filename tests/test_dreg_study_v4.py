@@ -194,9 +194,10 @@ def test_tiny_profile_end_to_end_and_rebuild(tmp_path, study, load_experiment):
     load_experiment("rebuild_report").rebuild(tmp_path)
     assert (tmp_path / "report.md").read_text() == report
     # resumable: a rerun on the same folder trains nothing new and writes the same results
-    lines = (tmp_path / "tuning.jsonl").read_text()
+    files = {p: p.read_text() for p in study.run_files(tmp_path, "tuning.jsonl") + study.run_files(tmp_path, "results.jsonl")}
+    assert len(files) == 4  # each table's own two files
     study.main(["--profile", "tiny", "--out", str(tmp_path), "--no-progress"])
-    assert (tmp_path / "tuning.jsonl").read_text() == lines
+    assert {p: p.read_text() for p in files} == files
     assert load_experiment("_common").read_jsonl_gz(tmp_path / "results.jsonl.gz") == records
     # one table per fresh process (the full profile's way): the same results, collected from summaries
     chunked = tmp_path / "chunked"
