@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: docs demo demo-chainzrule study-full study-v4-full study-v2-full chainzrule-full transformer-full transformer-v2 transformer-v2-gpu test test-slow bench clean rebuild-reports
+.PHONY: docs demo demo-chainzrule study-full study-v3-full study-v2-full chainzrule-full transformer-full transformer-v2 transformer-v2-gpu test test-slow bench clean rebuild-reports
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,23 +12,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The headline job: the DREG study v3's quick profile (report + figures in results/dreg_study_v3/quick).
+# The headline job: the DREG study v4's quick profile (report + figures in results/dreg_study_v4/quick).
 demo: $(STAMP)
-	$(PY) experiments/dreg_study_v3.py --profile quick
+	$(PY) experiments/dreg_study_v4.py --profile quick
 
 # ChainzRule MLP on digits with and without DREG (accuracies and per-layer terms).
 demo-chainzrule: $(STAMP)
 	$(PY) experiments/demo.py
 
+# The DREG study v4's full profile (pre-registered in docs/preregistration_v4.md; 128 minutes of
+# process time on 2 CPU cores, with a crash and re-reads; resumable: a rerun with the same --out
+# reuses the runs recorded). Four tables per fresh process: one process building every table's
+# programs can exhaust the kernel's memory-map limit (vm.max_map_count; see "Compile once" in
+# docs/guide/engine.md).
 study-full: $(STAMP)
-	$(PY) experiments/dreg_study_v3.py --profile full
-
-# The DREG study v4's full profile (pre-registered in docs/preregistration_v4.md; about 100-150
-# minutes on 2 CPU cores; resumable: a rerun with the same --out reuses the runs recorded). Four
-# tables per fresh process: one process building every table's programs can exhaust the kernel's
-# memory-map limit (vm.max_map_count; see "Compile once" in docs/guide/engine.md).
-study-v4-full: $(STAMP)
 	$(PY) experiments/dreg_study_v4.py --profile full --tables-per-process 4
+
+study-v3-full: $(STAMP)
+	$(PY) experiments/dreg_study_v3.py --profile full
 
 study-v2-full: $(STAMP)
 	$(PY) experiments/dreg_study.py --profile full

@@ -1,6 +1,6 @@
 """How much of the DREG study v3 is compiling: programs, compile seconds, run seconds, wall seconds.
 
-1. The quick profile (`make demo`) twice, each in a fresh process on a fresh output folder: once
+1. The v3 quick profile (`make demo` until the v4 study) twice, each in a fresh process on a fresh output folder: once
    with an empty persistent compilation cache (cold: what a new user waits), once with the cache
    the first run filled (warm). The study prints its own `compiled programs: N, compile seconds:
    S, run seconds: R` line; this script reads it and adds the wall time.

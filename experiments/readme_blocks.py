@@ -12,14 +12,17 @@ import pathlib
 import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-#: marker name -> (the report that holds the block, the pages that show it)
-BLOCKS = {
-    "should-i-use-dreg": ("docs/results/dreg_study_v3_full/report.md", ("README.md", "docs/studies/dreg_v3.md")),
-    "dreg-study-v3-summary": ("docs/results/dreg_study_v3_full/report.md", ("docs/studies/dreg_v3.md",)),
-    "dreg-study-summary": ("docs/results/dreg_study_full/report.md", ("docs/history/dreg_v2.md",)),
-    "transformer-v2-scratch-summary": ("docs/results/transformer_v2_scratch_cpu/report.md", ("docs/studies/transformer_v2.md",)),
-    "transformer-v2-finetune-summary": ("docs/results/transformer_v2_finetune_cpu/report.md", ("docs/studies/transformer_v2.md",)),
-}
+#: (marker name, the report that holds the block, the pages that show it); one marker may come
+#: from two reports (each study page shows its own study's box; the README the current one's)
+BLOCKS = (
+    ("should-i-use-dreg", "docs/results/dreg_study_v4_full/report.md", ("README.md", "docs/studies/dreg_v4.md")),
+    ("dreg-study-v4-summary", "docs/results/dreg_study_v4_full/report.md", ("docs/studies/dreg_v4.md",)),
+    ("should-i-use-dreg", "docs/results/dreg_study_v3_full/report.md", ("docs/studies/dreg_v3.md",)),
+    ("dreg-study-v3-summary", "docs/results/dreg_study_v3_full/report.md", ("docs/studies/dreg_v3.md",)),
+    ("dreg-study-summary", "docs/results/dreg_study_full/report.md", ("docs/history/dreg_v2.md",)),
+    ("transformer-v2-scratch-summary", "docs/results/transformer_v2_scratch_cpu/report.md", ("docs/studies/transformer_v2.md",)),
+    ("transformer-v2-finetune-summary", "docs/results/transformer_v2_finetune_cpu/report.md", ("docs/studies/transformer_v2.md",)),
+)
 
 
 def block(text: str, name: str) -> str:
@@ -31,7 +34,7 @@ def block(text: str, name: str) -> str:
 
 
 def main():
-    for name, (report, pages) in BLOCKS.items():
+    for name, report, pages in BLOCKS:
         body = block((ROOT / report).read_text(), name)
         pattern = re.compile(re.escape(f"<!-- {name}:begin -->") + ".*?" + re.escape(f"<!-- {name}:end -->"), re.S)
         for page in pages:

@@ -56,13 +56,89 @@ def test_dreg_study_v3_page_block_is_the_reports():
     assert _v3_block((ROOT / "docs" / "studies" / "dreg_v3.md").read_text()) == _v3_block((V3 / "report.md").read_text())
 
 
-@pytest.mark.parametrize("page", ["README.md", "docs/studies/dreg_v3.md"])
-def test_should_i_use_dreg_box_is_the_reports(page):
-    """The README's first-screen answer is the v3 report's own text (computed from its results)."""
+V4 = ROOT / "docs" / "results" / "dreg_study_v4_full"
+
+
+@pytest.mark.parametrize("page, study", [("README.md", V4), ("docs/studies/dreg_v4.md", V4),
+                                         ("docs/studies/dreg_v3.md", V3)])
+def test_should_i_use_dreg_box_is_the_reports(page, study):
+    """The README's first-screen answer is the v4 report's own text (computed from its results);
+    each study page shows its own study's box."""
     from readme_blocks import block
 
     box = block((ROOT / page).read_text(), "should-i-use-dreg")
-    assert box == block((V3 / "report.md").read_text(), "should-i-use-dreg") and "**Answer:**" in box
+    assert box == block((study / "report.md").read_text(), "should-i-use-dreg") and "**Answer:**" in box
+
+
+def test_dreg_study_v4_page_block_is_the_reports():
+    from readme_blocks import block
+
+    name = "dreg-study-v4-summary"
+    assert block((ROOT / "docs" / "studies" / "dreg_v4.md").read_text(), name) == block((V4 / "report.md").read_text(), name)
+
+
+def test_committed_v4_report_is_rebuilt_byte_for_byte(tmp_path, load_experiment):
+    out = tmp_path / "results" / "dreg_study_v4_full"
+    shutil.copytree(V4, out, ignore=shutil.ignore_patterns("*.png", "report.md"))
+    load_experiment("rebuild_report").rebuild(out)
+    assert (out / "report.md").read_text() == (V4 / "report.md").read_text()
+    for png in V4.glob("*.png"):
+        assert (out / png.name).read_bytes() == png.read_bytes(), png.name
+
+
+def test_v4_preregistration_came_before_the_results():
+    import json
+
+    meta = json.loads((V4 / "meta.json").read_text())
+    _assert_preregistered_before(V4 / "results.jsonl.gz", meta["preregistration_commit"])
+
+
+#: what decides a v4 verdict: changed after the pre-registration only as a listed deviation
+V4_VERDICT_LOGIC = {"experiments/dreg_study_v4_analysis.py": ("LEARNABLE_MARGIN", "CEILING", "COMPARISONS", "learnable",
+                                                              "outcome_table", "table_effects", "t_interval",
+                                                              "evaluate", "analyse"),
+                    "experiments/dreg_study_v4.py": ("LAMBDA", "ARMS", "FIXED_ARMS", "CENTRES", "OPTIONS", "TABLES",
+                                                     "Profile", "PROFILES", "starting_grid", "pick", "extension",
+                                                     "correct_count", "tuning_stage", "final_stage", "draw_dataset",
+                                                     "base_dataset", "table_frame")}
+
+
+def _definitions(source: str, names) -> dict:
+    """``{name: source text}`` of the module-level functions, classes and assignments ``names``."""
+    import ast
+
+    tree = ast.parse(source)
+    out = {}
+    for node in tree.body:
+        targets = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+                   else [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+                   + ([node.target.id] if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) else []))
+        for name in targets:
+            if name in names:
+                out[name] = ast.dump(node)  # the code, not its comments or blank lines
+    return out
+
+
+def test_v4_verdict_logic_is_the_preregistered_one_or_a_listed_deviation():
+    """Every definition that decides a verdict is as it was at the pre-registration commit, or
+    the study lists deviations (meta.json, from the runner's DEVIATIONS)."""
+    import json
+    import subprocess
+
+    meta = json.loads((V4 / "meta.json").read_text())
+    changed = []
+    for path, names in V4_VERDICT_LOGIC.items():
+        try:
+            then = subprocess.run(["git", "show", f"{meta['preregistration_commit']}:{path}"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            pytest.skip("no git")
+        if then.returncode != 0:
+            pytest.skip("the pre-registration commit is not in this checkout")
+        before, now = _definitions(then.stdout, names), _definitions((ROOT / path).read_text(), names)
+        assert set(now) == set(names), f"{path}: missing {set(names) - set(now)}"
+        changed += [f"{path}:{n}" for n in names if before.get(n) != now[n]]
+    assert not changed or meta["deviations"], f"changed after the pre-registration without a deviation: {changed}"
 
 
 def test_readme_is_a_front_page():
