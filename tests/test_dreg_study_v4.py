@@ -133,7 +133,7 @@ def test_verdicts_on_synthetic_results_of_known_answer(analysis):
     assert analysis.analyse(few, meta)["verdicts"]["P2"] == "INCONCLUSIVE"
 
 
-def test_tables_tied_exactly_leave_the_spread_unestimated(analysis, tmp_path):
+def test_tables_whose_effects_tie_leave_the_spread_unestimated(analysis, tmp_path):
     # two tables whose effects tie (accuracies are counts): a zero-width t-interval must not read
     # EQUIVALENT or SUPPORTED; the report of a non-study profile says it is not evidence
     records, meta = synthetic({}, datasets=2, seeds=3, noise=0.0, spread=0.0)
