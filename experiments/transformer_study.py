@@ -120,11 +120,15 @@ def scratch_specs(p):
 
 
 def arm_key(spec: dict, module: str | None = None) -> str:
-    """A run's spec as JSON (``module`` replaces the recorded module: the committed rows were
-    written when run ids recorded the module's repr, newer rows record its code fingerprint)."""
+    """A run's spec as JSON, canonical as its run id hashes it (fields added since the committed
+    rows were written compare at their defaults). ``module`` replaces the recorded module: the
+    committed rows were written when run ids recorded the module's repr, newer rows record its
+    code fingerprint."""
+    from dreg_jax.engine.specs import canonical_spec
+
     if module is not None:
         spec = {**spec, "config": {**spec["config"], "model": {**spec["config"]["model"], "module": module}}}
-    return json.dumps(spec, sort_keys=True)
+    return json.dumps(canonical_spec(spec), sort_keys=True)
 
 
 def scratch_rows(records, arm_of):

@@ -203,6 +203,35 @@ def test_committed_transformer_v2_reports_are_rebuilt_from_their_raw_results(reg
     assert (out / "report.md").read_text() == (committed / "report.md").read_text()
 
 
+def test_committed_transformer_v1_scratch_rows_each_find_their_arm(load_experiment):
+    """The v1 rows were written before class_weight, task and the per_step weight-decay default
+    existed: each still maps to its arm (specs compared as their run ids hash them)."""
+    import json
+
+    study = load_experiment("transformer_study")
+    committed = ROOT / "docs" / "results" / "transformer_scratch_full"
+    meta = json.loads((committed / "meta.json").read_text())
+    _, arm_of = study.scratch_specs(study.PROFILES[meta["profile"]][meta["regime"]])
+    rows = study.scratch_rows(study.load_raw_results(committed), arm_of)
+    assert len(rows) == 144 and {r["arm"] for r in rows} >= {"none", "DREG-act"}
+
+
+@pytest.mark.slow
+def test_every_committed_report_is_rebuilt_byte_for_byte(tmp_path, load_experiment):
+    """`make rebuild-reports` as a test: every results folder with a meta.json, its report removed
+    first, rebuilt from its raw results alone, equal to the committed report."""
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "docs" / "results", results)
+    rebuild = load_experiment("rebuild_report").rebuild
+    folders = sorted(meta.parent for meta in results.glob("*/meta.json"))
+    assert len(folders) >= 15
+    for folder in folders:
+        (folder / "report.md").unlink()
+        rebuild(folder)
+        committed = ROOT / "docs" / "results" / folder.name / "report.md"
+        assert (folder / "report.md").read_text() == committed.read_text(), folder.name
+
+
 def test_transformer_v2_preregistration_came_before_the_results():
     """The pre-registration commit each report names is an ancestor of the commit that added its results."""
     import json

@@ -153,6 +153,28 @@ def test_new_fields_at_their_defaults_keep_earlier_run_ids():
     assert OptimizerConfig().learning_rate == 1e-3
 
 
+def test_canonical_spec_of_a_row_written_before_later_fields_equals_todays():
+    """A stored row's spec (no class_weight or task, weight_decay_reading written as times_lr, the
+    default then) and today's spec of the same run compare equal once canonical; a weight-decay
+    run's reading still tells them apart; the input is not changed."""
+    from dreg_jax.engine.specs import canonical_spec
+
+    today = RunSpec("wine", TrainConfig(regularizer=RegularizerConfig(kind="dreg"))).to_dict()
+    assert today["config"]["regularizer"]["weight_decay_reading"] == "per_step"
+    row = json.loads(json.dumps(today))
+    for name in ("class_weight", "task"):
+        del row["config"][name]
+    row["config"]["regularizer"]["weight_decay_reading"] = "times_lr"
+    before = json.dumps(row, sort_keys=True)
+    assert canonical_spec(row) == canonical_spec(today)
+    assert json.dumps(row, sort_keys=True) == before
+    assert RunSpec.from_dict(row).run_id == RunSpec.from_dict(today).run_id
+    decay_today = RunSpec("wine", TrainConfig(regularizer=RegularizerConfig(kind="weight_decay"))).to_dict()
+    decay_row = json.loads(json.dumps(decay_today))
+    decay_row["config"]["regularizer"]["weight_decay_reading"] = "times_lr"
+    assert canonical_spec(decay_row) != canonical_spec(decay_today)
+
+
 def test_weight_decay_acts_by_default_and_old_results_keep_their_reading():
     """The default reading is per_step (theta -= strength * theta every step); a stored config
     without the field (results and models written before the change) still means times_lr, and

@@ -93,17 +93,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        d = self.to_dict()
-        for path, name, default in _LATER_DEFAULTS:
-            fields = functools.reduce(lambda m, k: m[k], path, d)
-            if fields.get(name) == default:
-                del fields[name]
-        regularizer = d["config"]["regularizer"]
-        # the weight-decay reading acts on weight decay alone: for any other kind its new default
-        # (per_step) hashes as the old one did (left out), so no other run's id moved with it
-        if regularizer.get("kind") != "weight_decay" and regularizer.get("weight_decay_reading") == "per_step":
-            del regularizer["weight_decay_reading"]
-        canonical = json.dumps({"v": RESULTS_VERSION, **d}, sort_keys=True)
+        canonical = json.dumps({"v": RESULTS_VERSION, **canonical_spec(self.to_dict())}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def structure(self):
@@ -128,3 +118,20 @@ class RunSpec:
                           activation_index=program.activations.index(self.config.model.activation),
                           regularizer_index=program.regularizers.index(self.config.regularizer.kind),
                           epochs=self.config.epochs)
+
+
+def canonical_spec(spec: dict) -> dict:
+    """A copy of a spec dict (``RunSpec.to_dict()`` or a stored row's ``spec``) as the run id
+    hashes it: fields added after ``RESULTS_VERSION`` 1 left out while they hold their defaults,
+    so a row written before a field existed and today's spec of the same run compare equal."""
+    d = json.loads(json.dumps(spec))
+    for path, name, default in _LATER_DEFAULTS:
+        fields = functools.reduce(lambda m, k: m.get(k, {}), path, d)
+        if name in fields and fields[name] == default:
+            del fields[name]
+    regularizer = d["config"]["regularizer"]
+    # the weight-decay reading acts on weight decay alone: for any other kind its new default
+    # (per_step) hashes as the old one did (left out), so no other run's id moved with it
+    if regularizer.get("kind") != "weight_decay" and regularizer.get("weight_decay_reading") == "per_step":
+        del regularizer["weight_decay_reading"]
+    return d
