@@ -287,6 +287,44 @@ def forest_plot(comps, path, limits):
     plt.close(fig)
 
 
+def below_test_majority(a, meta) -> list[tuple[str, float, float]]:
+    """Learnable tables where no arm's mean test accuracy reaches the test majority share (the
+    gate decides on validation data, so a table can pass it and still be one no model learned):
+    ``[(table, test majority %, best arm's test accuracy %)]``."""
+    out = []
+    for d in a["datasets"]:
+        best = max(np.nanmean([v["clean"] for k, v in a["table"].items() if k[0] == d and k[1] == arm])
+                   for arm in {k[1] for k in a["table"] if k[0] == d})
+        majority = 100 * meta["tables"][d]["test_majority"]
+        if best < majority:
+            out.append((d, majority, float(best)))
+    return out
+
+
+def exploratory_below_majority(a, meta) -> list[str]:
+    """The report's exploratory section (added after the results, not pre-registered): the
+    primary comparisons again without the tables of :func:`below_test_majority`."""
+    below = below_test_majority(a, meta)
+    if not below:
+        return []
+    lines = ["## Exploratory: tables no arm learned on test data (not pre-registered)", "",
+             f"{len(below)} of {len(a['datasets'])} learnable tables passed the gate on validation data, yet no arm's "
+             "mean test accuracy reaches the test majority share: "
+             + ", ".join(f"{d} ({best:.2f}% against {maj:.1f}%)" for d, maj, best in below)
+             + ". The pre-registered analysis keeps them. Without them (this section was added after the results "
+             "and decides nothing):", "",
+             "| comparison | tables | effect (pp) | 95% t-interval | Holm p | verdict |", "|---|---|---|---|---|---|"]
+    gone = {d for d, _, _ in below}
+    again = evaluate({c["label"]: {d: v for d, v in c["effects"].items() if d not in gone} for c in a["comparisons"]},
+                     meta["design"]["margin"], meta["design"]["alpha"])
+    for c in a["comparisons"]:
+        if c["family"] == "primary":
+            r = again[c["label"]]
+            lines.append(f"| {c['label']} | {r['units']} | {_pp(r['mean'])} | [{_pp(r['low'])}, {_pp(r['high'])}] | "
+                         f"{r['p_holm']:.2g} | {r['verdict']} |")
+    return lines + [""]
+
+
 def switched_off(records, meta) -> list[dict]:
     """Per tuned arm: tables where tuning picked the lowest strength tried, or where its test
     accuracy equals ``none``'s on every final seed (equal accuracy standing in for equal
@@ -405,6 +443,7 @@ def write_report(records, out: pathlib.Path, meta) -> str:
                       f"{100 * c['power']:.0f}% |")
     md += ["", "The sizing simulation ([power.md](../dreg_study_v4_power/power.md)) used v3's spreads; the achieved "
            "power uses this study's own, from its final runs (the same model and test).", ""]
+    md += exploratory_below_majority(a, meta)
     finite = [x for c in a["comparisons"] for x in (c["low"], c["high"], *[np.mean(v) for v in c["effects"].values()])
               if np.isfinite(x)]
     limits = (min(finite + [-1.0]) - 0.5, max(finite + [1.0]) + 0.5)

@@ -166,6 +166,22 @@ def test_unlearnable_and_ceiling_tables_are_left_out_on_validation_data(analysis
     assert a["datasets"] == ["t02", "t03", "t04", "t05"]
 
 
+def test_tables_no_arm_learned_on_test_data_are_named_and_left_out_only_in_the_exploratory_section(analysis, tmp_path):
+    records, meta = synthetic({"DREG-layer": 1.0}, datasets=8)
+    assert analysis.exploratory_below_majority(analysis.analyse(records, meta), meta) == []
+    for r in records:  # t02 passes the gate on validation (70% against 50%) but scores 40-41% on test
+        if r["study"]["dataset"] == "t02":
+            r["metrics"]["test_accuracy"] -= 0.30
+            r["metrics"]["robust_accuracy"] -= 0.30
+    a = analysis.analyse(records, meta)
+    assert "t02" in a["datasets"]  # the pre-registered gate decides on validation data: kept
+    below = analysis.below_test_majority(a, meta)
+    assert [d for d, _, _ in below] == ["t02"] and below[0][1] == pytest.approx(50.0) and below[0][2] < 42.0
+    section = analysis.exploratory_below_majority(a, meta)
+    assert "not pre-registered" in section[0] and "t02" in section[2]
+    assert any(line.startswith("| DREG-layer - none | 7 |") for line in section)
+
+
 def test_intervals_match_closed_forms_and_the_bootstrap_reports_its_error(analysis):
     rng = np.random.default_rng(1)
     x = rng.normal(0.4, 1.0, 50)
