@@ -93,7 +93,7 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        canonical = json.dumps({"v": RESULTS_VERSION, **canonical_spec(self.to_dict())}, sort_keys=True)
+        canonical = json.dumps({"v": RESULTS_VERSION, **canonical_spec(self.to_dict(), copy=False)}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def structure(self):
@@ -120,11 +120,12 @@ class RunSpec:
                           epochs=self.config.epochs)
 
 
-def canonical_spec(spec: dict) -> dict:
-    """A copy of a spec dict (``RunSpec.to_dict()`` or a stored row's ``spec``) as the run id
-    hashes it: fields added after ``RESULTS_VERSION`` 1 left out while they hold their defaults,
-    so a row written before a field existed and today's spec of the same run compare equal."""
-    d = json.loads(json.dumps(spec))
+def canonical_spec(spec: dict, *, copy: bool = True) -> dict:
+    """A spec dict (``RunSpec.to_dict()`` or a stored row's ``spec``) as the run id hashes it:
+    fields added after ``RESULTS_VERSION`` 1 left out while they hold their defaults, so a row
+    written before a field existed and today's spec of the same run compare equal. ``copy=False``
+    edits ``spec`` in place (``run_id``, on a dict of its own)."""
+    d = json.loads(json.dumps(spec)) if copy else spec
     for path, name, default in _LATER_DEFAULTS:
         fields = functools.reduce(lambda m, k: m.get(k, {}), path, d)
         if name in fields and fields[name] == default:
