@@ -15,7 +15,8 @@ process of its own: the device count is fixed when JAX starts). Prints one JSON 
 import json
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+# 8 CPU devices; the suite's fast-compile level (tests/conftest.py), which this process sets itself
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import flax.linen as nn  # noqa: E402

@@ -30,7 +30,8 @@ def _start(num_processes, local_devices, results, out, seeds, chunk, faults=None
     path per process; ``faults``: ``{process: DREG_JAX_FAULT}``."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "DREG_JAX_FAULT")}
-    env["JAX_PLATFORMS"] = "cpu"
+    # every worker and the one-process reference alike: the suite's fast-compile level (conftest)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0")
     procs = []
     for i in range(num_processes):
         extra = {"DREG_JAX_FAULT": faults[i]} if faults and i in faults else {}
