@@ -511,13 +511,13 @@ def train_tables(names, profile: Profile, out: pathlib.Path, progress: bool) -> 
 
 def write_table_summary(out: pathlib.Path, name: str, picks: dict, row: dict):
     """``out/tables/<name>.json``: a finished table's picks and description, so a parent process
-    collects the study without replaying each table's tuning (:func:`collect`)."""
+    collects the study without replaying each table's tuning (:func:`collect`). Written whole or
+    not at all: a kill never leaves half a summary."""
     import json
 
-    (out / "tables").mkdir(exist_ok=True)
-    path = out / "tables" / f"{name}.json"
-    path.with_suffix(".tmp").write_text(json.dumps({"picks": picks, "row": row}))
-    path.with_suffix(".tmp").replace(path)  # whole or absent: a kill never leaves half a summary
+    from dreg_jax._files import atomic_write
+
+    atomic_write(out / "tables" / f"{name}.json", json.dumps({"picks": picks, "row": row}), what="table summary")
 
 
 class NotRecorded(KeyError):
@@ -534,8 +534,10 @@ def replay(names, profile: Profile, out: pathlib.Path) -> list:
 
     if all((out / "tables" / f"{name}.json").exists() for name in names):
         return []  # nothing to replay: the files are not read
-    recorded = {f: {r["run_id"]: r for r in load_records(run_files(out, f))} if run_files(out, f) else {}
-                for f in ("tuning.jsonl", "results.jsonl")}
+    recorded = {}
+    for stage_file in ("tuning.jsonl", "results.jsonl"):
+        files = run_files(out, stage_file)
+        recorded[stage_file] = {r["run_id"]: r for r in load_records(files)} if files else {}
 
     def lookup(specs, path, **_):
         table = recorded[pathlib.Path(path).name]

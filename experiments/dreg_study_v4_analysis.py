@@ -287,17 +287,21 @@ def forest_plot(comps, path, limits):
     plt.close(fig)
 
 
+def mean_clean(table: dict, dataset: str, arm: str) -> float:
+    """An arm's clean test accuracy on one table (pp), the mean over its seeds (failed runs left out)."""
+    return float(np.nanmean([v["clean"] for k, v in table.items() if k[0] == dataset and k[1] == arm]))
+
+
 def below_test_majority(a, meta) -> list[tuple[str, float, float]]:
     """Learnable tables where no arm's mean test accuracy reaches the test majority share (the
     gate decides on validation data, so a table can pass it and still be one no model learned):
     ``[(table, test majority %, best arm's test accuracy %)]``."""
     out = []
     for d in a["datasets"]:
-        best = max(np.nanmean([v["clean"] for k, v in a["table"].items() if k[0] == d and k[1] == arm])
-                   for arm in {k[1] for k in a["table"] if k[0] == d})
+        best = max(mean_clean(a["table"], d, arm) for arm in {k[1] for k in a["table"] if k[0] == d})
         majority = 100 * meta["tables"][d]["test_majority"]
         if best < majority:
-            out.append((d, majority, float(best)))
+            out.append((d, majority, best))
     return out
 
 
@@ -478,7 +482,7 @@ def write_report(records, out: pathlib.Path, meta) -> str:
     md += ["", "## Test accuracy per arm (mean over seeds, %)", "", "| table | " + " | ".join(arms) + " |",
            "|---|" + "---|" * len(arms)]
     for d in meta["tables"]:
-        vals = [np.nanmean([v["clean"] for k, v in a["table"].items() if k[0] == d and k[1] == arm]) for arm in arms]
+        vals = [mean_clean(a["table"], d, arm) for arm in arms]
         md.append(f"| {d} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
     (out / "report.md").write_text("\n".join(md) + "\n")
     return "\n".join(f"{k}: {w}" for k, w in a["verdicts"].items())
