@@ -153,8 +153,10 @@ def write_meta(out: pathlib.Path, study: str, profile: str, **extra) -> dict:
     """``out/meta.json``: which study and profile wrote the results (read by rebuild_report.py)."""
     import json
 
+    from dreg_jax._files import atomic_write
+
     meta = {"study": study, "profile": profile, **extra}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1), what="meta.json")  # whole or as it was
     return meta
 
 
@@ -226,7 +228,11 @@ def write_jsonl_gz(path: pathlib.Path, rows):
     import gzip
     import json
 
-    with gzip.GzipFile(path, "wb", mtime=0) as f:
+    from dreg_jax._files import atomic_output
+
+    with atomic_output(path, what="compact results", binary=True) as raw, \
+            gzip.GzipFile(str(path), "wb", fileobj=raw, mtime=0) as f:  # whole or as it was; the
+        # header names the file, not the temporary one, so the same rows still give the same bytes
         f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
 
 

@@ -37,6 +37,7 @@ from scipy import stats  # noqa: E402
 
 from dreg_jax.analysis.effects import combine, exact_signed_rank, verdict  # noqa: E402
 from dreg_jax.analysis.stats import holm  # noqa: E402
+from dreg_jax._files import atomic_write, save_figure  # noqa: E402
 
 LEARNABLE_MARGIN = 0.03  # tuned none's validation accuracy above the majority share (pre-registered)
 CEILING = 0.995  # ... and below this (no room for a difference)
@@ -283,8 +284,7 @@ def forest_plot(comps, path, limits):
     axes[-1, 0].set_xlabel("difference (pp); one x scale for every forest plot of this report; dots: tables (sorted)",
                            fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path, dpi=100, metadata={"Software": None})
 
 
 def mean_clean(table: dict, dataset: str, arm: str) -> float:
@@ -484,5 +484,5 @@ def write_report(records, out: pathlib.Path, meta) -> str:
     for d in meta["tables"]:
         vals = [mean_clean(a["table"], d, arm) for arm in arms]
         md.append(f"| {d} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write(out / "report.md", "\n".join(md) + "\n", what="report")
     return "\n".join(f"{k}: {w}" for k, w in a["verdicts"].items())
