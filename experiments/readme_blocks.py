@@ -34,12 +34,15 @@ def block(text: str, name: str) -> str:
 
 
 def main():
+    from dreg_jax._files import atomic_write
+
     for name, report, pages in BLOCKS:
         body = block((ROOT / report).read_text(), name)
         pattern = re.compile(re.escape(f"<!-- {name}:begin -->") + ".*?" + re.escape(f"<!-- {name}:end -->"), re.S)
         for page in pages:
             path = ROOT / page
-            path.write_text(pattern.sub(lambda _: f"<!-- {name}:begin -->\n\n{body}\n\n<!-- {name}:end -->", path.read_text()))
+            text = pattern.sub(lambda _: f"<!-- {name}:begin -->\n\n{body}\n\n<!-- {name}:end -->", path.read_text())
+            atomic_write(path, text, what=page)  # the README whole, never half of it
             print(f"copied {name} into {page}")
 
 
